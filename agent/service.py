@@ -1,0 +1,236 @@
+"""The agent's single loop: MQTT in, updater steps, reports out.
+
+paho hands every message to ``inbox``; this loop decodes it (the only place
+payloads become objects), dispatches by topic kind, and drives the updater.
+A bad message is logged and dropped; it never ends the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from agent.config import AgentConfig
+from agent.updater import Updater
+from shared import PROTOCOL_VERSION
+from shared.errors import EdgefleetError, ProtocolError
+from shared.interpreter import RuntimeInfo, runtime_info
+from shared.messages import (
+    ActiveModel,
+    Availability,
+    BenchmarkResult,
+    ChunkRequest,
+    Command,
+    DesiredState,
+    DeviceState,
+    Event,
+    Telemetry,
+    UpdateState,
+    decode_payload,
+    encode_payload,
+)
+from shared.mqtt import Inbound, LinkDown, LinkUp, MqttLink, Will
+from shared.topics import Topic, TopicKind, chunk_filter, device_topic, parse_topic, want_topic
+
+logger = logging.getLogger(__name__)
+
+
+class AgentService:
+    def __init__(self, config: AgentConfig, *, updater_factory: Callable[..., Updater] = Updater) -> None:
+        self.config = config
+        self.device_id = config.device.id
+        self.boot_id = uuid.uuid4().hex[:16]
+        self._seq = 0
+        self.inbox: queue.Queue[Any] = queue.Queue()
+        self.stopping = threading.Event()
+        offline = encode_payload(Availability(v=PROTOCOL_VERSION, online=False))
+        self.link = MqttLink(
+            config.broker_address(),
+            client_id=f"ef-agent-{self.device_id}",
+            inbox=self.inbox,
+            will=Will(device_topic(TopicKind.AVAILABILITY, self.device_id), offline),
+        )
+        self.runtime = self._runtime()
+        self.updater = updater_factory(config, self)
+        self._handlers: dict[TopicKind, Callable[[Topic, Inbound], None]] = {
+            TopicKind.DESIRED: self._on_desired,
+            TopicKind.CMD: self._on_command,
+            TopicKind.CHUNK: self._on_chunk,
+        }
+
+    def _runtime(self) -> RuntimeInfo:
+        try:
+            return runtime_info(self.config.runtime.preferred or None)
+        except EdgefleetError as exc:
+            logger.error("%s", exc)
+            return RuntimeInfo("none", "")
+
+    # -- Reporter (called by the updater) ----------------------------------
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _publish(self, kind: TopicKind, message: Any, *, retain: bool = False) -> None:
+        try:
+            self.link.publish(device_topic(kind, self.device_id), encode_payload(message), retain=retain)
+        except EdgefleetError as exc:
+            logger.warning("could not publish %s: %s", kind.value, exc)
+
+    def event(self, deployment_id: str, state: UpdateState, reason: str) -> None:
+        logger.info("deployment %s: %s %s", deployment_id, state.value, reason)
+        self._publish(
+            TopicKind.EVENTS,
+            Event(
+                v=PROTOCOL_VERSION,
+                device_id=self.device_id,
+                boot_id=self.boot_id,
+                seq=self._next_seq(),
+                deployment_id=deployment_id,
+                state=state.value,
+                reason=reason,
+                ts=time.time(),
+            ),
+        )
+
+    def telemetry(self, deployment_id: str, benchmark: BenchmarkResult, accuracy: float, samples: int) -> None:
+        logger.info(
+            "trial of %s: p50 %.3f ms, p95 %.3f ms, accuracy %.4f on %d samples",
+            deployment_id, benchmark.p50_ms, benchmark.p95_ms, accuracy, samples,
+        )
+        self._publish(
+            TopicKind.TELEMETRY,
+            Telemetry(
+                v=PROTOCOL_VERSION,
+                device_id=self.device_id,
+                boot_id=self.boot_id,
+                seq=self._next_seq(),
+                deployment_id=deployment_id,
+                kind="trial",
+                ts=time.time(),
+                benchmark=benchmark,
+                accuracy=accuracy,
+                samples=samples,
+            ),
+        )
+
+    def state_changed(self, *, hello: bool = False) -> None:
+        manifest, active_deployment = self.updater.active_summary()
+        active = None
+        if manifest is not None and active_deployment is not None:
+            active = ActiveModel(
+                model=manifest.model,
+                version=manifest.version,
+                sha256=manifest.file("model").sha256,
+                quantization=manifest.quantization,
+                deployment_id=active_deployment,
+            )
+        self._publish(
+            TopicKind.STATE,
+            DeviceState(
+                v=PROTOCOL_VERSION,
+                device_id=self.device_id,
+                boot_id=self.boot_id,
+                runtime=self.runtime.name,
+                runtime_version=self.runtime.version,
+                update_state=self.updater.state.value,
+                deployment_id=self.updater.record.deployment_id,
+                directive_seq=self.updater.trusted.directive_seq,
+                active=active,
+                hello=hello,
+            ),
+            retain=True,
+        )
+
+    def want(self, sha256: str, ranges: list[tuple[int, int]]) -> None:
+        if not ranges:
+            return
+        message = ChunkRequest(v=PROTOCOL_VERSION, device_id=self.device_id, ranges=tuple(ranges))
+        try:
+            self.link.publish(want_topic(sha256), encode_payload(message))
+        except EdgefleetError as exc:
+            logger.warning("could not ask for chunks: %s", exc)
+
+    def watch_chunks(self, sha256: str, watch: bool) -> None:
+        if watch:
+            self.link.subscribe(chunk_filter(sha256))
+        else:
+            self.link.unsubscribe(chunk_filter(sha256))
+
+    # -- inbound -------------------------------------------------------------
+
+    def _on_desired(self, topic: Topic, message: Inbound) -> None:
+        if not message.payload:
+            return  # a cleared retained message
+        desired = decode_payload(TopicKind.DESIRED, message.payload)
+        assert isinstance(desired, DesiredState)
+        self.updater.offer(desired)
+
+    def _on_command(self, topic: Topic, message: Inbound) -> None:
+        command = decode_payload(TopicKind.CMD, message.payload)
+        assert isinstance(command, Command)
+        if command.name == "ping":
+            self.state_changed()
+
+    def _on_chunk(self, topic: Topic, message: Inbound) -> None:
+        assert topic.sha256 is not None and topic.chunk_index is not None
+        self.updater.on_chunk(topic.sha256, topic.chunk_index, message.payload)
+
+    def handle(self, item: Any) -> None:
+        """Dispatch one inbox record; malformed input is logged and dropped."""
+        if isinstance(item, LinkUp):
+            logger.info("connected to %s", self.link.broker.url())
+            self._publish(
+                TopicKind.AVAILABILITY, Availability(v=PROTOCOL_VERSION, online=True, boot_id=self.boot_id), retain=True
+            )
+            self.state_changed(hello=True)
+            self.updater.request_missing()
+            return
+        if isinstance(item, LinkDown):
+            logger.warning("disconnected from broker: %s", item.reason)
+            return
+        assert isinstance(item, Inbound)
+        try:
+            topic = parse_topic(item.topic)
+            handler = self._handlers.get(topic.kind)
+            if handler is None or (topic.device_id not in (None, self.device_id)):
+                raise ProtocolError(f"unexpected topic {item.topic}")
+            handler(topic, item)
+        except ProtocolError as exc:
+            logger.warning("dropped a malformed message on %s: %s", item.topic, exc)
+        except EdgefleetError as exc:
+            # e.g. a full disk: the update record stays as it was; the next message or tick retries.
+            logger.error("could not handle the message on %s: %s", item.topic, exc)
+
+    # -- lifecycle -------------------------------------------------------
+
+    def run(self) -> None:
+        self.link.subscribe(device_topic(TopicKind.DESIRED, self.device_id))
+        self.link.subscribe(device_topic(TopicKind.CMD, self.device_id))
+        self.updater.resume()
+        self.link.start()
+        logger.info("agent %s (%s) starting, runtime %s %s", self.config.device.name, self.device_id,
+                    self.runtime.name, self.runtime.version)
+        try:
+            while not self.stopping.is_set():
+                try:
+                    item = self.inbox.get(timeout=0.5)
+                except queue.Empty:
+                    item = None
+                if item is not None:
+                    self.handle(item)
+                try:
+                    self.updater.tick()
+                except EdgefleetError as exc:
+                    logger.error("update step failed: %s", exc)
+        finally:
+            offline = encode_payload(Availability(v=PROTOCOL_VERSION, online=False, boot_id=self.boot_id))
+            self.link.stop(final=(device_topic(TopicKind.AVAILABILITY, self.device_id), offline))
+
+    def stop(self) -> None:
+        self.stopping.set()

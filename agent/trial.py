@@ -1,0 +1,116 @@
+"""Run a staged model's trial in a child process with a time and memory limit.
+
+A crafted or broken model can crash or hang the interpreter; it must never
+take the agent down. The parent sends a JSON request on stdin, the child
+(``python -m agent.trial``) loads the model, benchmarks it benchmark_model
+style, measures accuracy on the eval set that travelled with it, and prints
+one JSON result line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+
+from shared.codec import decode, encode
+from shared.errors import ProtocolError
+from shared.messages import BenchmarkResult
+
+
+@dataclass(frozen=True)
+class TrialRequest:
+    model_path: str
+    eval_path: str
+    threads: int
+    runtime: str
+    warmup_runs: int
+    warmup_seconds: float
+    min_runs: int
+    min_seconds: float
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    ok: bool
+    error: str = ""
+    load_error: bool = False
+    benchmark: BenchmarkResult | None = None
+    accuracy: float | None = None
+    samples: int | None = None
+
+
+def run_trial(request: TrialRequest, *, timeout: float, memory_limit_mb: int) -> TrialResult:
+    """Run the trial in a child; every failure comes back as a TrialResult, never an exception."""
+
+    def limit_memory() -> None:
+        limit = memory_limit_mb * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "agent.trial"],
+            check=False,
+            input=json.dumps(asdict(request)).encode(),
+            capture_output=True,
+            timeout=timeout,
+            preexec_fn=limit_memory,
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+        )
+    except subprocess.TimeoutExpired:
+        return TrialResult(ok=False, error=f"trial timed out after {timeout:.0f} s")
+    except OSError as exc:
+        return TrialResult(ok=False, error=f"cannot start the trial process: {exc}")
+    lines = proc.stdout.decode(errors="replace").strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        tail = proc.stderr.decode(errors="replace").strip().splitlines()[-3:]
+        return TrialResult(ok=False, error=f"trial process died with exit code {proc.returncode}: {' | '.join(tail)}")
+    try:
+        return decode(TrialResult, json.loads(lines[-1]))
+    except (json.JSONDecodeError, ProtocolError) as exc:
+        return TrialResult(ok=False, error=f"trial process sent an unreadable result: {exc}")
+
+
+def _child(request: TrialRequest) -> TrialResult:
+    import numpy as np
+
+    from shared.benchmark import BenchmarkSettings, benchmark_model
+    from shared.errors import EdgefleetError
+    from shared.interpreter import accuracy
+
+    try:
+        with np.load(request.eval_path, allow_pickle=False) as data:
+            x, y = data["x"].astype(np.float32), data["y"]
+    except (OSError, ValueError, KeyError) as exc:
+        return TrialResult(ok=False, error=f"eval set unreadable: {exc}")
+    settings = BenchmarkSettings(
+        warmup_runs=request.warmup_runs,
+        warmup_seconds=request.warmup_seconds,
+        min_runs=request.min_runs,
+        min_seconds=request.min_seconds,
+    )
+    try:
+        result, model = benchmark_model(
+            request.model_path, x[:1], threads=request.threads, settings=settings, runtime=request.runtime or None
+        )
+    except EdgefleetError as exc:
+        return TrialResult(ok=False, error=str(exc), load_error=True)
+    try:
+        acc = accuracy(model, x, y)
+    except EdgefleetError as exc:
+        return TrialResult(ok=False, error=str(exc))
+    return TrialResult(ok=True, benchmark=result, accuracy=round(acc, 6), samples=len(x))
+
+
+def main() -> None:
+    raw = sys.stdin.buffer.read()
+    request = decode(TrialRequest, json.loads(raw))
+    result = _child(request)
+    sys.stdout.write(json.dumps(encode(result)) + "\n")
+
+
+if __name__ == "__main__":
+    main()

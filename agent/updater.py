@@ -1,0 +1,359 @@
+"""The update state machine's runner and handlers.
+
+Every handler ``on_<state>`` returns an Event (or None while it waits for
+chunks); expected failures become a FAILURE/GATES_FAILED event with a reason,
+only programming errors propagate. The record is saved before each side
+effect; trust checks run before any model byte is touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from agent.config import AgentConfig
+from agent.download import ChunkAssembler, verify_file
+from agent.record import RecordStore, TrustedState, UpdateRecord
+from agent.slots import SlotStore
+from agent.states import REPORTED, RESUME_FROM, Event, State, next_state
+from agent.trial import TrialRequest, TrialResult, run_trial
+from shared.codec import decode
+from shared.errors import EdgefleetError, ReplayError, StorageError, TrustError
+from shared.messages import BenchmarkResult, DesiredState, Directive, Manifest, UpdateState
+from shared.signing import verify_directive, verify_manifest
+
+logger = logging.getLogger(__name__)
+
+TrialRunner = Callable[[TrialRequest], TrialResult]
+
+
+class Reporter(Protocol):
+    """What the updater tells the outside world; the MQTT service implements it."""
+
+    def event(self, deployment_id: str, state: UpdateState, reason: str) -> None: ...
+
+    def telemetry(self, deployment_id: str, benchmark: BenchmarkResult, accuracy: float, samples: int) -> None: ...
+
+    def state_changed(self) -> None: ...
+
+    def want(self, sha256: str, ranges: list[tuple[int, int]]) -> None: ...
+
+    def watch_chunks(self, sha256: str, watch: bool) -> None: ...
+
+
+@dataclass
+class _Download:
+    assemblers: dict[str, ChunkAssembler]
+    last_request: float = 0.0
+    last_progress: float = field(default_factory=time.monotonic)
+
+
+class Updater:
+    def __init__(
+        self,
+        config: AgentConfig,
+        reporter: Reporter,
+        *,
+        trial_runner: TrialRunner | None = None,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.reporter = reporter
+        self.records = RecordStore(config.data_dir)
+        self.slots = SlotStore(config.data_dir)
+        self.downloads_dir = config.data_dir / "downloads"
+        self.keys = config.trusted_keys()
+        self.clock = clock
+        self.monotonic = monotonic
+        self.trial_runner = trial_runner or self._run_trial_in_child
+        self.record = self.records.load_record()
+        self.trusted = self.records.load_trusted()
+        self.pending: DesiredState | None = None
+        self._download: _Download | None = None
+        self._handlers: dict[State, Callable[[], Event | None]] = {
+            State.IDLE: self.on_idle,
+            State.DOWNLOADING: self.on_downloading,
+            State.VERIFYING: self.on_verifying,
+            State.STAGED: self.on_staged,
+            State.TRIAL: self.on_trial,
+            State.COMMITTED: self.on_committed,
+            State.ROLLING_BACK: self.on_rolling_back,
+            State.FAILED: self.on_failed,
+        }
+
+    # -- public entry points (called by the service loop) -------------------
+
+    @property
+    def state(self) -> State:
+        return self.record.current
+
+    def resume(self) -> None:
+        """After a restart: continue or roll back whatever was in flight."""
+        saved = self.record.current
+        resumed = RESUME_FROM[saved]
+        if resumed is not saved:
+            reason = f"agent restarted during {saved.value}"
+            logger.warning("%s: resuming in %s", reason, resumed.value)
+            self._save(self.record.moved(resumed, reason=reason))
+        self.step()
+
+    def offer(self, desired: DesiredState) -> None:
+        """A desired state arrived; install it now or once the current update ends."""
+        if self.state is not State.IDLE:
+            if desired.directive != self.record.directive:
+                self.pending = desired
+            return
+        self._accept(desired)
+        self.step()
+
+    def on_chunk(self, sha256: str, index: int, data: bytes) -> None:
+        download = self._download
+        if self.state is not State.DOWNLOADING or download is None or sha256 not in download.assemblers:
+            return
+        assembler = download.assemblers[sha256]
+        try:
+            if not assembler.accept(index, data):
+                return
+        except (TrustError, StorageError) as exc:
+            self._fire(Event.FAILURE, reason=str(exc))
+            self.step()
+            return
+        download.last_progress = self.monotonic()
+        if assembler.complete:
+            self.reporter.watch_chunks(sha256, False)
+            self.step()
+
+    def tick(self) -> None:
+        """Periodic work: re-ask for missing chunks (resume), give up on a stalled download."""
+        download = self._download
+        if self.state is not State.DOWNLOADING or download is None:
+            return
+        now = self.monotonic()
+        if now - download.last_progress > self.config.download.stall_timeout_seconds:
+            self._fire(Event.FAILURE, reason="download stalled: no chunk arrived in time")
+            self.step()
+        elif now - download.last_request >= self.config.download.request_interval_seconds:
+            self.request_missing()
+
+    def request_missing(self) -> None:
+        if self._download is None:
+            return
+        for sha256, assembler in self._download.assemblers.items():
+            if not assembler.complete:
+                self.reporter.watch_chunks(sha256, True)
+                self.reporter.want(sha256, assembler.missing_ranges())
+        self._download.last_request = self.monotonic()
+
+    def step(self) -> None:
+        """Run handlers until one waits."""
+        while True:
+            event = self._handlers[self.state]()
+            if event is None:
+                return
+            self._fire(event)
+
+    # -- transitions -------------------------------------------------------
+
+    def _save(self, record: UpdateRecord) -> None:
+        self.records.save_record(record)
+        self.record = record
+
+    def _fire(self, event: Event, **changes: object) -> None:
+        target = next_state(self.state, event)
+        logger.info("%s --%s--> %s %s", self.state.value, event.value, target.value, changes.get("reason", ""))
+        self._save(self.record.moved(target, **changes))
+        reported = REPORTED[target]
+        if reported is not None and not reported.is_final and self.record.deployment_id:
+            self.reporter.event(self.record.deployment_id, reported, "")
+        self.reporter.state_changed()
+
+    def _finish(self, state: UpdateState) -> Event:
+        assert self.record.deployment_id is not None
+        self.reporter.event(self.record.deployment_id, state, self.record.reason)
+        return Event.DONE
+
+    def _manifest(self) -> Manifest:
+        assert self.record.manifest is not None
+        return decode(Manifest, self.record.manifest.signed)
+
+    def _directive(self) -> Directive:
+        assert self.record.directive is not None
+        return decode(Directive, self.record.directive.signed)
+
+    # -- trust -------------------------------------------------------------
+
+    def _accept(self, desired: DesiredState) -> None:
+        hint = desired.directive.signed.get("deployment_id")
+        deployment_hint = hint if isinstance(hint, str) else None
+        try:
+            manifest = verify_manifest(
+                desired.manifest, self.keys, now=self.clock(), min_release_counter=self.trusted.release_counter
+            )
+            directive = verify_directive(
+                desired.directive,
+                self.keys,
+                now=self.clock(),
+                device_id=self.config.device.id,
+                manifest_envelope=desired.manifest,
+                min_seq=self.trusted.directive_seq,
+            )
+            if directive.seq == self.trusted.directive_seq:
+                if directive.deployment_id == self.trusted.deployment_id:
+                    return  # already handled: the retained message came again
+                raise ReplayError(f"directive sequence {directive.seq} was already used")
+        except TrustError as exc:
+            logger.warning("rejected desired state: %s", exc)
+            if deployment_hint:
+                self.reporter.event(deployment_hint, UpdateState.FAILED, f"rejected: {exc}")
+            return
+        self.trusted = TrustedState(
+            release_counter=max(self.trusted.release_counter, manifest.release_counter),
+            directive_seq=directive.seq,
+            deployment_id=directive.deployment_id,
+        )
+        self.records.save_trusted(self.trusted)
+        logger.info(
+            "accepted deployment %s: %s v%s (%s)", directive.deployment_id, manifest.model, manifest.version,
+            manifest.quantization,
+        )
+        self._fire(
+            Event.ACCEPTED,
+            deployment_id=directive.deployment_id,
+            directive=desired.directive,
+            manifest=desired.manifest,
+            slot=None,
+            reason="",
+        )
+
+    # -- handlers ----------------------------------------------------------
+
+    def on_idle(self) -> Event | None:
+        if self.pending is not None:
+            desired, self.pending = self.pending, None
+            self._accept(desired)
+        return None
+
+    def _staging_path(self, sha256: str) -> Path:
+        return self.downloads_dir / f"{sha256}.part"
+
+    def on_downloading(self) -> Event | None:
+        manifest = self._manifest()
+        if self._download is None:
+            assemblers: dict[str, ChunkAssembler] = {}
+            try:
+                for entry in manifest.files:
+                    local = self.slots.find_local(entry)
+                    if local is not None and not self._staging_path(entry.sha256).exists():
+                        self.downloads_dir.mkdir(parents=True, exist_ok=True)
+                        shutil.copyfile(local, self._staging_path(entry.sha256))
+                        continue
+                    assemblers[entry.sha256] = ChunkAssembler(entry, self.downloads_dir)
+            except (StorageError, OSError) as exc:
+                return self._fail(exc)
+            self._download = _Download(assemblers, last_progress=self.monotonic())
+        if all(a.complete for a in self._download.assemblers.values()):
+            self._download = None
+            return Event.DOWNLOADED
+        self.request_missing()
+        return None
+
+    def _fail(self, exc: Exception) -> Event:
+        self._save(self.record.moved(self.state, reason=str(exc)))
+        return Event.FAILURE
+
+    def on_verifying(self) -> Event:
+        try:
+            for entry in self._manifest().files:
+                verify_file(self._staging_path(entry.sha256), entry)
+        except TrustError as exc:
+            return self._fail(exc)
+        return Event.VERIFIED
+
+    def on_staged(self) -> Event:
+        manifest = self._manifest()
+        try:
+            slot = self.slots.stage(manifest, {e.name: self._staging_path(e.sha256) for e in manifest.files})
+        except (StorageError, KeyError, OSError) as exc:
+            return self._fail(exc)
+        self._save(self.record.moved(State.STAGED, slot=slot))
+        return Event.STAGED_OK
+
+    def _run_trial_in_child(self, request: TrialRequest) -> TrialResult:
+        return run_trial(
+            request, timeout=self.config.trial.timeout_seconds, memory_limit_mb=self.config.trial.memory_limit_mb
+        )
+
+    def on_trial(self) -> Event:
+        manifest, directive = self._manifest(), self._directive()
+        slot = self.record.slot
+        assert slot is not None
+        bench = self.config.benchmark
+        result = self.trial_runner(
+            TrialRequest(
+                model_path=str(self.slots.file_path(slot, manifest.file("model"))),
+                eval_path=str(self.slots.file_path(slot, manifest.file("eval"))),
+                threads=self.config.runtime.threads,
+                runtime=self.config.runtime.preferred,
+                warmup_runs=bench.warmup_runs,
+                warmup_seconds=bench.warmup_seconds,
+                min_runs=bench.min_runs,
+                min_seconds=bench.min_seconds,
+            )
+        )
+        if not result.ok or result.benchmark is None or result.accuracy is None:
+            prefix = "load_error: " if result.load_error else "trial failed: "
+            self._save(self.record.moved(State.TRIAL, reason=prefix + result.error))
+            return Event.FAILURE
+        assert self.record.deployment_id is not None
+        self.reporter.telemetry(self.record.deployment_id, result.benchmark, result.accuracy, result.samples or 0)
+        gates = directive.gates
+        problems = []
+        if result.accuracy < gates.min_accuracy:
+            problems.append(f"accuracy {result.accuracy:.4f} below the gate {gates.min_accuracy:.4f}")
+        if gates.max_p95_ms is not None and result.benchmark.p95_ms > gates.max_p95_ms:
+            problems.append(f"p95 latency {result.benchmark.p95_ms:.3f} ms above the gate {gates.max_p95_ms:.3f} ms")
+        if problems:
+            self._save(self.record.moved(State.TRIAL, reason="; ".join(problems)))
+            return Event.GATES_FAILED
+        return Event.GATES_PASSED
+
+    def on_committed(self) -> Event:
+        slot = self.record.slot
+        assert slot is not None
+        assert self.record.deployment_id is not None
+        try:
+            self.slots.commit(slot, self.record.deployment_id)
+        except StorageError as exc:
+            return self._fail(exc)
+        self._discard_downloads()
+        return self._finish(UpdateState.COMMITTED)
+
+    def on_rolling_back(self) -> Event:
+        if self.record.slot is not None and self.record.slot != self.slots.active_slot():
+            self.slots.clear_spare()
+        self._discard_downloads()
+        return self._finish(UpdateState.ROLLED_BACK)
+
+    def on_failed(self) -> Event:
+        self._discard_downloads()
+        return self._finish(UpdateState.FAILED)
+
+    def _discard_downloads(self) -> None:
+        if self._download is not None:
+            for sha256 in self._download.assemblers:
+                self.reporter.watch_chunks(sha256, False)
+        self._download = None
+        shutil.rmtree(self.downloads_dir, ignore_errors=True)
+
+    def active_summary(self) -> tuple[Manifest | None, str | None]:
+        """The active model's manifest and the deployment that installed it."""
+        try:
+            return self.slots.active_manifest(), self.slots.active_deployment()
+        except (EdgefleetError, OSError, ValueError):
+            return None, None

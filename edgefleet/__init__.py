@@ -1,0 +1,1 @@
+"""The ``edgefleet`` command: one entry point for the server, the agent and the operator CLI."""

@@ -1,0 +1,1 @@
+"""The edgefleet server: registry, compression, artifact store, rollouts, ingest."""

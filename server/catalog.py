@@ -1,0 +1,81 @@
+"""Models and their versions: ``edgefleet model add`` and name[:version] lookup."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from server.blobs import BlobStore
+from server.compress import convert
+from server.compress.evalset import check_against_model, eval_file_bytes, eval_slice, load_eval_file
+from server.db import Database, Session, queries
+from server.db.models import Model, ModelVersion
+from shared.errors import NotFoundError, UserInputError
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    model: str
+    version: int
+    eval_samples: int
+    num_classes: int
+    reference_accuracy: float
+
+
+def add_model(db: Database, blobs: BlobStore, name: str, model_file: Path, eval_file: Path) -> VersionInfo:
+    """Check the model and eval set, keep both in the blob store, and record a new version."""
+    if not _NAME.match(name):
+        raise UserInputError(f"invalid model name {name!r}: use letters, digits, '.', '_' or '-'")
+    evalset = load_eval_file(eval_file)
+    keras_model = convert.load_keras_model(model_file)
+    input_shape, num_classes = convert.model_signature(keras_model)
+    check_against_model(evalset, input_shape, num_classes)
+    travelling = eval_slice(evalset)
+    reference = convert.predict_accuracy(keras_model, travelling)
+    source_sha = blobs.put_file(model_file)
+    eval_sha = blobs.put(eval_file_bytes(travelling))
+    with db.session() as session:
+        model = queries.model_by_name(session, name)
+        if model is None:
+            model = Model(name=name)
+            session.add(model)
+            session.flush()
+        version = ModelVersion(
+            model_id=model.id,
+            version=queries.next_version_number(session, model),
+            source_sha256=source_sha,
+            source_name=model_file.name,
+            eval_sha256=eval_sha,
+            eval_samples=len(travelling),
+            num_classes=num_classes,
+            reference_accuracy=reference,
+        )
+        session.add(version)
+        session.flush()
+        return VersionInfo(name, version.version, len(travelling), num_classes, reference)
+
+
+def parse_model_ref(ref: str) -> tuple[str, int | None]:
+    """``NAME`` or ``NAME:VERSION`` (VERSION a positive integer, or ``latest``)."""
+    name, _, version = ref.partition(":")
+    if not name:
+        raise UserInputError(f"expected NAME[:VERSION], got {ref!r}")
+    if version in ("", "latest"):
+        return name, None
+    if not version.isdigit() or int(version) < 1:
+        raise UserInputError(f"version must be a positive integer, got {version!r}")
+    return name, int(version)
+
+
+def resolve_version(session: Session, ref: str) -> ModelVersion:
+    name, number = parse_model_ref(ref)
+    model = queries.model_by_name(session, name)
+    if model is None:
+        raise NotFoundError(f"unknown model {name!r}; add it with 'edgefleet model add'")
+    version = queries.model_version(session, model, number)
+    if version is None:
+        raise NotFoundError(f"model {name!r} has no version {number}")
+    return version

@@ -1,0 +1,221 @@
+"""Operator commands: thin click wrappers that call a service and render the result."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+from dataclasses import asdict
+from pathlib import Path
+from types import FrameType
+
+import click
+
+from server.render import cell, human_bytes, table
+from server.rollouts import RolloutStatus
+from server.setup import init_data_dir, open_workspace
+from shared.mqtt import BrokerAddress
+
+logger = logging.getLogger(__name__)
+
+DATA_DIR = click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    required=True,
+    help="The server's data directory (keys, database, artifacts).",
+)
+JSON = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+
+
+def _broker(url: str) -> BrokerAddress:
+    return BrokerAddress.parse(url)
+
+
+@click.command("init")
+@DATA_DIR
+def init_command(data_dir: Path) -> None:
+    """Create keys and the database in a data directory (safe to run again)."""
+    workspace = init_data_dir(data_dir)
+    click.echo(f"initialised {workspace.data_dir.root}")
+
+
+@click.command("server")
+@DATA_DIR
+@click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True, help="MQTT 5 broker, mqtt://HOST:PORT.")
+def server_command(data_dir: Path, broker: str) -> None:
+    """Run the server until stopped (Ctrl-C)."""
+    from server.service import ServerService
+
+    address = _broker(broker)
+    workspace = open_workspace(data_dir)
+    service = ServerService(workspace.data_dir, address, db=workspace.db)
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        service.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    click.echo(f"edgefleet server on {workspace.data_dir.root}, broker {address.url()}", err=True)
+    service.run()
+
+
+# -- devices ---------------------------------------------------------------------
+
+
+@click.group("device")
+def device_group() -> None:
+    """Register and list devices."""
+
+
+@device_group.command("register")
+@click.argument("name")
+@click.option("--profile", required=True, help="Device profile, e.g. rpi4, rpi5, jetson-nano, x86-64.")
+@DATA_DIR
+@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), required=True, help="Where to write agent.toml.")
+@click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True, help="Broker the agent connects to.")
+@click.option(
+    "--agent-data-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="The agent's own data directory for its model slots [default: beside agent.toml].",
+)
+def device_register(name: str, profile: str, data_dir: Path, out: Path, broker: str, agent_data_dir: Path | None) -> None:
+    """Register device NAME and write its agent configuration."""
+    from server.devices import agent_config_toml, register_device
+
+    address = _broker(broker)
+    workspace = open_workspace(data_dir)
+    keys = workspace.keys()
+    if out.exists():
+        raise click.ClickException(f"{out} already exists; choose another --out")
+    device = register_device(workspace.db, name, profile)
+    slots = (agent_data_dir or out.parent / f"{name}-data").resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(agent_config_toml(device, address.url(), keys, slots), encoding="utf-8")
+    click.echo(f"registered {device.name} ({device.id}), profile {device.profile}; agent config: {out}")
+
+
+@device_group.command("list")
+@DATA_DIR
+@JSON
+def device_list(data_dir: Path, as_json: bool) -> None:
+    """Devices with profile, online state and active model."""
+    from server.devices import list_devices
+
+    rows = list_devices(open_workspace(data_dir).db)
+    if as_json:
+        click.echo(json.dumps([asdict(r) for r in rows], indent=2))
+        return
+    click.echo(
+        table(
+            ["DEVICE", "ID", "PROFILE", "STATUS", "RUNTIME", "ACTIVE MODEL", "VARIANT"],
+            [
+                [
+                    r.name,
+                    r.id,
+                    r.profile,
+                    "online" if r.online else "offline",
+                    cell(r.runtime),
+                    f"{r.active_model} v{r.active_version}" if r.active_model else "-",
+                    cell(r.active_quantization),
+                ]
+                for r in rows
+            ],
+        )
+    )
+
+
+# -- models ----------------------------------------------------------------------
+
+
+@click.group("model")
+def model_group() -> None:
+    """Add models and list their versions."""
+
+
+@model_group.command("add")
+@click.argument("name")
+@click.option("--file", "model_file", type=click.Path(path_type=Path, dir_okay=False), required=True,
+              help="Keras model file (.keras or .h5).")
+@click.option("--eval", "eval_file", type=click.Path(path_type=Path, dir_okay=False), required=True,
+              help="Evaluation data: .npz with arrays x (inputs) and y (integer labels).")
+@DATA_DIR
+def model_add(name: str, model_file: Path, eval_file: Path, data_dir: Path) -> None:
+    """Add a new version of model NAME."""
+    from server.catalog import add_model
+
+    workspace = open_workspace(data_dir)
+    info = add_model(workspace.db, workspace.blobs, name, model_file, eval_file)
+    click.echo(
+        f"{info.model}:{info.version}  ({info.num_classes} classes, reference accuracy "
+        f"{info.reference_accuracy:.4f} on {info.eval_samples} travelling eval samples)"
+    )
+
+
+# -- rollouts ----------------------------------------------------------------------
+
+
+@click.group("rollout")
+def rollout_group() -> None:
+    """Start rollouts and watch their status."""
+
+
+@rollout_group.command("start")
+@click.argument("model_ref", metavar="NAME[:VERSION]")
+@DATA_DIR
+@click.option("--profile", "profiles", multiple=True, help="Target every device of this profile (repeatable).")
+@click.option("--device", "devices", multiple=True, help="Target this device (repeatable).")
+@click.option("--max-accuracy-drop", type=float, default=0.02, show_default=True,
+              help="Allowed on-device accuracy drop below the float model's host reference.")
+@click.option("--min-accuracy", type=float, default=0.0, show_default=True, help="Absolute on-device accuracy floor.")
+def rollout_start(
+    model_ref: str, data_dir: Path, profiles: tuple[str, ...], devices: tuple[str, ...],
+    max_accuracy_drop: float, min_accuracy: float,
+) -> None:
+    """Roll NAME[:VERSION] out; prints the rollout id. The server must be running to deliver it."""
+    from server.rollouts import start_rollout
+
+    workspace = open_workspace(data_dir)
+    rollout_id = start_rollout(
+        workspace.db, workspace.blobs, workspace.keys(), model_ref,
+        profiles=profiles, device_names=devices, max_accuracy_drop=max_accuracy_drop, min_accuracy=min_accuracy,
+    )
+    click.echo(rollout_id)
+
+
+def status_json(status: RolloutStatus) -> dict[str, object]:
+    keys = ("device", "profile", "state", "quantization", "size_bytes", "p50_ms", "p95_ms", "accuracy", "reason")
+    return {
+        "rollout": status.rollout,
+        "model": status.model,
+        "version": status.version,
+        "state": status.state,
+        "devices": [{k: getattr(d, k) for k in keys} for d in status.devices],
+    }
+
+
+def status_table(status: RolloutStatus) -> str:
+    header = f"rollout {status.rollout}: {status.model}:{status.version}  {status.state}"
+    body = table(
+        ["DEVICE", "PROFILE", "STATE", "VARIANT", "SIZE", "P50 MS", "P95 MS", "ACCURACY", "GATE", "REASON"],
+        [
+            [
+                d.device, d.profile, d.state, d.quantization, human_bytes(d.size_bytes),
+                cell(d.p50_ms, ".4f"), cell(d.p95_ms, ".4f"), cell(d.accuracy, ".4f"), f"{d.gate:.4f}", d.reason,
+            ]
+            for d in status.devices
+        ],
+    )
+    return f"{header}\n{body}"
+
+
+@rollout_group.command("status")
+@click.argument("rollout_id")
+@DATA_DIR
+@JSON
+def rollout_status_command(rollout_id: str, data_dir: Path, as_json: bool) -> None:
+    """Per device: state, variant, size, on-device latency and accuracy."""
+    from server.rollouts import rollout_status
+
+    status = rollout_status(open_workspace(data_dir).db, rollout_id)
+    click.echo(json.dumps(status_json(status), indent=2) if as_json else status_table(status))

@@ -1,0 +1,188 @@
+"""The registry schema (SQLAlchemy 2.0). Only ``server/db`` imports sqlalchemy.
+
+Alembic migrations in ``server/db/migrations`` create exactly this schema; a
+test compares the two.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, ClassVar
+
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSON, datetime: DateTime(timezone=True)}
+
+
+class Profile(Base):
+    __tablename__ = "profiles"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    description: Mapped[str] = mapped_column(String(200), default="")
+    quantization: Mapped[str] = mapped_column(String(32))
+    threads: Mapped[int] = mapped_column(Integer, default=1)
+    builtin: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class Device(Base):
+    __tablename__ = "devices"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    profile_name: Mapped[str] = mapped_column(ForeignKey("profiles.name"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    online: Mapped[bool] = mapped_column(Boolean, default=False)
+    last_seen: Mapped[datetime | None] = mapped_column(default=None)
+    boot_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    runtime: Mapped[str | None] = mapped_column(String(64), default=None)
+    update_state: Mapped[str | None] = mapped_column(String(32), default=None)
+    directive_seq: Mapped[int] = mapped_column(Integer, default=0)
+    active_deployment_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    active_model: Mapped[str | None] = mapped_column(String(128), default=None)
+    active_version: Mapped[int | None] = mapped_column(Integer, default=None)
+    active_quantization: Mapped[str | None] = mapped_column(String(32), default=None)
+
+    profile: Mapped[Profile] = relationship()
+
+
+class Model(Base):
+    __tablename__ = "models"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    versions: Mapped[list[ModelVersion]] = relationship(back_populates="model", order_by="ModelVersion.version")
+
+
+class ModelVersion(Base):
+    __tablename__ = "model_versions"
+    __table_args__ = (UniqueConstraint("model_id", "version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"))
+    version: Mapped[int] = mapped_column(Integer)
+    source_sha256: Mapped[str] = mapped_column(String(64))  # the uploaded Keras file, in the blob store
+    source_name: Mapped[str] = mapped_column(String(255))
+    eval_sha256: Mapped[str] = mapped_column(String(64))  # the bounded eval slice that travels (npz)
+    eval_samples: Mapped[int] = mapped_column(Integer)
+    num_classes: Mapped[int] = mapped_column(Integer)
+    reference_accuracy: Mapped[float] = mapped_column(Float)  # float model on the eval slice
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    model: Mapped[Model] = relationship(back_populates="versions")
+
+
+class Artifact(Base):
+    """One compressed variant of a model version, built for one profile."""
+
+    __tablename__ = "artifacts"
+    __table_args__ = (UniqueConstraint("model_version_id", "profile_name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
+    profile_name: Mapped[str] = mapped_column(ForeignKey("profiles.name"))
+    quantization: Mapped[str] = mapped_column(String(32))
+    sha256: Mapped[str] = mapped_column(String(64))  # the .tflite file in the blob store
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    host_accuracy: Mapped[float] = mapped_column(Float)
+    host_p50_ms: Mapped[float | None] = mapped_column(Float, default=None)
+    host_p95_ms: Mapped[float | None] = mapped_column(Float, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    model_version: Mapped[ModelVersion] = relationship()
+
+
+class Release(Base):
+    """A signed manifest for one artifact; ``id`` is the monotonic release counter."""
+
+    __tablename__ = "releases"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    artifact_id: Mapped[int] = mapped_column(ForeignKey("artifacts.id"))
+    manifest: Mapped[dict[str, Any]] = mapped_column()  # SignedEnvelope as JSON
+    manifest_sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    artifact: Mapped[Artifact] = relationship()
+
+
+class Rollout(Base):
+    __tablename__ = "rollouts"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
+    state: Mapped[str] = mapped_column(String(32), default="running")
+    max_accuracy_drop: Mapped[float] = mapped_column(Float)
+    min_accuracy: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+    model_version: Mapped[ModelVersion] = relationship()
+    deployments: Mapped[list[Deployment]] = relationship(back_populates="rollout", order_by="Deployment.created_at")
+
+
+class Deployment(Base):
+    """One device's part of a rollout."""
+
+    __tablename__ = "deployments"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    rollout_id: Mapped[str] = mapped_column(ForeignKey("rollouts.id"))
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"))
+    release_id: Mapped[int] = mapped_column(ForeignKey("releases.id"))
+    seq: Mapped[int] = mapped_column(Integer)  # per-device directive sequence number
+    min_accuracy_gate: Mapped[float] = mapped_column(Float)
+    directive: Mapped[dict[str, Any] | None] = mapped_column(default=None)  # SignedEnvelope as JSON
+    state: Mapped[str] = mapped_column(String(32), default="pending")
+    reason: Mapped[str] = mapped_column(Text, default="")
+    accuracy: Mapped[float | None] = mapped_column(Float, default=None)
+    p50_ms: Mapped[float | None] = mapped_column(Float, default=None)
+    p95_ms: Mapped[float | None] = mapped_column(Float, default=None)
+    published_at: Mapped[datetime | None] = mapped_column(default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    rollout: Mapped[Rollout] = relationship(back_populates="deployments")
+    device: Mapped[Device] = relationship()
+    release: Mapped[Release] = relationship()
+
+
+class EventRecord(Base):
+    __tablename__ = "events"
+    __table_args__ = (UniqueConstraint("device_id", "boot_id", "seq"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(64), index=True)
+    boot_id: Mapped[str] = mapped_column(String(64))
+    seq: Mapped[int] = mapped_column(Integer)
+    deployment_id: Mapped[str] = mapped_column(String(64), index=True)
+    state: Mapped[str] = mapped_column(String(32))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    ts: Mapped[float] = mapped_column(Float)
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class TelemetryRecord(Base):
+    __tablename__ = "telemetry"
+    __table_args__ = (UniqueConstraint("device_id", "boot_id", "seq"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(64), index=True)
+    boot_id: Mapped[str] = mapped_column(String(64))
+    seq: Mapped[int] = mapped_column(Integer)
+    deployment_id: Mapped[str | None] = mapped_column(String(64), default=None, index=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    ts: Mapped[float] = mapped_column(Float)
+    p50_ms: Mapped[float | None] = mapped_column(Float, default=None)
+    p95_ms: Mapped[float | None] = mapped_column(Float, default=None)
+    accuracy: Mapped[float | None] = mapped_column(Float, default=None)
+    body: Mapped[dict[str, Any]] = mapped_column()
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)

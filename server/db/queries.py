@@ -1,0 +1,116 @@
+"""The registry's queries, so that services outside ``server/db`` never build SQL."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sqlalchemy import exists, func, or_, select
+from sqlalchemy.orm import Session
+
+from server.db.models import (
+    Artifact,
+    Deployment,
+    Device,
+    EventRecord,
+    Model,
+    ModelVersion,
+    Profile,
+    Release,
+    Rollout,
+    TelemetryRecord,
+)
+
+FINAL_STATES = ("committed", "rolled_back", "failed")
+
+
+def profile_names(session: Session) -> list[str]:
+    return list(session.scalars(select(Profile.name).order_by(Profile.name)))
+
+
+def device_by_name(session: Session, name: str) -> Device | None:
+    return session.scalar(select(Device).where(Device.name == name))
+
+
+def devices(session: Session) -> Sequence[Device]:
+    return session.scalars(select(Device).order_by(Device.name)).all()
+
+
+def devices_with_profile(session: Session, profile: str) -> Sequence[Device]:
+    return session.scalars(select(Device).where(Device.profile_name == profile).order_by(Device.name)).all()
+
+
+def model_by_name(session: Session, name: str) -> Model | None:
+    return session.scalar(select(Model).where(Model.name == name))
+
+
+def model_version(session: Session, model: Model, version: int | None) -> ModelVersion | None:
+    query = select(ModelVersion).where(ModelVersion.model_id == model.id)
+    if version is None:
+        return session.scalar(query.order_by(ModelVersion.version.desc()).limit(1))
+    return session.scalar(query.where(ModelVersion.version == version))
+
+
+def next_version_number(session: Session, model: Model) -> int:
+    current = session.scalar(select(func.max(ModelVersion.version)).where(ModelVersion.model_id == model.id))
+    return (current or 0) + 1
+
+
+def artifact_for(session: Session, version: ModelVersion, profile: str) -> Artifact | None:
+    return session.scalar(
+        select(Artifact).where(Artifact.model_version_id == version.id, Artifact.profile_name == profile)
+    )
+
+
+def servable_blob(session: Session, sha256: str) -> bool:
+    """Only files that a signed release names are served to agents."""
+    in_artifacts = exists().where(Artifact.sha256 == sha256)
+    in_evals = exists().where(ModelVersion.eval_sha256 == sha256)
+    return bool(session.scalar(select(or_(in_artifacts, in_evals))))
+
+
+def rollout(session: Session, rollout_id: str) -> Rollout | None:
+    return session.get(Rollout, rollout_id)
+
+
+def running_rollouts(session: Session) -> Sequence[Rollout]:
+    return session.scalars(select(Rollout).where(Rollout.state == "running")).all()
+
+
+def unpublished_deployments(session: Session) -> Sequence[Deployment]:
+    return session.scalars(
+        select(Deployment).where(Deployment.published_at.is_(None)).order_by(Deployment.created_at)
+    ).all()
+
+
+def latest_deployment(session: Session, device_id: str) -> Deployment | None:
+    return session.scalar(
+        select(Deployment).where(Deployment.device_id == device_id).order_by(Deployment.seq.desc()).limit(1)
+    )
+
+
+def release(session: Session, release_id: int) -> Release | None:
+    return session.get(Release, release_id)
+
+
+def event_seen(session: Session, device_id: str, boot_id: str, seq: int) -> bool:
+    return bool(
+        session.scalar(
+            select(
+                exists().where(EventRecord.device_id == device_id, EventRecord.boot_id == boot_id, EventRecord.seq == seq)
+            )
+        )
+    )
+
+
+def telemetry_seen(session: Session, device_id: str, boot_id: str, seq: int) -> bool:
+    return bool(
+        session.scalar(
+            select(
+                exists().where(
+                    TelemetryRecord.device_id == device_id,
+                    TelemetryRecord.boot_id == boot_id,
+                    TelemetryRecord.seq == seq,
+                )
+            )
+        )
+    )

@@ -1,0 +1,116 @@
+"""What agents report, applied to the registry.
+
+Events and telemetry carry ``(device_id, boot_id, seq)``; a row already seen
+is skipped, so QoS 1 duplicates are harmless. A message from an unknown
+device is dropped with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+
+from server.db import Session, queries
+from server.db.models import Deployment, Device, EventRecord, TelemetryRecord
+from shared.codec import encode
+from shared.messages import Availability, DeviceState, Event, Telemetry, UpdateState
+
+logger = logging.getLogger(__name__)
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _device(session: Session, device_id: str) -> Device | None:
+    device = session.get(Device, device_id)
+    if device is None:
+        logger.warning("dropped a report from unknown device %s", device_id)
+    return device
+
+
+def _deployment(session: Session, device: Device, deployment_id: str | None) -> Deployment | None:
+    if deployment_id is None:
+        return None
+    deployment = session.get(Deployment, deployment_id)
+    if deployment is None or deployment.device_id != device.id:
+        logger.warning("device %s reported on unknown deployment %s", device.name, deployment_id)
+        return None
+    return deployment
+
+
+def apply_availability(session: Session, device_id: str, message: Availability) -> None:
+    device = _device(session, device_id)
+    if device is not None:
+        device.online = message.online
+        device.last_seen = _now()
+
+
+def apply_state(session: Session, message: DeviceState) -> Device | None:
+    device = _device(session, message.device_id)
+    if device is None:
+        return None
+    device.last_seen = _now()
+    device.online = True
+    device.boot_id = message.boot_id
+    device.runtime = f"{message.runtime} {message.runtime_version}".strip()
+    device.update_state = message.update_state
+    active = message.active
+    device.active_deployment_id = active.deployment_id if active else None
+    device.active_model = active.model if active else None
+    device.active_version = active.version if active else None
+    device.active_quantization = active.quantization if active else None
+    return device
+
+
+def apply_event(session: Session, message: Event) -> None:
+    device = _device(session, message.device_id)
+    if device is None or queries.event_seen(session, device.id, message.boot_id, message.seq):
+        return
+    session.add(
+        EventRecord(
+            device_id=device.id,
+            boot_id=message.boot_id,
+            seq=message.seq,
+            deployment_id=message.deployment_id,
+            state=message.state,
+            reason=message.reason,
+            ts=message.ts,
+        )
+    )
+    deployment = _deployment(session, device, message.deployment_id)
+    if deployment is None:
+        return
+    if deployment.state in queries.FINAL_STATES and not UpdateState(message.state).is_final:
+        return  # a late progress event never reopens a settled deployment
+    deployment.state = message.state
+    deployment.reason = message.reason
+    deployment.updated_at = _now()
+    logger.info("%s: deployment %s %s %s", device.name, deployment.id, message.state, message.reason)
+
+
+def apply_telemetry(session: Session, message: Telemetry) -> None:
+    device = _device(session, message.device_id)
+    if device is None or queries.telemetry_seen(session, device.id, message.boot_id, message.seq):
+        return
+    bench = message.benchmark
+    session.add(
+        TelemetryRecord(
+            device_id=device.id,
+            boot_id=message.boot_id,
+            seq=message.seq,
+            deployment_id=message.deployment_id,
+            kind=message.kind,
+            ts=message.ts,
+            p50_ms=bench.p50_ms if bench else None,
+            p95_ms=bench.p95_ms if bench else None,
+            accuracy=message.accuracy,
+            body=encode(message),
+        )
+    )
+    deployment = _deployment(session, device, message.deployment_id)
+    if deployment is not None and bench is not None:
+        deployment.p50_ms = bench.p50_ms
+        deployment.p95_ms = bench.p95_ms
+        deployment.accuracy = message.accuracy
+        deployment.updated_at = _now()

@@ -1,0 +1,220 @@
+"""Rollouts: start one, report its status, and the engine that drives it.
+
+``start_rollout`` resolves the targets, builds (or reuses) each profile's
+variant, signs a release per variant and records a pending deployment per
+device. ``RolloutEngine.tick(now)`` is a deterministic step over database
+state: it signs and publishes directives for new deployments and settles
+rollouts whose devices all reported, so a restarted server simply resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from server.blobs import BlobStore
+from server.catalog import resolve_version
+from server.db import Database, Session, queries
+from server.db.models import Deployment, Device, Rollout
+from server.devices import find_device, get_profile
+from server.keys import SigningKeys
+from server.releases import build_artifact, sign_release
+from shared import PROTOCOL_VERSION
+from shared.codec import decode, encode
+from shared.errors import NotFoundError, UserInputError
+from shared.messages import DesiredState, Directive, Gates, SignedEnvelope, encode_payload
+from shared.signing import sign_envelope
+from shared.topics import TopicKind, device_topic
+
+logger = logging.getLogger(__name__)
+
+DIRECTIVE_LIFETIME_S = 7 * 24 * 3600
+FINAL_STATES = frozenset(queries.FINAL_STATES)
+
+Publish = Callable[[str, bytes, bool], None]  # topic, payload, retain
+
+
+@dataclass(frozen=True)
+class DeviceStatus:
+    device: str
+    profile: str
+    state: str
+    quantization: str
+    size_bytes: int
+    p50_ms: float | None
+    p95_ms: float | None
+    accuracy: float | None
+    host_accuracy: float
+    gate: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class RolloutStatus:
+    rollout: str
+    model: str
+    version: int
+    state: str
+    devices: tuple[DeviceStatus, ...]
+
+    @property
+    def settled(self) -> bool:
+        return all(d.state in FINAL_STATES for d in self.devices)
+
+
+def settled_state(states: list[str]) -> str | None:
+    """A rollout's final state once every device reported a final state, else None."""
+    if not states or not all(s in FINAL_STATES for s in states):
+        return None
+    return "succeeded" if all(s == "committed" for s in states) else "failed"
+
+
+def _check_fraction(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise UserInputError(f"{name} must be between 0 and 1, got {value}")
+
+
+def start_rollout(
+    db: Database,
+    blobs: BlobStore,
+    keys: SigningKeys,
+    model_ref: str,
+    *,
+    profiles: tuple[str, ...] = (),
+    device_names: tuple[str, ...] = (),
+    max_accuracy_drop: float = 0.02,
+    min_accuracy: float = 0.0,
+) -> str:
+    """Create a rollout of ``model_ref`` to the selected devices; returns its id."""
+    if not profiles and not device_names:
+        raise UserInputError("select the target devices with --profile or --device")
+    _check_fraction("--max-accuracy-drop", max_accuracy_drop)
+    _check_fraction("--min-accuracy", min_accuracy)
+    with db.session() as session:
+        version = resolve_version(session, model_ref)
+        targets: dict[str, Device] = {}
+        for profile in profiles:
+            get_profile(session, profile)
+            for device in queries.devices_with_profile(session, profile):
+                targets[device.id] = device
+        for name in device_names:
+            device = find_device(session, name)
+            targets[device.id] = device
+        if not targets:
+            raise NotFoundError(f"no registered device has profile {', '.join(profiles)}")
+        gate = max(min_accuracy, version.reference_accuracy - max_accuracy_drop)
+        rollout = Rollout(
+            id=f"r-{secrets.token_hex(4)}",
+            model_version_id=version.id,
+            max_accuracy_drop=max_accuracy_drop,
+            min_accuracy=min_accuracy,
+        )
+        session.add(rollout)
+        releases = {}
+        for device in sorted(targets.values(), key=lambda d: d.name):
+            if device.profile_name not in releases:
+                artifact = build_artifact(session, blobs, version, device.profile)
+                releases[device.profile_name] = sign_release(session, blobs, keys, artifact)
+            device.directive_seq += 1
+            session.add(
+                Deployment(
+                    id=f"dep-{secrets.token_hex(6)}",
+                    rollout_id=rollout.id,
+                    device_id=device.id,
+                    release_id=releases[device.profile_name].id,
+                    seq=device.directive_seq,
+                    min_accuracy_gate=round(gate, 6),
+                )
+            )
+        session.flush()
+        return rollout.id
+
+
+def rollout_status(db: Database, rollout_id: str) -> RolloutStatus:
+    with db.session() as session:
+        rollout = queries.rollout(session, rollout_id)
+        if rollout is None:
+            raise NotFoundError(f"unknown rollout {rollout_id!r}")
+        rows = []
+        for dep in rollout.deployments:
+            artifact = dep.release.artifact
+            rows.append(
+                DeviceStatus(
+                    device=dep.device.name,
+                    profile=dep.device.profile_name,
+                    state=dep.state,
+                    quantization=artifact.quantization,
+                    size_bytes=artifact.size_bytes,
+                    p50_ms=dep.p50_ms,
+                    p95_ms=dep.p95_ms,
+                    accuracy=dep.accuracy,
+                    host_accuracy=artifact.host_accuracy,
+                    gate=dep.min_accuracy_gate,
+                    reason=dep.reason,
+                )
+            )
+        version = rollout.model_version
+        state = settled_state([d.state for d in rows]) or rollout.state
+        return RolloutStatus(rollout.id, version.model.name, version.version, state, tuple(rows))
+
+
+def desired_payload(session: Session, deployment: Deployment) -> bytes:
+    assert deployment.directive is not None
+    release = deployment.release
+    desired = DesiredState(
+        v=PROTOCOL_VERSION,
+        directive=decode(SignedEnvelope, deployment.directive),
+        manifest=decode(SignedEnvelope, release.manifest),
+    )
+    return encode_payload(desired)
+
+
+class RolloutEngine:
+    def __init__(self, db: Database, keys: SigningKeys, publish: Publish) -> None:
+        self.db = db
+        self.keys = keys
+        self.publish = publish
+
+    def sign_directive(self, deployment: Deployment, now: float) -> None:
+        directive = Directive(
+            v=PROTOCOL_VERSION,
+            device_id=deployment.device_id,
+            deployment_id=deployment.id,
+            rollout_id=deployment.rollout_id,
+            manifest_sha256=deployment.release.manifest_sha256,
+            seq=deployment.seq,
+            gates=Gates(min_accuracy=deployment.min_accuracy_gate),
+            issued=int(now),
+            expires=int(now) + DIRECTIVE_LIFETIME_S,
+        )
+        deployment.directive = encode(sign_envelope(directive, self.keys.director))
+
+    def send(self, session: Session, deployment: Deployment, now: float) -> None:
+        """Sign (or re-sign an expiring) directive and publish the retained desired state."""
+        directive = deployment.directive
+        if directive is None or directive["signed"]["expires"] - now < DIRECTIVE_LIFETIME_S / 2:
+            self.sign_directive(deployment, now)
+        self.publish(device_topic(TopicKind.DESIRED, deployment.device_id), desired_payload(session, deployment), True)
+        deployment.published_at = datetime.fromtimestamp(now, timezone.utc)
+
+    def tick(self, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        with self.db.session() as session:
+            for deployment in queries.unpublished_deployments(session):
+                if deployment.seq < deployment.device.directive_seq:
+                    # a newer rollout already targets this device
+                    deployment.state, deployment.reason = "failed", "superseded by a newer rollout"
+                    deployment.published_at = datetime.fromtimestamp(now, timezone.utc)
+                    continue
+                logger.info("publishing deployment %s to %s", deployment.id, deployment.device.name)
+                self.send(session, deployment, now)
+            for rollout in queries.running_rollouts(session):
+                final = settled_state([d.state for d in rollout.deployments])
+                if final is not None:
+                    rollout.state = final
+                    rollout.finished_at = datetime.fromtimestamp(now, timezone.utc)
+                    logger.info("rollout %s %s", rollout.id, rollout.state)

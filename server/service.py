@@ -1,0 +1,167 @@
+"""The server's loop: ingest agent reports, serve chunks, tick the rollout engine.
+
+paho hands every message to ``inbox``; this loop drains it in batches, decodes
+each payload in one place, dispatches by topic kind, and commits once per
+batch (a savepoint per message, so one bad message never spoils the batch).
+Retained topics (state, availability) use plain subscriptions, because MQTT 5
+does not deliver retained messages to shared subscriptions; the high-volume
+ones (events, telemetry, chunk requests) are shared across server replicas.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from server.blobs import BlobStore
+from server.chunks import ChunkServer
+from server.db import Database, Session, open_database, queries
+from server.ingest import apply_availability, apply_event, apply_state, apply_telemetry
+from server.keys import load_keys
+from server.paths import DataDir
+from server.rollouts import RolloutEngine
+from shared.errors import EdgefleetError, ProtocolError
+from shared.messages import Availability, ChunkRequest, DeviceState, Event, Telemetry, decode_payload
+from shared.mqtt import BrokerAddress, Inbound, LinkDown, LinkUp, MqttLink
+from shared.topics import Topic, TopicKind, all_devices_filter, all_wants_filter, parse_topic
+
+logger = logging.getLogger(__name__)
+
+BATCH = 500
+
+
+class ServerService:
+    def __init__(
+        self, data_dir: DataDir, broker: BrokerAddress, *, db: Database | None = None, tick_interval: float = 0.5
+    ) -> None:
+        self.db = db or open_database(data_dir.database_url())
+        self.keys = load_keys(data_dir.keys)
+        self.blobs = BlobStore(data_dir.blobs)
+        self.inbox: queue.Queue[Any] = queue.Queue()
+        self.stopping = threading.Event()
+        self.tick_interval = tick_interval
+        self.link = MqttLink(broker, client_id=f"ef-server-{secrets.token_hex(4)}", inbox=self.inbox)
+        self.engine = RolloutEngine(self.db, self.keys, self._publish)
+        self.chunks = ChunkServer(self.blobs, self._publish)
+        self._handlers: dict[TopicKind, Callable[[Session, Topic, Any], None]] = {
+            TopicKind.STATE: self._on_state,
+            TopicKind.AVAILABILITY: self._on_availability,
+            TopicKind.EVENTS: self._on_event,
+            TopicKind.TELEMETRY: self._on_telemetry,
+            TopicKind.WANT: self._on_want,
+        }
+
+    def _publish(self, topic: str, payload: bytes, retain: bool) -> None:
+        self.link.publish(topic, payload, retain=retain)
+
+    # -- handlers ------------------------------------------------------------
+
+    def _on_state(self, session: Session, topic: Topic, message: DeviceState) -> None:
+        if message.device_id != topic.device_id:
+            raise ProtocolError(f"state of {message.device_id} published on {topic.device_id}'s topic")
+        device = apply_state(session, message)
+        if device is None or not message.hello:
+            return
+        # Retained desired state is only a hint: re-send what this device has not yet seen.
+        deployment = queries.latest_deployment(session, device.id)
+        if (
+            deployment is not None
+            and deployment.published_at is not None
+            and deployment.state not in queries.FINAL_STATES
+            and message.directive_seq < deployment.seq
+        ):
+            logger.info("re-sending deployment %s to %s", deployment.id, device.name)
+            self.engine.send(session, deployment, time.time())
+
+    def _on_availability(self, session: Session, topic: Topic, message: Availability) -> None:
+        assert topic.device_id is not None
+        apply_availability(session, topic.device_id, message)
+
+    def _on_event(self, session: Session, topic: Topic, message: Event) -> None:
+        if message.device_id != topic.device_id:
+            raise ProtocolError(f"event of {message.device_id} published on {topic.device_id}'s topic")
+        apply_event(session, message)
+
+    def _on_telemetry(self, session: Session, topic: Topic, message: Telemetry) -> None:
+        if message.device_id != topic.device_id:
+            raise ProtocolError(f"telemetry of {message.device_id} published on {topic.device_id}'s topic")
+        apply_telemetry(session, message)
+
+    def _on_want(self, session: Session, topic: Topic, message: ChunkRequest) -> None:
+        assert topic.sha256 is not None
+        if not queries.servable_blob(session, topic.sha256):
+            raise ProtocolError(f"device {message.device_id} asked for {topic.sha256}, which no release names")
+        self.chunks.serve(topic.sha256, message)
+
+    # -- loop ------------------------------------------------------------------
+
+    def handle_batch(self, items: list[Any]) -> None:
+        with self.db.session() as session:
+            for item in items:
+                if isinstance(item, LinkUp):
+                    logger.info("connected to %s", self.link.broker.url())
+                    continue
+                if isinstance(item, LinkDown):
+                    logger.warning("disconnected from broker: %s", item.reason)
+                    continue
+                assert isinstance(item, Inbound)
+                try:
+                    topic = parse_topic(item.topic)
+                    handler = self._handlers.get(topic.kind)
+                    if handler is None:
+                        raise ProtocolError(f"the server does not consume {topic.kind.value}")
+                    if not item.payload:
+                        continue  # a cleared retained message
+                    message = decode_payload(topic.kind, item.payload)
+                    with session.begin_nested():
+                        handler(session, topic, message)
+                except ProtocolError as exc:
+                    logger.warning("dropped a malformed message on %s: %s", item.topic, exc)
+                except EdgefleetError as exc:
+                    logger.error("could not apply the message on %s: %s", item.topic, exc)
+
+    def _drain(self, timeout: float) -> list[Any]:
+        try:
+            items = [self.inbox.get(timeout=timeout)]
+        except queue.Empty:
+            return []
+        while len(items) < BATCH:
+            try:
+                items.append(self.inbox.get_nowait())
+            except queue.Empty:
+                break
+        return items
+
+    def run(self) -> None:
+        for kind in (TopicKind.STATE, TopicKind.AVAILABILITY):
+            self.link.subscribe(all_devices_filter(kind))
+        for kind in (TopicKind.EVENTS, TopicKind.TELEMETRY):
+            self.link.subscribe(all_devices_filter(kind, shared=True))
+        self.link.subscribe(all_wants_filter(shared=True))
+        self.link.start()
+        logger.info("server running against %s", self.link.broker.url())
+        next_tick = 0.0
+        try:
+            while not self.stopping.is_set():
+                items = self._drain(timeout=min(self.tick_interval, max(0.0, next_tick - time.monotonic())) or 0.01)
+                if items:
+                    try:
+                        self.handle_batch(items)
+                    except EdgefleetError as exc:
+                        logger.error("could not store a batch of %d messages: %s", len(items), exc)
+                if time.monotonic() >= next_tick:
+                    try:
+                        self.engine.tick()
+                    except EdgefleetError as exc:
+                        logger.error("rollout engine tick failed: %s", exc)
+                    next_tick = time.monotonic() + self.tick_interval
+        finally:
+            self.link.stop()
+
+    def stop(self) -> None:
+        self.stopping.set()

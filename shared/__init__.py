@@ -1,0 +1,10 @@
+"""What the server and the agents must agree on.
+
+Topics, message types, the manifest, canonical JSON, signing and
+verification, the error tree, and the TFLite runtime adapter and benchmark
+both sides measure with. Depends on the standard library, ``cryptography``
+and ``paho-mqtt``; numpy and the TFLite interpreter are imported lazily by
+``shared.interpreter`` and ``shared.benchmark`` only.
+"""
+
+PROTOCOL_VERSION = 1

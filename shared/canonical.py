@@ -1,0 +1,36 @@
+"""Canonical JSON: the exact bytes that signatures cover."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from shared.errors import ProtocolError
+
+
+def canonical_json(value: Any) -> bytes:
+    """Sorted keys, no whitespace, UTF-8, no NaN/Infinity."""
+    try:
+        text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(f"value is not canonical JSON: {exc}") from exc
+    return text.encode("utf-8")
+
+
+def canonical_digest(value: Any) -> str:
+    """Hex sha256 of the canonical form."""
+    return hashlib.sha256(canonical_json(value)).hexdigest()
+
+
+def parse_json_object(payload: bytes, *, max_bytes: int) -> dict[str, Any]:
+    """Decode an inbound payload that must be one JSON object of bounded size."""
+    if len(payload) > max_bytes:
+        raise ProtocolError(f"payload of {len(payload)} bytes exceeds the limit of {max_bytes}")
+    try:
+        value = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"payload is not JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise ProtocolError(f"payload must be a JSON object, got {type(value).__name__}")
+    return value

@@ -1,0 +1,140 @@
+"""The one module that imports a TFLite interpreter.
+
+Order: LiteRT (``ai_edge_litert``, the maintained successor), then
+``tflite_runtime`` (needs numpy<2), then ``tensorflow.lite`` (development
+only). ``load_model`` returns a small ``TFLiteModel`` that feeds float inputs,
+quantizing them when the graph takes int8/uint8, and returns float outputs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from shared.errors import ModelError, RuntimeMissingError
+
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    name: str
+    version: str
+
+
+class InferenceBackend(Protocol):
+    def infer(self, sample: Any) -> Any: ...
+
+    def describe(self) -> RuntimeInfo: ...
+
+    def close(self) -> None: ...
+
+
+_RUNTIMES: tuple[tuple[str, str, str], ...] = (
+    # (runtime name, module holding Interpreter, module holding __version__)
+    ("ai-edge-litert", "ai_edge_litert.interpreter", "ai_edge_litert"),
+    ("tflite-runtime", "tflite_runtime.interpreter", "tflite_runtime"),
+    ("tensorflow", "tensorflow.lite", "tensorflow"),
+)
+
+
+def _find_runtime(preferred: str | None = None) -> tuple[RuntimeInfo, Callable[..., Any]]:
+    known = [name for name, _, _ in _RUNTIMES]
+    if preferred and preferred not in known:
+        raise RuntimeMissingError(f"unknown TFLite runtime {preferred!r}; choose one of {', '.join(known)}")
+    tried = []
+    for name, module_name, version_module in _RUNTIMES:
+        if preferred and name != preferred:
+            continue
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            tried.append(f"{name}: {exc}")
+            continue
+        version = str(getattr(importlib.import_module(version_module), "__version__", "unknown"))
+        return RuntimeInfo(name, version), module.Interpreter
+    raise RuntimeMissingError(
+        "no TFLite interpreter is installed; install it with: pip install 'edgefleet[agent]' "
+        f"(tried {'; '.join(tried)})"
+    )
+
+
+def runtime_info(preferred: str | None = None) -> RuntimeInfo:
+    return _find_runtime(preferred)[0]
+
+
+class TFLiteModel:
+    """A loaded single-input, single-output TFLite model."""
+
+    def __init__(self, path: str, *, threads: int = 1, runtime: str | None = None) -> None:
+        import numpy as np
+
+        self._np = np
+        self.info, interpreter_cls = _find_runtime(runtime)
+        try:
+            self._interpreter = interpreter_cls(model_path=os.fspath(path), num_threads=threads)
+            self._interpreter.allocate_tensors()
+        except (ValueError, RuntimeError) as exc:
+            raise ModelError(f"{self.info.name} {self.info.version} cannot load {os.path.basename(path)}: {exc}") from exc
+        inputs = self._interpreter.get_input_details()
+        outputs = self._interpreter.get_output_details()
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise ModelError(f"expected one input and one output, got {len(inputs)} and {len(outputs)}")
+        self._input, self._output = inputs[0], outputs[0]
+        self.input_shape = tuple(int(d) for d in self._input["shape"])
+        self.input_dtype = np.dtype(self._input["dtype"]).name
+
+    def _quantize(self, sample: Any) -> Any:
+        np = self._np
+        dtype = np.dtype(self._input["dtype"])
+        x = np.asarray(sample, dtype=np.float32).reshape(self.input_shape)
+        if dtype in (np.int8, np.uint8, np.int16):
+            scale, zero = self._input["quantization"]
+            if not scale:
+                raise ModelError("the model's quantized input has no scale")
+            info = np.iinfo(dtype)
+            x = np.clip(np.round(x / scale + zero), info.min, info.max)
+        return x.astype(dtype)
+
+    def prepare(self, sample: Any) -> Any:
+        """Convert one float sample into the input tensor's dtype and shape."""
+        return self._quantize(sample)
+
+    def run_prepared(self, tensor: Any) -> None:
+        self._interpreter.set_tensor(self._input["index"], tensor)
+        self._interpreter.invoke()
+
+    def output(self) -> Any:
+        np = self._np
+        y = self._interpreter.get_tensor(self._output["index"])
+        if np.dtype(self._output["dtype"]) in (np.int8, np.uint8, np.int16):
+            scale, zero = self._output["quantization"]
+            y = (y.astype(np.float32) - zero) * scale
+        return y
+
+    def infer(self, sample: Any) -> Any:
+        try:
+            self.run_prepared(self.prepare(sample))
+        except (ValueError, RuntimeError) as exc:
+            raise ModelError(f"inference failed: {exc}") from exc
+        return self.output()
+
+    def describe(self) -> RuntimeInfo:
+        return self.info
+
+    def close(self) -> None:
+        self._interpreter = None
+
+
+def accuracy(model: TFLiteModel, x: Any, y: Any) -> float:
+    """Top-1 accuracy of ``model`` on float inputs ``x`` and integer labels ``y``."""
+    import numpy as np
+
+    if len(x) == 0:
+        raise ModelError("empty evaluation set")
+    correct = 0
+    for sample, label in zip(x, y):
+        out = model.infer(sample[np.newaxis, ...])
+        correct += int(int(np.argmax(out)) == int(label))
+    return correct / len(x)

@@ -1,0 +1,299 @@
+"""Every message on the wire, as frozen dataclasses with a protocol version.
+
+Each payload is decoded in exactly one place, ``decode_payload``, which checks
+the size limit, the JSON, the version and every key. Handlers receive these
+objects, never raw bytes or dicts.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from shared import PROTOCOL_VERSION
+from shared.canonical import canonical_json, parse_json_object
+from shared.codec import decode, encode
+from shared.errors import ProtocolError
+from shared.topics import TopicKind
+
+MAX_CONTROL_PAYLOAD = 256 * 1024
+MAX_DESIRED_PAYLOAD = 1024 * 1024
+DEFAULT_CHUNK_SIZE = 256 * 1024
+MAX_CHUNK_SIZE = 1024 * 1024
+
+
+def _check_version(v: int) -> None:
+    if v != PROTOCOL_VERSION:
+        raise ValueError(f"unsupported protocol version {v} (this side speaks {PROTOCOL_VERSION})")
+
+
+class UpdateState(enum.Enum):
+    """Deployment states as reported by agents and shown by ``rollout status``. Values are persisted."""
+
+    PENDING = "pending"
+    DOWNLOADING = "downloading"
+    VERIFYING = "verifying"
+    STAGED = "staged"
+    TRIAL = "trial"
+    COMMITTED = "committed"
+    ROLLED_BACK = "rolled_back"
+    FAILED = "failed"
+
+    @property
+    def is_final(self) -> bool:
+        return self in (UpdateState.COMMITTED, UpdateState.ROLLED_BACK, UpdateState.FAILED)
+
+
+# -- signed metadata -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Signature:
+    keyid: str
+    sig: str
+
+
+@dataclass(frozen=True)
+class SignedEnvelope:
+    """``signed`` is covered by the signatures in its canonical JSON form."""
+
+    signed: dict[str, Any]
+    signatures: tuple[Signature, ...]
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    name: str
+    role: str  # "model" | "eval"
+    sha256: str
+    size: int
+    chunk_size: int
+    chunks: tuple[str, ...]  # sha256 of each chunk, in order
+
+    def __post_init__(self) -> None:
+        if self.role not in ("model", "eval"):
+            raise ValueError(f"unknown file role {self.role!r}")
+        if not 0 < self.chunk_size <= MAX_CHUNK_SIZE:
+            raise ValueError(f"chunk size {self.chunk_size} out of range")
+        expected = max(1, -(-self.size // self.chunk_size))
+        if self.size < 0 or len(self.chunks) != expected:
+            raise ValueError(f"{self.name}: {len(self.chunks)} chunk digests for {self.size} bytes")
+        if "/" in self.name or self.name in ("", ".", ".."):
+            raise ValueError(f"unsafe file name {self.name!r}")
+
+
+@dataclass(frozen=True)
+class ReferenceMetrics:
+    accuracy: float  # the float model on the travelling eval set, on the host
+    host_accuracy: float  # this variant on the host, same eval set
+    host_p50_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    v: int
+    model: str
+    version: int
+    release_counter: int
+    profile: str
+    quantization: str
+    files: tuple[FileEntry, ...]
+    reference: ReferenceMetrics
+    created: int
+    expires: int
+
+    def __post_init__(self) -> None:
+        _check_version(self.v)
+        roles = sorted(f.role for f in self.files)
+        if roles != ["eval", "model"]:
+            raise ValueError("a manifest lists exactly one model file and one eval file")
+
+    def file(self, role: str) -> FileEntry:
+        return next(f for f in self.files if f.role == role)
+
+
+@dataclass(frozen=True)
+class Gates:
+    min_accuracy: float
+    max_p95_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class Directive:
+    v: int
+    device_id: str
+    deployment_id: str
+    rollout_id: str
+    manifest_sha256: str
+    seq: int
+    gates: Gates
+    issued: int
+    expires: int
+
+    def __post_init__(self) -> None:
+        _check_version(self.v)
+
+
+# -- server -> agent -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DesiredState:
+    v: int
+    directive: SignedEnvelope
+    manifest: SignedEnvelope
+
+    def __post_init__(self) -> None:
+        _check_version(self.v)
+
+
+@dataclass(frozen=True)
+class Command:
+    v: int
+    name: str  # "ping" | "benchmark"
+    args: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_version(self.v)
+        if self.name not in ("ping", "benchmark"):
+            raise ValueError(f"unknown command {self.name!r}")
+
+
+# -- agent -> server -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ActiveModel:
+    model: str
+    version: int
+    sha256: str
+    quantization: str
+    deployment_id: str
+
+
+@dataclass(frozen=True)
+class DeviceState:
+    v: int
+    device_id: str
+    boot_id: str
+    runtime: str
+    runtime_version: str
+    update_state: str
+    deployment_id: str | None
+    directive_seq: int
+    active: ActiveModel | None
+    hello: bool = False
+
+    def __post_init__(self) -> None:
+        _check_version(self.v)
+
+
+@dataclass(frozen=True)
+class Availability:
+    v: int
+    online: bool
+    boot_id: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_version(self.v)
+
+
+@dataclass(frozen=True)
+class Event:
+    v: int
+    device_id: str
+    boot_id: str
+    seq: int
+    deployment_id: str
+    state: str
+    reason: str
+    ts: float
+
+    def __post_init__(self) -> None:
+        _check_version(self.v)
+        UpdateState(self.state)
+
+
+@dataclass(frozen=True)
+class BenchmarkResult:
+    """benchmark_model-style numbers; times in milliseconds, memory in bytes."""
+
+    runtime: str
+    threads: int
+    init_ms: float
+    first_ms: float
+    warmup_runs: int
+    runs: int
+    mean_ms: float
+    std_ms: float
+    min_ms: float
+    max_ms: float
+    p50_ms: float
+    p90_ms: float
+    p95_ms: float
+    p99_ms: float
+    peak_rss_bytes: int
+
+
+@dataclass(frozen=True)
+class Telemetry:
+    v: int
+    device_id: str
+    boot_id: str
+    seq: int
+    deployment_id: str | None
+    kind: str  # "trial"
+    ts: float
+    benchmark: BenchmarkResult | None = None
+    accuracy: float | None = None
+    samples: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_version(self.v)
+
+
+@dataclass(frozen=True)
+class ChunkRequest:
+    v: int
+    device_id: str
+    ranges: tuple[tuple[int, int], ...]  # [start, end) chunk indices
+
+    def __post_init__(self) -> None:
+        _check_version(self.v)
+        if not self.ranges or len(self.ranges) > 1024:
+            raise ValueError("ranges must list 1..1024 ranges")
+        for start, end in self.ranges:
+            if not 0 <= start < end:
+                raise ValueError(f"bad range [{start}, {end})")
+
+
+M = TypeVar("M")
+
+PAYLOAD_TYPES: dict[TopicKind, type] = {
+    TopicKind.DESIRED: DesiredState,
+    TopicKind.CMD: Command,
+    TopicKind.STATE: DeviceState,
+    TopicKind.AVAILABILITY: Availability,
+    TopicKind.EVENTS: Event,
+    TopicKind.TELEMETRY: Telemetry,
+    TopicKind.WANT: ChunkRequest,
+}
+
+
+def decode_payload(kind: TopicKind, payload: bytes) -> Any:
+    """The single place a JSON payload becomes a message object."""
+    cls = PAYLOAD_TYPES.get(kind)
+    if cls is None:
+        raise ProtocolError(f"{kind.value} payloads are not JSON messages")
+    limit = MAX_DESIRED_PAYLOAD if kind is TopicKind.DESIRED else MAX_CONTROL_PAYLOAD
+    data = parse_json_object(payload, max_bytes=limit)
+    return decode(cls, data)
+
+
+def decode_as(cls: type[M], data: Any) -> M:
+    return decode(cls, data)
+
+
+def encode_payload(message: Any) -> bytes:
+    return canonical_json(encode(message))

@@ -1,0 +1,161 @@
+"""The paho-mqtt adapter both sides use (MQTT 5, paho callback API v2).
+
+paho callbacks run on its network thread and only hand off: each message
+becomes an immutable ``Inbound`` record, each connection change a
+``LinkUp``/``LinkDown``, put on the owner's queue. The owner's single loop
+does all the work. Subscriptions are remembered and renewed on every
+reconnect; paho reconnects by itself with back-off.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from shared.errors import ConfigError, TransportError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Inbound:
+    topic: str
+    payload: bytes
+    retain: bool
+
+
+@dataclass(frozen=True)
+class LinkUp:
+    pass
+
+
+@dataclass(frozen=True)
+class LinkDown:
+    reason: str
+
+
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str
+    port: int
+    username: str | None = None
+    password: str | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> BrokerAddress:
+        parts = urlsplit(url)
+        if parts.scheme != "mqtt" or not parts.hostname:
+            raise ConfigError(f"broker must look like mqtt://HOST:PORT, got {url!r}")
+        try:
+            port = parts.port or 1883
+        except ValueError as exc:
+            raise ConfigError(f"bad port in broker address {url!r}") from exc
+        return cls(parts.hostname, port, parts.username, parts.password)
+
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Will:
+    topic: str
+    payload: bytes
+    retain: bool = True
+
+
+class MqttLink:
+    def __init__(
+        self, broker: BrokerAddress, client_id: str, inbox: queue.Queue[Any], *, will: Will | None = None
+    ) -> None:
+        self.broker = broker
+        self._inbox = inbox
+        self._subscriptions: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self.connected = threading.Event()
+        self._client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5, reconnect_on_failure=True
+        )
+        self._client.max_queued_messages_set(0)  # keep QoS 1 messages published while offline
+        self._client.max_inflight_messages_set(100)
+        self._client.reconnect_delay_set(min_delay=1, max_delay=10)
+        if broker.username:
+            self._client.username_pw_set(broker.username, broker.password)
+        if will is not None:
+            self._client.will_set(will.topic, will.payload, qos=1, retain=will.retain)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+
+    # -- paho thread: hand off only ---------------------------------------
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        if reason_code.is_failure:
+            self._inbox.put(LinkDown(f"broker refused the connection: {reason_code}"))
+            return
+        with self._lock:
+            subscriptions = list(self._subscriptions.items())
+        for topic_filter, qos in subscriptions:
+            client.subscribe(topic_filter, qos=qos)
+        self.connected.set()
+        self._inbox.put(LinkUp())
+
+    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        self.connected.clear()
+        self._inbox.put(LinkDown(str(reason_code)))
+
+    def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
+        self._inbox.put(Inbound(message.topic, bytes(message.payload), bool(message.retain)))
+
+    # -- owner's thread ----------------------------------------------------
+
+    def start(self) -> None:
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = 0
+        try:
+            self._client.connect_async(self.broker.host, self.broker.port, keepalive=15, clean_start=True, properties=props)
+        except (OSError, ValueError) as exc:
+            raise TransportError(f"cannot reach broker {self.broker.url()}: {exc}") from exc
+        self._client.loop_start()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self.connected.wait(timeout)
+
+    def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+        with self._lock:
+            self._subscriptions[topic_filter] = qos
+        if self.connected.is_set():
+            self._client.subscribe(topic_filter, qos=qos)
+
+    def unsubscribe(self, topic_filter: str) -> None:
+        with self._lock:
+            known = self._subscriptions.pop(topic_filter, None)
+        if known is not None and self.connected.is_set():
+            self._client.unsubscribe(topic_filter)
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+            # NO_CONN still queues QoS>0 messages for the next connection.
+            raise TransportError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
+
+    def stop(self, *, final: tuple[str, bytes] | None = None) -> None:
+        """Disconnect cleanly, optionally publishing one last retained message first."""
+        if final is not None and self.connected.is_set():
+            info = self._client.publish(final[0], final[1], qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout=2)
+            except (RuntimeError, ValueError):
+                pass
+        self._client.disconnect()
+        self._client.loop_stop()

@@ -1,0 +1,155 @@
+"""Ed25519 signing and verification of manifests and directives.
+
+Two roles, as in Uptane: the offline-able **release** key signs artifact
+manifests, the online **director** key signs per-device directives. A
+verifier holds several keys per role (rotation) and fails closed when it has
+none. Signatures are checked over the canonical JSON of ``signed`` *before*
+the content is parsed.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from shared.canonical import canonical_digest, canonical_json
+from shared.codec import decode, encode
+from shared.errors import ConfigError, ExpiredError, ProtocolError, ReplayError, SignatureError
+from shared.messages import Directive, Manifest, Signature, SignedEnvelope
+
+
+class KeyRole(enum.Enum):
+    RELEASE = "release"
+    DIRECTOR = "director"
+
+
+def public_key_text(key: Ed25519PublicKey) -> str:
+    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return base64.b64encode(raw).decode("ascii")
+
+
+def public_key_from_text(text: str) -> Ed25519PublicKey:
+    try:
+        raw = base64.b64decode(text, validate=True)
+        return Ed25519PublicKey.from_public_bytes(raw)
+    except (binascii.Error, ValueError) as exc:
+        raise ConfigError(f"not an Ed25519 public key: {text!r}") from exc
+
+
+def key_id(key: Ed25519PublicKey) -> str:
+    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()
+
+
+def private_key_pem(key: Ed25519PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def private_key_from_pem(data: bytes) -> Ed25519PrivateKey:
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"cannot read private key: {exc}") from exc
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ConfigError("private key is not Ed25519")
+    return key
+
+
+def sign_envelope(payload: Any, key: Ed25519PrivateKey) -> SignedEnvelope:
+    signed = encode(payload)
+    sig = key.sign(canonical_json(signed))
+    return SignedEnvelope(
+        signed=signed,
+        signatures=(Signature(keyid=key_id(key.public_key()), sig=base64.b64encode(sig).decode("ascii")),),
+    )
+
+
+def envelope_digest(envelope: SignedEnvelope) -> str:
+    """What a directive pins: the digest of the signed part of a manifest."""
+    return canonical_digest(envelope.signed)
+
+
+@dataclass(frozen=True)
+class TrustedKeys:
+    """Pinned public keys per role; any one valid signature from a pinned key suffices."""
+
+    keys: Mapping[KeyRole, Mapping[str, Ed25519PublicKey]] = field(default_factory=dict)
+
+    @classmethod
+    def from_text(cls, by_role: Mapping[KeyRole, list[str]]) -> TrustedKeys:
+        keys: dict[KeyRole, dict[str, Ed25519PublicKey]] = {}
+        for role, texts in by_role.items():
+            parsed = [public_key_from_text(t) for t in texts]
+            keys[role] = {key_id(k): k for k in parsed}
+        return cls(keys)
+
+    def verify(self, envelope: SignedEnvelope, role: KeyRole) -> dict[str, Any]:
+        pinned = self.keys.get(role) or {}
+        if not pinned:
+            raise SignatureError(f"no {role.value} key is pinned: refusing to trust anything")
+        if not envelope.signatures:
+            raise SignatureError(f"{role.value} metadata carries no signature")
+        message = canonical_json(envelope.signed)
+        for signature in envelope.signatures:
+            key = pinned.get(signature.keyid)
+            if key is None:
+                continue
+            try:
+                key.verify(base64.b64decode(signature.sig, validate=True), message)
+            except (InvalidSignature, binascii.Error, ValueError):
+                continue
+            return envelope.signed
+        raise SignatureError(f"no valid signature by a pinned {role.value} key")
+
+
+def verify_manifest(
+    envelope: SignedEnvelope, trusted: TrustedKeys, *, now: float, min_release_counter: int = 0
+) -> Manifest:
+    signed = trusted.verify(envelope, KeyRole.RELEASE)
+    try:
+        manifest = decode(Manifest, signed)
+    except ProtocolError as exc:
+        raise SignatureError(f"signed manifest is malformed: {exc}") from exc
+    if manifest.expires <= now:
+        raise ExpiredError(f"manifest for {manifest.model} v{manifest.version} expired at {manifest.expires}")
+    if manifest.release_counter < min_release_counter:
+        raise ReplayError(
+            f"release counter {manifest.release_counter} is lower than the trusted {min_release_counter}"
+        )
+    return manifest
+
+
+def verify_directive(
+    envelope: SignedEnvelope,
+    trusted: TrustedKeys,
+    *,
+    now: float,
+    device_id: str,
+    manifest_envelope: SignedEnvelope,
+    min_seq: int = 0,
+) -> Directive:
+    signed = trusted.verify(envelope, KeyRole.DIRECTOR)
+    try:
+        directive = decode(Directive, signed)
+    except ProtocolError as exc:
+        raise SignatureError(f"signed directive is malformed: {exc}") from exc
+    if directive.device_id != device_id:
+        raise SignatureError(f"directive is for device {directive.device_id}, not {device_id}")
+    if directive.expires <= now:
+        raise ExpiredError(f"directive {directive.deployment_id} expired at {directive.expires}")
+    if directive.seq < min_seq:
+        raise ReplayError(f"directive sequence {directive.seq} is lower than the trusted {min_seq}")
+    if directive.manifest_sha256 != envelope_digest(manifest_envelope):
+        raise SignatureError("directive does not pin this manifest")
+    return directive

@@ -1,0 +1,132 @@
+"""Every MQTT topic of the wire protocol, built and parsed by pure functions.
+
+The README's wire-protocol table is checked against ``TOPIC_TABLE`` by a test.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+
+from shared.errors import ProtocolError
+
+PREFIX = "ef/v1"
+SHARED_GROUP = "edgefleet"
+
+_DEVICE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class TopicKind(enum.Enum):
+    DESIRED = "desired"
+    CMD = "cmd"
+    STATE = "state"
+    AVAILABILITY = "availability"
+    EVENTS = "events"
+    TELEMETRY = "telemetry"
+    WANT = "want"
+    CHUNK = "chunks"
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    pattern: str
+    direction: str
+    qos: int
+    retained: bool
+
+
+TOPIC_TABLE: dict[TopicKind, TopicSpec] = {
+    TopicKind.DESIRED: TopicSpec(f"{PREFIX}/devices/{{id}}/desired", "server→agent", 1, True),
+    TopicKind.CMD: TopicSpec(f"{PREFIX}/devices/{{id}}/cmd", "server→agent", 1, False),
+    TopicKind.STATE: TopicSpec(f"{PREFIX}/devices/{{id}}/state", "agent→server", 1, True),
+    TopicKind.AVAILABILITY: TopicSpec(f"{PREFIX}/devices/{{id}}/availability", "agent→server", 1, True),
+    TopicKind.EVENTS: TopicSpec(f"{PREFIX}/devices/{{id}}/events", "agent→server", 1, False),
+    TopicKind.TELEMETRY: TopicSpec(f"{PREFIX}/devices/{{id}}/telemetry", "agent→server", 1, False),
+    TopicKind.WANT: TopicSpec(f"{PREFIX}/artifacts/{{sha256}}/want", "agent→server", 1, False),
+    TopicKind.CHUNK: TopicSpec(f"{PREFIX}/artifacts/{{sha256}}/chunks/{{i}}", "server→agents", 1, False),
+}
+
+DEVICE_KINDS = frozenset(
+    {TopicKind.DESIRED, TopicKind.CMD, TopicKind.STATE, TopicKind.AVAILABILITY, TopicKind.EVENTS, TopicKind.TELEMETRY}
+)
+
+
+@dataclass(frozen=True)
+class Topic:
+    kind: TopicKind
+    device_id: str | None = None
+    sha256: str | None = None
+    chunk_index: int | None = None
+
+
+def is_valid_device_id(device_id: str) -> bool:
+    return bool(_DEVICE_ID.match(device_id))
+
+
+def _check_device_id(device_id: str) -> str:
+    if not is_valid_device_id(device_id):
+        raise ProtocolError(f"invalid device id {device_id!r}")
+    return device_id
+
+
+def _check_sha256(sha256: str) -> str:
+    if not _SHA256.match(sha256):
+        raise ProtocolError(f"invalid sha256 {sha256!r}")
+    return sha256
+
+
+def device_topic(kind: TopicKind, device_id: str) -> str:
+    if kind not in DEVICE_KINDS:
+        raise ValueError(f"{kind} is not a device topic")
+    return f"{PREFIX}/devices/{_check_device_id(device_id)}/{kind.value}"
+
+
+def want_topic(sha256: str) -> str:
+    return f"{PREFIX}/artifacts/{_check_sha256(sha256)}/want"
+
+
+def chunk_topic(sha256: str, index: int) -> str:
+    if index < 0:
+        raise ValueError("chunk index must be >= 0")
+    return f"{PREFIX}/artifacts/{_check_sha256(sha256)}/chunks/{index}"
+
+
+def chunk_filter(sha256: str) -> str:
+    """Subscription filter for every chunk of one file."""
+    return f"{PREFIX}/artifacts/{_check_sha256(sha256)}/chunks/+"
+
+
+def all_devices_filter(kind: TopicKind, *, shared: bool = False) -> str:
+    """Subscription filter for one kind across all devices, optionally a shared subscription."""
+    if kind not in DEVICE_KINDS:
+        raise ValueError(f"{kind} is not a device topic")
+    topic = f"{PREFIX}/devices/+/{kind.value}"
+    return f"$share/{SHARED_GROUP}/{topic}" if shared else topic
+
+
+def all_wants_filter(*, shared: bool = False) -> str:
+    topic = f"{PREFIX}/artifacts/+/want"
+    return f"$share/{SHARED_GROUP}/{topic}" if shared else topic
+
+
+def parse_topic(topic: str) -> Topic:
+    """Parse a concrete topic name; raises ProtocolError for anything unknown."""
+    parts = topic.split("/")
+    if len(parts) < 4 or "/".join(parts[:2]) != PREFIX:
+        raise ProtocolError(f"unknown topic {topic!r}")
+    section, ident, rest = parts[2], parts[3], parts[4:]
+    if section == "devices" and len(rest) == 1:
+        try:
+            kind = TopicKind(rest[0])
+        except ValueError as exc:
+            raise ProtocolError(f"unknown device topic {topic!r}") from exc
+        if kind in DEVICE_KINDS:
+            return Topic(kind, device_id=_check_device_id(ident))
+    if section == "artifacts":
+        if rest == ["want"]:
+            return Topic(TopicKind.WANT, sha256=_check_sha256(ident))
+        if len(rest) == 2 and rest[0] == "chunks" and rest[1].isdigit() and len(rest[1]) <= 9:
+            return Topic(TopicKind.CHUNK, sha256=_check_sha256(ident), chunk_index=int(rest[1]))
+    raise ProtocolError(f"unknown topic {topic!r}")

@@ -1,0 +1,223 @@
+"""End to end: a real Mosquitto, the server and two agent *processes*.
+
+A digits CNN trained here is rolled out through the CLI; each agent commits
+its profile's variant. Then a tampered artifact is rejected, a variant below
+the accuracy gate is rolled back, and malformed MQTT payloads are shrugged
+off, each time leaving the previous model untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.slots import SlotStore
+from server.broker import Mosquitto
+
+pytestmark = pytest.mark.e2e
+
+ROLLOUT_TIMEOUT_S = 180
+
+
+def cli(*args: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgefleet", *args], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert proc.returncode == 0, f"edgefleet {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+@dataclass
+class Fleet:
+    root: Path
+    broker: Mosquitto
+    data_dir: Path
+    devices: dict[str, str] = field(default_factory=dict)  # name -> id
+    agent_dirs: dict[str, Path] = field(default_factory=dict)
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def start(self, name: str, *args: str) -> None:
+        log = open(self.root / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+        self.processes[name] = subprocess.Popen(
+            [sys.executable, "-m", "edgefleet", "--log-level", "info", *args], stdout=log, stderr=subprocess.STDOUT
+        )
+        log.close()
+
+    def log(self, name: str) -> str:
+        return (self.root / f"{name}.log").read_text(errors="replace")
+
+    def assert_alive(self) -> None:
+        for name, proc in self.processes.items():
+            assert proc.poll() is None, f"{name} died:\n{self.log(name)[-3000:]}"
+
+    def device_list(self) -> dict[str, dict[str, object]]:
+        return {row["name"]: row for row in json.loads(cli("device", "list", "--data-dir", str(self.data_dir), "--json"))}
+
+    def wait_settled(self, rollout_id: str) -> dict[str, object]:
+        deadline = time.monotonic() + ROLLOUT_TIMEOUT_S
+        while True:
+            status = json.loads(cli("rollout", "status", rollout_id, "--data-dir", str(self.data_dir), "--json"))
+            if status["state"] != "running":
+                return status
+            self.assert_alive()
+            assert time.monotonic() < deadline, f"rollout did not settle: {status}"
+            time.sleep(0.5)
+
+    def active_digest(self, name: str) -> str | None:
+        return SlotStore(self.agent_dirs[name]).digest_of_active()
+
+    def stop(self) -> None:
+        for proc in self.processes.values():
+            proc.terminate()
+        for proc in self.processes.values():
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    root = tmp_path_factory.mktemp("fleet")
+    broker = Mosquitto(root / "broker").start()
+    fleet = Fleet(root, broker, root / "server")
+    try:
+        cli("init", "--data-dir", str(fleet.data_dir))
+        for name, profile in (("pi", "rpi4"), ("nano", "jetson-nano")):
+            config = root / f"{name}.toml"
+            cli("device", "register", name, "--profile", profile, "--data-dir", str(fleet.data_dir),
+                "--out", str(config), "--broker", broker.url)
+            fleet.agent_dirs[name] = root / f"{name}-data"
+            fleet.start(name, "agent", "--config", str(config))
+        fleet.devices = {n: str(row["id"]) for n, row in fleet.device_list().items()}
+        fleet.start("server", "server", "--data-dir", str(fleet.data_dir), "--broker", broker.url)
+        deadline = time.monotonic() + 60
+        while not all(row["online"] for row in fleet.device_list().values()):
+            fleet.assert_alive()
+            assert time.monotonic() < deadline, "agents did not come online"
+            time.sleep(0.5)
+        yield fleet
+    finally:
+        fleet.stop()
+        broker.stop()
+
+
+@pytest.fixture(scope="module")
+def first_rollout(fleet: Fleet, digits_inputs: tuple[Path, Path]) -> dict[str, object]:
+    model, evalset = digits_inputs
+    out = cli("model", "add", "digits", "--file", str(model), "--eval", str(evalset), "--data-dir", str(fleet.data_dir))
+    assert out.startswith("digits:1")
+    rollout_id = cli(
+        "rollout", "start", "digits", "--profile", "rpi4", "--profile", "jetson-nano", "--data-dir", str(fleet.data_dir)
+    ).strip()
+    return fleet.wait_settled(rollout_id)
+
+
+def test_each_agent_commits_its_profiles_variant(fleet: Fleet, first_rollout: dict[str, object]) -> None:
+    assert first_rollout["state"] == "succeeded", first_rollout
+    devices = {d["device"]: d for d in first_rollout["devices"]}  # type: ignore[attr-defined]
+    assert devices["pi"]["quantization"] == "int8"
+    assert devices["nano"]["quantization"] == "float16"
+    for row in devices.values():
+        assert row["state"] == "committed"
+        assert 0 < row["p50_ms"] <= row["p95_ms"]
+        assert row["accuracy"] >= 0.9
+        assert row["size_bytes"] > 0
+    assert devices["pi"]["size_bytes"] < devices["nano"]["size_bytes"]
+    listed = fleet.device_list()
+    assert listed["pi"]["active_model"] == "digits" and listed["pi"]["active_quantization"] == "int8"
+    assert listed["nano"]["active_version"] == 1 and listed["nano"]["online"] is True
+
+
+def _add_version(fleet: Fleet, model_path: Path, eval_path: Path) -> str:
+    return cli("model", "add", "digits", "--file", str(model_path), "--eval", str(eval_path),
+               "--data-dir", str(fleet.data_dir)).split()[0]
+
+
+def test_tampered_artifact_is_rejected_and_previous_model_kept(
+    fleet: Fleet, first_rollout: dict[str, object], tmp_path: Path
+) -> None:
+    from server.compress.digits import write_demo_inputs
+    from server.devices import get_profile
+    from server.catalog import resolve_version
+    from server.releases import build_artifact
+    from server.setup import open_workspace
+
+    ref = _add_version(fleet, *write_demo_inputs(tmp_path, seed=1))
+    workspace = open_workspace(fleet.data_dir)
+    with workspace.db.session() as session:  # build the variant now, so its bytes can be altered before shipping
+        artifact = build_artifact(session, workspace.blobs, resolve_version(session, ref), get_profile(session, "rpi4"))
+        blob = workspace.blobs.path(artifact.sha256)
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    before = fleet.active_digest("pi")
+
+    rollout_id = cli("rollout", "start", ref, "--device", "pi", "--data-dir", str(fleet.data_dir)).strip()
+    status = fleet.wait_settled(rollout_id)
+
+    (row,) = status["devices"]  # type: ignore[misc]
+    assert status["state"] == "failed"
+    assert row["state"] == "failed"
+    assert "sha256" in row["reason"]
+    assert fleet.active_digest("pi") == before
+    assert fleet.device_list()["pi"]["active_version"] == 1
+
+
+def test_variant_below_accuracy_gate_is_rolled_back(fleet: Fleet, first_rollout: dict[str, object], tmp_path: Path) -> None:
+    from server.compress.digits import train_weak_digits_model
+    from server.compress.evalset import write_eval_file
+
+    model, test_set = train_weak_digits_model()
+    model.save(tmp_path / "weak.keras")
+    ref = _add_version(fleet, tmp_path / "weak.keras", write_eval_file(test_set, tmp_path / "weak-eval.npz"))
+    before = fleet.active_digest("nano")
+
+    rollout_id = cli(
+        "rollout", "start", ref, "--device", "nano", "--min-accuracy", "0.9", "--data-dir", str(fleet.data_dir)
+    ).strip()
+    status = fleet.wait_settled(rollout_id)
+
+    (row,) = status["devices"]  # type: ignore[misc]
+    assert row["state"] == "rolled_back", row
+    assert "accuracy" in row["reason"] and "below the gate" in row["reason"]
+    assert row["accuracy"] is not None and row["accuracy"] < 0.9
+    assert fleet.active_digest("nano") == before
+    listed = fleet.device_list()["nano"]
+    assert (listed["active_model"], listed["active_version"]) == ("digits", 1)
+
+
+def test_malformed_payloads_are_logged_and_loops_go_on(fleet: Fleet, first_rollout: dict[str, object]) -> None:
+    pi = fleet.devices["pi"]
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="e2e-prankster", protocol=paho.MQTTv5)
+    client.connect("127.0.0.1", fleet.broker.port)
+    client.loop_start()
+    try:
+        garbage = [b"not json", b"[1,2]", b'{"v": 99}', b'{"v": 1, "surprise": true}', b"\xff\xfe", b"{" * 10]
+        topics = [f"ef/v1/devices/{pi}/{kind}" for kind in ("desired", "cmd", "events", "telemetry", "state")]
+        topics += [f"ef/v1/artifacts/{'0' * 64}/want", "ef/v1/devices/NOT_AN_ID/events"]
+        for topic in topics:
+            for payload in garbage:
+                client.publish(topic, payload, qos=1).wait_for_publish(5)
+        # then a valid ping: the agent answers with its state, so its loop is still turning
+        client.publish(f"ef/v1/devices/{pi}/cmd", b'{"v":1,"name":"ping","args":{}}', qos=1).wait_for_publish(5)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    deadline = time.monotonic() + 30
+    while "dropped a malformed message" not in fleet.log("server") or fleet.log("pi").count("dropped a malformed") < 2:
+        assert time.monotonic() < deadline, "malformed messages were not logged"
+        time.sleep(0.3)
+    time.sleep(1)
+    fleet.assert_alive()
+    assert "Traceback" not in fleet.log("server") + fleet.log("pi")
+    assert fleet.device_list()["pi"]["online"] is True
