@@ -13,9 +13,9 @@ def canonical_json(value: Any) -> bytes:
     """Sorted keys, no whitespace, UTF-8, no NaN/Infinity."""
     try:
         text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError) as exc:
+        return text.encode("utf-8")
+    except (TypeError, ValueError, RecursionError) as exc:  # UnicodeEncodeError is a ValueError
         raise ProtocolError(f"value is not canonical JSON: {exc}") from exc
-    return text.encode("utf-8")
 
 
 def canonical_digest(value: Any) -> str:
@@ -28,9 +28,14 @@ def parse_json_object(payload: bytes, *, max_bytes: int) -> dict[str, Any]:
     if len(payload) > max_bytes:
         raise ProtocolError(f"payload of {len(payload)} bytes exceeds the limit of {max_bytes}")
     try:
-        value = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        value = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:  # includes UnicodeDecodeError and JSONDecodeError
         raise ProtocolError(f"payload is not JSON: {exc}") from exc
     if not isinstance(value, dict):
         raise ProtocolError(f"payload must be a JSON object, got {type(value).__name__}")
+    canonical_json(value)  # only accept what can be re-encoded (and so signed and verified)
     return value
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not allowed")

@@ -75,9 +75,15 @@ def _decode(tp: Any, value: Any, path: str) -> Any:
             raise ProtocolError(f"{path}: expected an integer")
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ProtocolError(f"{path}: expected a finite number")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError as exc:
+            raise ProtocolError(f"{path}: number out of range") from exc
+        if not math.isfinite(number):
+            raise ProtocolError(f"{path}: expected a finite number")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ProtocolError(f"{path}: expected a string")

@@ -15,7 +15,7 @@ from shared import PROTOCOL_VERSION
 from shared.canonical import canonical_json, parse_json_object
 from shared.codec import decode, encode
 from shared.errors import ProtocolError
-from shared.topics import TopicKind
+from shared.topics import TopicKind, is_valid_device_id
 
 MAX_CONTROL_PAYLOAD = 256 * 1024
 MAX_DESIRED_PAYLOAD = 1024 * 1024
@@ -79,7 +79,7 @@ class FileEntry:
         expected = max(1, -(-self.size // self.chunk_size))
         if self.size < 0 or len(self.chunks) != expected:
             raise ValueError(f"{self.name}: {len(self.chunks)} chunk digests for {self.size} bytes")
-        if "/" in self.name or self.name in ("", ".", ".."):
+        if "/" in self.name or "\x00" in self.name or self.name in ("", ".", ".."):
             raise ValueError(f"unsafe file name {self.name!r}")
 
 
@@ -187,6 +187,11 @@ class DeviceState:
 
     def __post_init__(self) -> None:
         _check_version(self.v)
+        if not is_valid_device_id(self.device_id):
+            raise ValueError(f"invalid device id {self.device_id!r}")
+        for name in ("boot_id", "runtime", "runtime_version", "update_state"):
+            if len(getattr(self, name)) > 64:
+                raise ValueError(f"{name} longer than 64 characters")
 
 
 @dataclass(frozen=True)
@@ -236,6 +241,9 @@ class BenchmarkResult:
     peak_rss_bytes: int
 
 
+TELEMETRY_KINDS = frozenset({"trial"})
+
+
 @dataclass(frozen=True)
 class Telemetry:
     v: int
@@ -251,6 +259,8 @@ class Telemetry:
 
     def __post_init__(self) -> None:
         _check_version(self.v)
+        if self.kind not in TELEMETRY_KINDS:
+            raise ValueError(f"unknown telemetry kind {self.kind!r}")
 
 
 @dataclass(frozen=True)

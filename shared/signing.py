@@ -100,7 +100,10 @@ class TrustedKeys:
             raise SignatureError(f"no {role.value} key is pinned: refusing to trust anything")
         if not envelope.signatures:
             raise SignatureError(f"{role.value} metadata carries no signature")
-        message = canonical_json(envelope.signed)
+        try:
+            message = canonical_json(envelope.signed)
+        except ProtocolError as exc:
+            raise SignatureError(f"{role.value} metadata cannot be canonicalised: {exc}") from exc
         for signature in envelope.signatures:
             key = pinned.get(signature.keyid)
             if key is None:

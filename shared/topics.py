@@ -14,8 +14,10 @@ from shared.errors import ProtocolError
 PREFIX = "ef/v1"
 SHARED_GROUP = "edgefleet"
 
-_DEVICE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_DEVICE_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_CHUNK_INDEX = re.compile(r"0|[1-9][0-9]{0,8}")
+MAX_CHUNK_INDEX = 10**9 - 1
 
 
 class TopicKind(enum.Enum):
@@ -62,7 +64,7 @@ class Topic:
 
 
 def is_valid_device_id(device_id: str) -> bool:
-    return bool(_DEVICE_ID.match(device_id))
+    return bool(_DEVICE_ID.fullmatch(device_id))
 
 
 def _check_device_id(device_id: str) -> str:
@@ -72,7 +74,7 @@ def _check_device_id(device_id: str) -> str:
 
 
 def _check_sha256(sha256: str) -> str:
-    if not _SHA256.match(sha256):
+    if not _SHA256.fullmatch(sha256):
         raise ProtocolError(f"invalid sha256 {sha256!r}")
     return sha256
 
@@ -88,8 +90,8 @@ def want_topic(sha256: str) -> str:
 
 
 def chunk_topic(sha256: str, index: int) -> str:
-    if index < 0:
-        raise ValueError("chunk index must be >= 0")
+    if not 0 <= index <= MAX_CHUNK_INDEX:
+        raise ValueError(f"chunk index must be in [0, {MAX_CHUNK_INDEX}]")
     return f"{PREFIX}/artifacts/{_check_sha256(sha256)}/chunks/{index}"
 
 
@@ -127,6 +129,6 @@ def parse_topic(topic: str) -> Topic:
     if section == "artifacts":
         if rest == ["want"]:
             return Topic(TopicKind.WANT, sha256=_check_sha256(ident))
-        if len(rest) == 2 and rest[0] == "chunks" and rest[1].isdigit() and len(rest[1]) <= 9:
+        if len(rest) == 2 and rest[0] == "chunks" and _CHUNK_INDEX.fullmatch(rest[1]):
             return Topic(TopicKind.CHUNK, sha256=_check_sha256(ident), chunk_index=int(rest[1]))
     raise ProtocolError(f"unknown topic {topic!r}")
