@@ -42,13 +42,25 @@ def init_command(data_dir: Path) -> None:
 @click.command("server")
 @DATA_DIR
 @click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True, help="MQTT 5 broker, mqtt://HOST:PORT.")
-def server_command(data_dir: Path, broker: str) -> None:
+@click.option("--http", "http_address", default="127.0.0.1:8080", show_default=True,
+              help="Dashboard and JSON API address, HOST:PORT, or 'off'.")
+def server_command(data_dir: Path, broker: str, http_address: str) -> None:
     """Run the server until stopped (Ctrl-C)."""
+    from server.dashboard import DashboardServer
     from server.service import ServerService
 
     address = _broker(broker)
     workspace = open_workspace(data_dir)
     service = ServerService(workspace.data_dir, address, db=workspace.db)
+    dashboard = None
+    if http_address != "off":
+        host, _, port = http_address.rpartition(":")
+        if not host or not port.isdigit():
+            raise click.BadParameter(f"expected HOST:PORT or 'off', got {http_address!r}", param_hint="--http")
+        try:
+            dashboard = DashboardServer(workspace.db, host, int(port)).start()
+        except OSError as exc:
+            raise click.ClickException(f"cannot serve the dashboard on {http_address}: {exc.strerror or exc}") from exc
 
     def stop(signum: int, frame: FrameType | None) -> None:
         service.stop()
@@ -56,7 +68,13 @@ def server_command(data_dir: Path, broker: str) -> None:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     click.echo(f"edgefleet server on {workspace.data_dir.root}, broker {address.url()}", err=True)
-    service.run()
+    if dashboard is not None:
+        click.echo(f"dashboard {dashboard.url}", err=True)
+    try:
+        service.run()
+    finally:
+        if dashboard is not None:
+            dashboard.stop()
 
 
 # -- devices ---------------------------------------------------------------------

@@ -18,7 +18,7 @@ from types import FrameType
 
 import click
 
-from server.broker import Mosquitto
+from server.broker import Mosquitto, free_port
 from server.catalog import add_model
 from server.cli import status_table
 from server.devices import agent_config_toml, register_device
@@ -104,8 +104,12 @@ def demo_command(workdir: Path, once: bool, timeout: float) -> None:
         click.echo(f"broker     {broker.url} (private Mosquitto)")
         workspace = init_data_dir(workdir / "server")
         keys = workspace.keys()
-        processes.start("server", ["server", "--data-dir", str(workspace.data_dir.root), "--broker", broker.url],
-                        logs / "server.log")
+        dashboard = f"127.0.0.1:{free_port()}"
+        processes.start(
+            "server",
+            ["server", "--data-dir", str(workspace.data_dir.root), "--broker", broker.url, "--http", dashboard],
+            logs / "server.log",
+        )
         click.echo(f"server     data dir {workspace.data_dir.root}")
         for name, profile in FLEET:
             device = register_device(workspace.db, name, profile)
@@ -126,6 +130,7 @@ def demo_command(workdir: Path, once: bool, timeout: float) -> None:
         click.echo("")
         click.echo(status_table(status))
         click.echo("")
+        click.echo(f"dashboard  http://{dashboard}/")
         click.echo(f"logs       {logs}")
         click.echo(f"status     edgefleet rollout status {rollout_id} --data-dir {workspace.data_dir.root}")
         if not status.settled:

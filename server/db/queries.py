@@ -114,3 +114,16 @@ def telemetry_seen(session: Session, device_id: str, boot_id: str, seq: int) -> 
             )
         )
     )
+
+
+def recent_rollouts(session: Session, limit: int = 20) -> Sequence[Rollout]:
+    return session.scalars(select(Rollout).order_by(Rollout.created_at.desc()).limit(limit)).all()
+
+
+def recent_trials(session: Session, device_id: str, limit: int = 20) -> Sequence[TelemetryRecord]:
+    return session.scalars(
+        select(TelemetryRecord)
+        .where(TelemetryRecord.device_id == device_id, TelemetryRecord.kind == "trial")
+        .order_by(TelemetryRecord.ts.desc())
+        .limit(limit)
+    ).all()

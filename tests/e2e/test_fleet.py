@@ -9,6 +9,8 @@ off, each time leaving the previous model untouched.
 from __future__ import annotations
 
 import json
+import urllib.error
+import urllib.request
 import subprocess
 import sys
 import time
@@ -21,7 +23,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.slots import SlotStore
-from server.broker import Mosquitto
+from server.broker import Mosquitto, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -44,6 +46,7 @@ class Fleet:
     devices: dict[str, str] = field(default_factory=dict)  # name -> id
     agent_dirs: dict[str, Path] = field(default_factory=dict)
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    dashboard: str = ""
 
     def start(self, name: str, *args: str) -> None:
         log = open(self.root / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
@@ -99,7 +102,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             fleet.agent_dirs[name] = root / f"{name}-data"
             fleet.start(name, "agent", "--config", str(config))
         fleet.devices = {n: str(row["id"]) for n, row in fleet.device_list().items()}
-        fleet.start("server", "server", "--data-dir", str(fleet.data_dir), "--broker", broker.url)
+        fleet.dashboard = f"http://127.0.0.1:{free_port()}"
+        fleet.start("server", "server", "--data-dir", str(fleet.data_dir), "--broker", broker.url,
+                    "--http", fleet.dashboard.removeprefix("http://"))
         deadline = time.monotonic() + 60
         while not all(row["online"] for row in fleet.device_list().values()):
             fleet.assert_alive()
@@ -136,6 +141,25 @@ def test_each_agent_commits_its_profiles_variant(fleet: Fleet, first_rollout: di
     listed = fleet.device_list()
     assert listed["pi"]["active_model"] == "digits" and listed["pi"]["active_quantization"] == "int8"
     assert listed["nano"]["active_version"] == 1 and listed["nano"]["online"] is True
+
+
+def test_dashboard_shows_on_device_latency(fleet: Fleet, first_rollout: dict[str, object]) -> None:
+    with urllib.request.urlopen(f"{fleet.dashboard}/api/fleet", timeout=10) as response:
+        snapshot = json.load(response)
+    devices = {d["name"]: d for d in snapshot["devices"]}
+    for name in ("pi", "nano"):
+        latest = devices[name]["trials"][0]
+        assert 0 < latest["p50_ms"] <= latest["p95_ms"]
+        assert latest["runtime"].startswith("ai-edge-litert")
+    assert snapshot["rollouts"][-1]["rollout"] == first_rollout["rollout"]
+    with urllib.request.urlopen(f"{fleet.dashboard}/", timeout=10) as response:
+        page = response.read().decode()
+    assert "<h1>edgefleet</h1>" in page and "pi" in page and "int8" in page
+    try:
+        urllib.request.urlopen(f"{fleet.dashboard}/api/rollouts/r-nope", timeout=10)
+        raise AssertionError("an unknown rollout must be a 404")
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 404
 
 
 def _add_version(fleet: Fleet, model_path: Path, eval_path: Path) -> str:
