@@ -245,3 +245,20 @@ def test_malformed_payloads_are_logged_and_loops_go_on(fleet: Fleet, first_rollo
     fleet.assert_alive()
     assert "Traceback" not in fleet.log("server") + fleet.log("pi")
     assert fleet.device_list()["pi"]["online"] is True
+
+
+def test_broker_restart_is_survived_and_rollouts_still_land(fleet: Fleet, first_rollout: dict[str, object]) -> None:
+    port = fleet.broker.port
+    fleet.broker.stop()
+    time.sleep(3)
+    fleet.assert_alive()  # nobody crashes while the broker is gone
+    fleet.broker = Mosquitto(fleet.root / "broker-2", port=port).start()
+    deadline = time.monotonic() + 60
+    while any(fleet.log(name).count("connected to mqtt://") < 2 for name in ("server", "pi", "nano")):
+        fleet.assert_alive()
+        assert time.monotonic() < deadline, "not everyone reconnected to the restarted broker"
+        time.sleep(0.5)
+
+    rollout_id = cli("rollout", "start", "digits:1", "--device", "pi", "--data-dir", str(fleet.data_dir)).strip()
+    status = fleet.wait_settled(rollout_id)
+    assert status["state"] == "succeeded", status

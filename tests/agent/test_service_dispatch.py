@@ -1,0 +1,200 @@
+"""AgentService.handle: malformed input is logged and dropped, never raised; reports survive a dead link.
+
+The service is built against a broker address nothing listens on and is never
+started, so every publish goes to a disconnected paho client.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.service import AgentService
+from agent.states import State
+from agent.updater import Updater
+from shared.codec import encode
+from shared.messages import MAX_DESIRED_PAYLOAD, Event, decode_payload
+from shared.mqtt import Inbound, LinkDown, LinkUp
+from shared.topics import TopicKind, chunk_topic, device_topic, parse_topic, want_topic
+from tests.agent.material import DEVICE, NOW, Keys, make_config, make_release
+
+OTHER = "pi-garage-02"
+SHA = "ab" * 32
+
+
+@pytest.fixture
+def service(tmp_path: Path, keys: Keys) -> Iterator[AgentService]:
+    config = make_config(tmp_path / "agent", keys, broker_url="mqtt://127.0.0.1:9")  # discard port: nobody home
+    # The signed fixtures carry fixed timestamps, so the updater gets the matching wall clock.
+    svc = AgentService(config, updater_factory=lambda cfg, reporter: Updater(cfg, reporter, clock=lambda: NOW))
+    yield svc
+    assert not svc.link.connected.is_set()
+
+
+@pytest.fixture
+def published(service: AgentService, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bytes, bool]]:
+    """Every publish the service makes, passed through to the real (disconnected) link."""
+    calls: list[tuple[str, bytes, bool]] = []
+    real = service.link.publish
+
+    def publish(topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+        calls.append((topic, payload, retain))
+        real(topic, payload, qos=qos, retain=retain)
+
+    monkeypatch.setattr(service.link, "publish", publish)
+    return calls
+
+
+def desired_topic(device: str = DEVICE) -> str:
+    return device_topic(TopicKind.DESIRED, device)
+
+
+def valid_desired(keys: Keys, **kwargs: Any) -> bytes:
+    release = make_release(keys, **kwargs)
+    return json.dumps(encode(release.desired)).encode()
+
+
+def mutated_desired(keys: Keys, change: Any) -> bytes:
+    data = json.loads(valid_desired(keys))
+    change(data)
+    return json.dumps(data).encode()
+
+
+MALFORMED: list[tuple[str, str, Any, str]] = [
+    # (id, topic, payload or a function of keys -> payload, expected fragment of the warning)
+    ("not json", desired_topic(), b"{not json", "payload is not JSON"),
+    ("not utf-8", desired_topic(), b"\xff\xfe{}", "payload is not JSON"),
+    ("json array", desired_topic(), b"[1, 2]", "payload must be a JSON object"),
+    ("wrong v", desired_topic(), lambda k: mutated_desired(k, lambda d: d.update(v=2)), "unsupported protocol version"),
+    ("unknown key", desired_topic(), lambda k: mutated_desired(k, lambda d: d.update(extra=1)), "unknown keys"),
+    (
+        "unknown nested key",
+        desired_topic(),
+        lambda k: mutated_desired(k, lambda d: d["manifest"].update(surprise=True)),
+        "unknown keys",
+    ),
+    (
+        "wrong type",
+        desired_topic(),
+        lambda k: mutated_desired(k, lambda d: d["directive"].update(signatures="none")),
+        "expected a list",
+    ),
+    ("missing key", desired_topic(), lambda k: mutated_desired(k, lambda d: d.pop("manifest")), "missing key"),
+    ("oversized", desired_topic(), b'{"v": 1, "pad": "' + b"x" * MAX_DESIRED_PAYLOAD + b'"}', "exceeds the limit"),
+    ("command unknown", device_topic(TopicKind.CMD, DEVICE), b'{"v": 1, "name": "format-disk"}', "unknown command"),
+    ("command not json", device_topic(TopicKind.CMD, DEVICE), b"ping", "payload is not JSON"),
+    ("another device's desired", desired_topic(OTHER), lambda k: valid_desired(k, device_id=OTHER), "unexpected topic"),
+    ("another device's cmd", device_topic(TopicKind.CMD, OTHER), b'{"v": 1, "name": "ping"}', "unexpected topic"),
+    ("unknown device topic", f"ef/v1/devices/{DEVICE}/reboot", b"{}", "unknown device topic"),
+    ("unknown prefix", "ef/v2/devices/x/desired", b"{}", "unknown topic"),
+    ("not our protocol", "homeassistant/status", b"online", "unknown topic"),
+    ("outbound kind", device_topic(TopicKind.STATE, DEVICE), b"{}", "unexpected topic"),
+    ("want topic", want_topic(SHA), b"{}", "unexpected topic"),
+    ("chunk with a bad sha", "ef/v1/artifacts/XYZ/chunks/0", b"data", "invalid sha256"),
+    ("chunk with a bad index", f"ef/v1/artifacts/{SHA}/chunks/-1", b"data", "unknown topic"),
+]
+
+
+@pytest.mark.parametrize(("topic", "payload", "fragment"), [m[1:] for m in MALFORMED], ids=[m[0] for m in MALFORMED])
+def test_malformed_input_is_logged_and_dropped(
+    topic: str,
+    payload: Any,
+    fragment: str,
+    service: AgentService,
+    keys: Keys,
+    published: list[tuple[str, bytes, bool]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    body = payload(keys) if callable(payload) else payload
+    caplog.set_level(logging.WARNING, logger="agent.service")
+
+    service.handle(Inbound(topic, body, retain=False))
+
+    warnings = [r for r in caplog.records if r.name == "agent.service" and r.levelno == logging.WARNING]
+    assert len(warnings) == 1, caplog.text
+    message = warnings[0].getMessage()
+    assert message.startswith(f"dropped a malformed message on {topic}")
+    assert fragment in message
+    assert service.updater.state is State.IDLE
+    assert published == []  # nothing is reported about a message that was never understood
+
+
+def test_a_cleared_retained_desired_state_is_ignored_quietly(
+    service: AgentService, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    service.handle(Inbound(desired_topic(), b"", retain=True))
+    assert caplog.records == []
+    assert service.updater.state is State.IDLE
+
+
+def test_a_stray_chunk_for_an_unknown_file_is_ignored(service: AgentService, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
+    service.handle(Inbound(chunk_topic(SHA, 3), b"bytes", retain=False))
+    assert caplog.records == []
+    assert service.updater.state is State.IDLE
+
+
+def test_a_valid_desired_state_while_disconnected_starts_the_download_without_raising(
+    service: AgentService, keys: Keys, published: list[tuple[str, bytes, bool]]
+) -> None:
+    release = make_release(keys)
+    service.handle(Inbound(desired_topic(), json.dumps(encode(release.desired)).encode(), retain=True))
+
+    assert service.updater.state is State.DOWNLOADING
+    kinds = [parse_topic(topic).kind for topic, _, _ in published]
+    assert TopicKind.EVENTS in kinds and TopicKind.STATE in kinds and TopicKind.WANT in kinds
+    event = next(
+        decode_payload(TopicKind.EVENTS, p) for t, p, _ in published if parse_topic(t).kind is TopicKind.EVENTS
+    )
+    assert isinstance(event, Event)
+    assert (event.device_id, event.deployment_id, event.state) == (DEVICE, release.deployment_id, "downloading")
+    wanted = {parse_topic(t).sha256 for t, _, _ in published if parse_topic(t).kind is TopicKind.WANT}
+    assert wanted == {release.model_sha, release.eval_sha}
+    # Chunk subscriptions are remembered for the next connection.
+    assert set(service.link._subscriptions) >= {f"ef/v1/artifacts/{release.model_sha}/chunks/+"}
+
+
+def test_a_rejected_desired_state_is_reported_while_disconnected(
+    service: AgentService, keys: Keys, published: list[tuple[str, bytes, bool]], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    payload = valid_desired(keys, release_key=keys.attacker)
+    service.handle(Inbound(desired_topic(), payload, retain=True))
+
+    assert service.updater.state is State.IDLE
+    ((topic, body, retain),) = published
+    event = decode_payload(TopicKind.EVENTS, body)
+    assert parse_topic(topic).kind is TopicKind.EVENTS and not retain
+    assert event.state == "failed" and "no valid signature by a pinned release key" in event.reason
+    assert any("rejected desired state" in r.getMessage() for r in caplog.records)
+
+
+def test_link_up_and_down_while_the_client_is_not_connected(
+    service: AgentService, published: list[tuple[str, bytes, bool]], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="agent.service")
+    service.handle(LinkUp())
+    service.handle(LinkDown("connection refused"))
+    kinds = [(parse_topic(t).kind, retain) for t, _, retain in published]
+    assert kinds == [(TopicKind.AVAILABILITY, True), (TopicKind.STATE, True)]
+    state = decode_payload(TopicKind.STATE, published[1][1])
+    assert state.hello is True and state.update_state == "idle" and state.active is None
+    assert "disconnected from broker: connection refused" in caplog.text
+
+
+def test_ping_publishes_the_state(service: AgentService, published: list[tuple[str, bytes, bool]]) -> None:
+    service.handle(Inbound(device_topic(TopicKind.CMD, DEVICE), b'{"v": 1, "name": "ping"}', retain=False))
+    ((topic, _, retain),) = published
+    assert parse_topic(topic).kind is TopicKind.STATE and retain
+
+
+def test_publishing_to_a_disconnected_client_does_not_raise(service: AgentService) -> None:
+    service.link.publish(device_topic(TopicKind.EVENTS, DEVICE), b"{}")
+    service.link.subscribe("ef/v1/artifacts/+/chunks/+")
+    service.link.unsubscribe("ef/v1/artifacts/+/chunks/+")
