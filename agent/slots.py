@@ -18,6 +18,7 @@ import os
 import shutil
 from pathlib import Path
 
+from agent.download import verify_file
 from agent.files import atomic_write_json, read_json, storage_error
 from shared.codec import decode, encode
 from shared.errors import StorageError
@@ -74,13 +75,23 @@ class SlotStore:
         return spare
 
     def stage(self, manifest: Manifest, files: dict[str, Path]) -> str:
-        """Move verified files into the spare slot; returns the slot name."""
-        spare = self.clear_spare()
+        """Move verified files into the spare slot; returns the slot name.
+
+        Idempotent: after a crash half-way, files already moved are found in the
+        slot and checked again against the manifest.
+        """
+        spare = self.spare_slot()
         target = self.slot_dir(spare)
         try:
-            target.mkdir(parents=True)
+            (target / "manifest.json").unlink(missing_ok=True)  # the slot is no longer a whole model
+            target.mkdir(parents=True, exist_ok=True)
             for entry in manifest.files:
-                os.replace(files[entry.name], target / entry.name)
+                source, staged = files[entry.name], target / entry.name
+                if source.exists():
+                    os.replace(source, staged)
+                verify_file(staged, entry)
+            for leftover in set(target.iterdir()) - {target / e.name for e in manifest.files}:
+                leftover.unlink()
             atomic_write_json(target / "manifest.json", encode(manifest))
         except OSError as exc:
             raise storage_error(exc, f"slot {spare}") from exc

@@ -14,6 +14,7 @@ import os
 import resource
 import subprocess
 import sys
+import zipfile
 from dataclasses import asdict, dataclass
 
 from shared.codec import decode, encode
@@ -31,6 +32,7 @@ class TrialRequest:
     warmup_seconds: float
     min_runs: int
     min_seconds: float
+    memory_limit_mb: int = 4096
 
 
 @dataclass(frozen=True)
@@ -43,13 +45,8 @@ class TrialResult:
     samples: int | None = None
 
 
-def run_trial(request: TrialRequest, *, timeout: float, memory_limit_mb: int) -> TrialResult:
+def run_trial(request: TrialRequest, *, timeout: float) -> TrialResult:
     """Run the trial in a child; every failure comes back as a TrialResult, never an exception."""
-
-    def limit_memory() -> None:
-        limit = memory_limit_mb * 1024 * 1024
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "agent.trial"],
@@ -57,11 +54,10 @@ def run_trial(request: TrialRequest, *, timeout: float, memory_limit_mb: int) ->
             input=json.dumps(asdict(request)).encode(),
             capture_output=True,
             timeout=timeout,
-            preexec_fn=limit_memory,
             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
         )
     except subprocess.TimeoutExpired:
-        return TrialResult(ok=False, error=f"trial timed out after {timeout:.0f} s")
+        return TrialResult(ok=False, error=f"trial timed out after {timeout:g} s")
     except OSError as exc:
         return TrialResult(ok=False, error=f"cannot start the trial process: {exc}")
     lines = proc.stdout.decode(errors="replace").strip().splitlines()
@@ -78,13 +74,13 @@ def _child(request: TrialRequest) -> TrialResult:
     import numpy as np
 
     from shared.benchmark import BenchmarkSettings, benchmark_model
-    from shared.errors import EdgefleetError
+    from shared.errors import EdgefleetError, ModelLoadError
     from shared.interpreter import accuracy
 
     try:
         with np.load(request.eval_path, allow_pickle=False) as data:
             x, y = data["x"].astype(np.float32), data["y"]
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         return TrialResult(ok=False, error=f"eval set unreadable: {exc}")
     settings = BenchmarkSettings(
         warmup_runs=request.warmup_runs,
@@ -96,8 +92,10 @@ def _child(request: TrialRequest) -> TrialResult:
         result, model = benchmark_model(
             request.model_path, x[:1], threads=request.threads, settings=settings, runtime=request.runtime or None
         )
-    except EdgefleetError as exc:
+    except ModelLoadError as exc:
         return TrialResult(ok=False, error=str(exc), load_error=True)
+    except EdgefleetError as exc:
+        return TrialResult(ok=False, error=str(exc))
     try:
         acc = accuracy(model, x, y)
     except EdgefleetError as exc:
@@ -108,6 +106,9 @@ def _child(request: TrialRequest) -> TrialResult:
 def main() -> None:
     raw = sys.stdin.buffer.read()
     request = decode(TrialRequest, json.loads(raw))
+    # The child limits itself (preexec_fn is unsafe with the agent's MQTT thread running).
+    limit = request.memory_limit_mb * 1024 * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     result = _child(request)
     sys.stdout.write(json.dumps(encode(result)) + "\n")
 

@@ -53,6 +53,16 @@ class _Download:
     last_progress: float = field(default_factory=time.monotonic)
 
 
+def _trusted_after(trusted: TrustedState, manifest: Manifest, directive: Directive) -> TrustedState:
+    if directive.seq < trusted.directive_seq:
+        return trusted
+    return TrustedState(
+        release_counter=max(trusted.release_counter, manifest.release_counter),
+        directive_seq=directive.seq,
+        deployment_id=directive.deployment_id,
+    )
+
+
 class Updater:
     def __init__(
         self,
@@ -76,6 +86,7 @@ class Updater:
         self.trusted = self.records.load_trusted()
         self.pending: DesiredState | None = None
         self._download: _Download | None = None
+        self._last_retry = float("-inf")
         self._handlers: dict[State, Callable[[], Event | None]] = {
             State.IDLE: self.on_idle,
             State.DOWNLOADING: self.on_downloading,
@@ -95,6 +106,12 @@ class Updater:
 
     def resume(self) -> None:
         """After a restart: continue or roll back whatever was in flight."""
+        if self.record.directive is not None and self.record.manifest is not None:
+            # The record is saved before the trusted state; catch up if we crashed in between.
+            recorded = _trusted_after(self.trusted, self._manifest(), self._directive())
+            if recorded != self.trusted:
+                self.trusted = recorded
+                self.records.save_trusted(recorded)
         saved = self.record.current
         resumed = RESUME_FROM[saved]
         if resumed is not saved:
@@ -130,7 +147,14 @@ class Updater:
             self.step()
 
     def tick(self) -> None:
-        """Periodic work: re-ask for missing chunks (resume), give up on a stalled download."""
+        """Periodic work: re-ask for missing chunks (resume), give up on a stalled download,
+        and retry a step that a storage error (e.g. a full disk) interrupted."""
+        if self.state not in (State.IDLE, State.DOWNLOADING):
+            now = self.monotonic()
+            if now - self._last_retry >= self.config.download.request_interval_seconds:
+                self._last_retry = now
+                self.step()
+            return
         download = self._download
         if self.state is not State.DOWNLOADING or download is None:
             return
@@ -151,12 +175,14 @@ class Updater:
         self._download.last_request = self.monotonic()
 
     def step(self) -> None:
-        """Run handlers until one waits."""
+        """Run handlers until one waits in an unchanged state."""
         while True:
-            event = self._handlers[self.state]()
-            if event is None:
+            before = self.state
+            event = self._handlers[before]()
+            if event is not None:
+                self._fire(event)
+            elif self.state is before:
                 return
-            self._fire(event)
 
     # -- transitions -------------------------------------------------------
 
@@ -212,12 +238,7 @@ class Updater:
             if deployment_hint:
                 self.reporter.event(deployment_hint, UpdateState.FAILED, f"rejected: {exc}")
             return
-        self.trusted = TrustedState(
-            release_counter=max(self.trusted.release_counter, manifest.release_counter),
-            directive_seq=directive.seq,
-            deployment_id=directive.deployment_id,
-        )
-        self.records.save_trusted(self.trusted)
+        self.trusted = _trusted_after(self.trusted, manifest, directive)
         logger.info(
             "accepted deployment %s: %s v%s (%s)", directive.deployment_id, manifest.model, manifest.version,
             manifest.quantization,
@@ -230,6 +251,8 @@ class Updater:
             slot=None,
             reason="",
         )
+        # After the record: a crash in between is repaired by resume() from the record.
+        self.records.save_trusted(self.trusted)
 
     # -- handlers ----------------------------------------------------------
 
@@ -279,15 +302,13 @@ class Updater:
         manifest = self._manifest()
         try:
             slot = self.slots.stage(manifest, {e.name: self._staging_path(e.sha256) for e in manifest.files})
-        except (StorageError, KeyError, OSError) as exc:
+        except (StorageError, TrustError) as exc:
             return self._fail(exc)
         self._save(self.record.moved(State.STAGED, slot=slot))
         return Event.STAGED_OK
 
     def _run_trial_in_child(self, request: TrialRequest) -> TrialResult:
-        return run_trial(
-            request, timeout=self.config.trial.timeout_seconds, memory_limit_mb=self.config.trial.memory_limit_mb
-        )
+        return run_trial(request, timeout=self.config.trial.timeout_seconds)
 
     def on_trial(self) -> Event:
         manifest, directive = self._manifest(), self._directive()
@@ -304,6 +325,7 @@ class Updater:
                 warmup_seconds=bench.warmup_seconds,
                 min_runs=bench.min_runs,
                 min_seconds=bench.min_seconds,
+                memory_limit_mb=self.config.trial.memory_limit_mb,
             )
         )
         if not result.ok or result.benchmark is None or result.accuracy is None:
@@ -330,7 +352,9 @@ class Updater:
         try:
             self.slots.commit(slot, self.record.deployment_id)
         except StorageError as exc:
-            return self._fail(exc)
+            if self.slots.active_slot() != slot:
+                return self._fail(exc)
+            logger.warning("the active pointer switched, but not durably: %s", exc)
         self._discard_downloads()
         return self._finish(UpdateState.COMMITTED)
 

@@ -59,12 +59,15 @@ class Mosquitto:
         self.workdir.mkdir(parents=True, exist_ok=True)
         conf = self.workdir / "mosquitto.conf"
         conf.write_text(CONFIG.format(port=self.port, log=self.log))
-        self.process = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        stderr = self.workdir / "mosquitto.stderr"
+        with open(stderr, "wb") as err:
+            self.process = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=err)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                err = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
-                raise TransportError(f"mosquitto exited at start: {err.strip() or self.log.read_text()}")
+                self.process = None
+                said = stderr.read_text(errors="replace").strip() or (self.log.read_text() if self.log.exists() else "")
+                raise TransportError(f"mosquitto exited at start: {said}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
                     return self
@@ -81,6 +84,4 @@ class Mosquitto:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        if self.process is not None and self.process.stderr:
-            self.process.stderr.close()
         self.process = None

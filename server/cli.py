@@ -104,11 +104,19 @@ def device_register(name: str, profile: str, data_dir: Path, out: Path, broker: 
     address = _broker(broker)
     workspace = open_workspace(data_dir)
     keys = workspace.keys()
-    if out.exists():
-        raise click.ClickException(f"{out} already exists; choose another --out")
-    device = register_device(workspace.db, name, profile)
+    try:  # claim --out before registering, so a path we cannot write leaves nothing half-done
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.open("x").close()
+    except FileExistsError:
+        raise click.ClickException(f"{out} already exists; choose another --out") from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {out}: {exc.strerror or exc}") from exc
+    try:
+        device = register_device(workspace.db, name, profile)
+    except BaseException:
+        out.unlink(missing_ok=True)
+        raise
     slots = (agent_data_dir or out.parent / f"{name}-data").resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(agent_config_toml(device, address.url(), keys, slots), encoding="utf-8")
     click.echo(f"registered {device.name} ({device.id}), profile {device.profile}; agent config: {out}")
 

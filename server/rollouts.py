@@ -204,12 +204,12 @@ class RolloutEngine:
     def tick(self, now: float | None = None) -> None:
         now = time.time() if now is None else now
         with self.db.session() as session:
-            for deployment in queries.unpublished_deployments(session):
-                if deployment.seq < deployment.device.directive_seq:
-                    # a newer rollout already targets this device
-                    deployment.state, deployment.reason = "failed", "superseded by a newer rollout"
+            for deployment in queries.superseded_deployments(session):
+                deployment.state, deployment.reason = "failed", "superseded by a newer rollout"
+                if deployment.published_at is None:
                     deployment.published_at = datetime.fromtimestamp(now, timezone.utc)
-                    continue
+            session.flush()
+            for deployment in queries.unpublished_deployments(session):
                 logger.info("publishing deployment %s to %s", deployment.id, deployment.device.name)
                 self.send(session, deployment, now)
             for rollout in queries.running_rollouts(session):

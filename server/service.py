@@ -124,6 +124,8 @@ class ServerService:
                     logger.warning("dropped a malformed message on %s: %s", item.topic, exc)
                 except EdgefleetError as exc:
                     logger.error("could not apply the message on %s: %s", item.topic, exc)
+                except Exception:  # a bug; one device's message must still not stop the fleet's server
+                    logger.exception("unexpected error applying the message on %s; dropped", item.topic)
 
     def _drain(self, timeout: float) -> list[Any]:
         try:

@@ -16,6 +16,9 @@ from shared.errors import ProtocolError
 
 T = TypeVar("T")
 
+# What every database and every other implementation can store.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
 
 def encode(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
@@ -73,6 +76,8 @@ def _decode(tp: Any, value: Any, path: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ProtocolError(f"{path}: expected an integer")
+        if not INT64_MIN <= value <= INT64_MAX:
+            raise ProtocolError(f"{path}: integer out of the 64-bit range")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -14,6 +14,7 @@
     │   ├── ReplayError        lower release counter or directive sequence
     │   └── IntegrityError     size or sha256 of the bytes differs from the manifest
     ├── ModelError             a model that cannot be converted, loaded or run
+    │   ├── ModelLoadError     this interpreter cannot load the model (e.g. an op version it lacks)
     │   └── RuntimeMissingError no TFLite interpreter is installed
     ├── TransportError         the broker refused or went away
     └── StorageError           the disk is full or a file cannot be written
@@ -70,6 +71,10 @@ class IntegrityError(TrustError):
 
 
 class ModelError(EdgefleetError):
+    pass
+
+
+class ModelLoadError(ModelError):
     pass
 
 

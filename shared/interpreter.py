@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from shared.errors import ModelError, RuntimeMissingError
+from shared.errors import ModelError, ModelLoadError, RuntimeMissingError
 
 
 @dataclass(frozen=True)
@@ -76,11 +76,13 @@ class TFLiteModel:
             self._interpreter = interpreter_cls(model_path=os.fspath(path), num_threads=threads)
             self._interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
-            raise ModelError(f"{self.info.name} {self.info.version} cannot load {os.path.basename(path)}: {exc}") from exc
+            raise ModelLoadError(
+                f"{self.info.name} {self.info.version} cannot load {os.path.basename(path)}: {exc}"
+            ) from exc
         inputs = self._interpreter.get_input_details()
         outputs = self._interpreter.get_output_details()
         if len(inputs) != 1 or len(outputs) != 1:
-            raise ModelError(f"expected one input and one output, got {len(inputs)} and {len(outputs)}")
+            raise ModelLoadError(f"expected one input and one output, got {len(inputs)} and {len(outputs)}")
         self._input, self._output = inputs[0], outputs[0]
         self.input_shape = tuple(int(d) for d in self._input["shape"])
         self.input_dtype = np.dtype(self._input["dtype"]).name

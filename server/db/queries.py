@@ -82,6 +82,15 @@ def unpublished_deployments(session: Session) -> Sequence[Deployment]:
     ).all()
 
 
+def superseded_deployments(session: Session) -> Sequence[Deployment]:
+    """Unfinished deployments whose device has since been given a newer directive."""
+    return session.scalars(
+        select(Deployment)
+        .join(Device, Deployment.device_id == Device.id)
+        .where(Deployment.seq < Device.directive_seq, Deployment.state.not_in(FINAL_STATES))
+    ).all()
+
+
 def latest_deployment(session: Session, device_id: str) -> Deployment | None:
     return session.scalar(
         select(Deployment).where(Deployment.device_id == device_id).order_by(Deployment.seq.desc()).limit(1)

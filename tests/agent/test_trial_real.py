@@ -62,13 +62,14 @@ def request(model: Path, eval_path: Path, **overrides: Any) -> TrialRequest:
         "warmup_seconds": 0.0,
         "min_runs": 50,
         "min_seconds": 0.2,
+        "memory_limit_mb": MEMORY_MB,
     }
     fields.update(overrides)
     return TrialRequest(**fields)
 
 
 def trial(req: TrialRequest, timeout: float = TIMEOUT) -> TrialResult:
-    return run_trial(req, timeout=timeout, memory_limit_mb=MEMORY_MB)
+    return run_trial(req, timeout=timeout)
 
 
 def test_a_real_model_passes_with_full_benchmark_numbers(tflite_model: Path, eval_npz: Path) -> None:
@@ -132,12 +133,6 @@ def test_an_eval_set_that_is_not_npz_fails_the_trial(tflite_model: Path, tmp_pat
     assert result.error.startswith("eval set unreadable")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: agent/trial.py _child catches (OSError, ValueError, KeyError) around np.load, but a corrupt zip "
-    "raises zipfile.BadZipFile and an empty file EOFError: the child dies with a traceback and the result says "
-    "'trial process died with exit code 1: ...' instead of 'eval set unreadable: ...'",
-)
 @pytest.mark.parametrize("content", [b"PK\x03\x04 truncated zip", b""], ids=["corrupt-zip", "empty"])
 def test_a_corrupt_eval_set_is_reported_as_unreadable(content: bytes, tflite_model: Path, tmp_path: Path) -> None:
     path = tmp_path / "eval.npz"
@@ -153,9 +148,10 @@ def test_an_eval_set_of_the_wrong_shape_fails_without_crashing(tflite_model: Pat
     result = trial(request(tflite_model, path))
     assert result.ok is False
     assert "reshape" in result.error
+    assert result.load_error is False  # the model loads; the data is wrong
 
 
 def test_a_child_killed_by_its_memory_limit_comes_back_as_a_result(tflite_model: Path, eval_npz: Path) -> None:
-    result = run_trial(request(tflite_model, eval_npz), timeout=TIMEOUT, memory_limit_mb=32)
+    result = run_trial(request(tflite_model, eval_npz, memory_limit_mb=32), timeout=TIMEOUT)
     assert result.ok is False
     assert result.error

@@ -158,45 +158,34 @@ def test_crash_in_other_states_resumes_by_the_table(
     assert h.updater.slots.active_deployment() == release.deployment_id
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Updater._accept saves trusted.json (seq, deployment) before the record moves to DOWNLOADING; "
-    "a crash in between makes the retained directive look already handled, so it is silently dropped forever",
-)
-def test_crash_between_trusting_and_recording_does_not_lose_the_deployment(
+def test_crash_between_recording_and_trusting_does_not_lose_the_deployment(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The record is saved first, the trusted state second; resume() repairs a crash in between."""
     h = harness
     install_first(h)
     release = h.release(version=2)
-    real_save = h.updater.records.save_record
+    trusted_before = h.updater.records.load_trusted()
 
-    def save_record(record: Any) -> None:
-        if record.current is State.DOWNLOADING:
-            raise Crash("power cut right after trusted.json was written")
-        real_save(record)
+    def save_trusted(trusted: Any) -> None:
+        raise Crash("power cut right after the update record was written")
 
-    monkeypatch.setattr(h.updater.records, "save_record", save_record)
+    monkeypatch.setattr(h.updater.records, "save_trusted", save_trusted)
     with pytest.raises(Crash):
         h.updater.offer(release.desired)
-    assert h.updater.records.load_trusted().deployment_id == release.deployment_id
-    assert h.updater.records.load_record().current is State.IDLE
+    assert h.updater.records.load_record().current is State.DOWNLOADING
+    assert h.updater.records.load_trusted() == trusted_before
+    monkeypatch.undo()
 
     h.reporter.clear()
     h.restart().resume()
-    h.updater.offer(release.desired)  # the broker re-delivers the retained desired state on reconnect
-
-    assert h.updater.state is State.DOWNLOADING
+    assert h.updater.records.load_trusted().deployment_id == release.deployment_id
+    h.updater.offer(release.desired)  # the broker re-delivers the retained desired state: not a second install
     h.pump()
     assert h.reporter.final() == (release.deployment_id, UpdateState.COMMITTED, "")
+    assert_idle(h)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: SlotStore.stage moves the verified files out of downloads/ into the spare slot before the record "
-    "says so; a crash mid-staging resumes in STAGED, stage() first clear_spare()s those files, then os.replace "
-    "finds no source: the update fails with 'cannot write slot b: No such file or directory'",
-)
 def test_crash_mid_staging_resumes(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
     h = harness
     install_first(h)
@@ -266,12 +255,6 @@ def test_disk_full_while_staging_via_atomic_write(harness: Harness, monkeypatch:
     assert h.active_model_bytes() == third.model
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: when the record write itself hits ENOSPC, StorageError escapes Updater.step (out of on_chunk); "
-    "the agent stays in STAGED and nothing retries it: tick() only acts in DOWNLOADING, although "
-    "AgentService.handle says 'the next message or tick retries'",
-)
 def test_disk_full_for_the_record_too_is_retried_once_space_is_back(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -298,12 +281,6 @@ def test_disk_full_for_the_record_too_is_retried_once_space_is_back(
     assert h.reporter.final()[0] == release.deployment_id
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: if os.replace of active.json succeeds but the directory fsync fails, SlotStore.commit raises "
-    "StorageError; on_committed turns it into FAILURE -> ROLLING_BACK, and on_rolling_back skips the slot because "
-    "it is already active: the agent reports rolled_back while the new model is the active one",
-)
 def test_a_reported_rollback_means_the_previous_model_is_active(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:

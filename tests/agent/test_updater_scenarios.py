@@ -464,9 +464,8 @@ def test_a_directive_while_busy_is_kept_pending_and_accepted_after(harness: Harn
 
     assert h.reporter.states(first.deployment_id) == HAPPY
     assert h.updater.pending is None
-    assert h.updater.state is State.DOWNLOADING
     assert h.updater.record.deployment_id == second.deployment_id
-    assert h.reporter.states(second.deployment_id) == ["downloading"]
+    assert h.reporter.states(second.deployment_id)[0] == "downloading"
     assert h.updater.records.load_trusted() == TrustedState(2, 2, second.deployment_id)
 
 
@@ -479,11 +478,6 @@ def test_a_newer_directive_while_busy_replaces_the_pending_one(harness: Harness)
     assert h.updater.pending == third.desired
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Updater.on_idle accepts the pending directive but returns None, so step() stops before "
-    "on_downloading runs: no _Download exists, nothing is requested, tick() and request_missing() do nothing",
-)
 def test_a_pending_directive_is_installed_after_the_current_one(harness: Harness) -> None:
     h = harness
     first = h.release(version=1)

@@ -9,11 +9,11 @@ off, each time leaving the previous model untouched.
 from __future__ import annotations
 
 import json
-import urllib.error
-import urllib.request
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,7 +113,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         yield fleet
     finally:
         fleet.stop()
-        broker.stop()
+        fleet.broker.stop()  # the broker-restart test replaces the first one
 
 
 @pytest.fixture(scope="module")
@@ -170,9 +170,9 @@ def _add_version(fleet: Fleet, model_path: Path, eval_path: Path) -> str:
 def test_tampered_artifact_is_rejected_and_previous_model_kept(
     fleet: Fleet, first_rollout: dict[str, object], tmp_path: Path
 ) -> None:
+    from server.catalog import resolve_version
     from server.compress.digits import write_demo_inputs
     from server.devices import get_profile
-    from server.catalog import resolve_version
     from server.releases import build_artifact
     from server.setup import open_workspace
 

@@ -149,11 +149,6 @@ def test_an_out_file_that_already_exists(data_dir: Path) -> None:
     assert json.loads(assert_ok(run("device", "list", "--data-dir", data_dir, "--json"))) == []  # nothing registered
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: server/cli.py device_register registers the device first, then out.parent.mkdir()/write_text() "
-    "raise a raw OSError (traceback, exit 1) and leave a registered device with no agent.toml behind",
-)
 def test_an_out_path_that_cannot_be_written(data_dir: Path) -> None:
     (data_dir.parent / "a-file").write_text("x")
 

@@ -313,12 +313,6 @@ def test_a_rollout_whose_only_deployment_was_superseded_fails(
     assert rollout_state(workspace.db, newer) == "running"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: server/rollouts.py RolloutEngine.tick only supersedes *unpublished* deployments; an older "
-    "deployment already published (e.g. to an offline device whose retained desired state was then replaced) "
-    "stays pending forever and its rollout never settles",
-)
 def test_a_published_deployment_superseded_by_a_newer_rollout_is_settled(
     workspace: Workspace, devices: dict[str, str], engine: RolloutEngine
 ) -> None:
