@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from agent.config import AgentConfig
+from agent.outbox import Outbox
 from agent.updater import Updater
 from shared import PROTOCOL_VERSION
 from shared.errors import EdgefleetError, ProtocolError
@@ -56,6 +57,7 @@ class AgentService:
             will=Will(device_topic(TopicKind.AVAILABILITY, self.device_id), offline),
         )
         self.runtime = self._runtime()
+        self.outbox = Outbox(config.data_dir / "outbox", lambda topic, payload: self.link.publish(topic, payload))
         self.updater = updater_factory(config, self)
         self._handlers: dict[TopicKind, Callable[[Topic, Inbound], None]] = {
             TopicKind.DESIRED: self._on_desired,
@@ -82,9 +84,13 @@ class AgentService:
         except EdgefleetError as exc:
             logger.warning("could not publish %s: %s", kind.value, exc)
 
+    def _report(self, kind: TopicKind, message: Any) -> None:
+        """Events and telemetry go through the outbox: a disconnect or restart loses none."""
+        self.outbox.send(device_topic(kind, self.device_id), encode_payload(message))
+
     def event(self, deployment_id: str, state: UpdateState, reason: str) -> None:
         logger.info("deployment %s: %s %s", deployment_id, state.value, reason)
-        self._publish(
+        self._report(
             TopicKind.EVENTS,
             Event(
                 v=PROTOCOL_VERSION,
@@ -103,7 +109,7 @@ class AgentService:
             "trial of %s: p50 %.3f ms, p95 %.3f ms, accuracy %.4f on %d samples",
             deployment_id, benchmark.p50_ms, benchmark.p95_ms, accuracy, samples,
         )
-        self._publish(
+        self._report(
             TopicKind.TELEMETRY,
             Telemetry(
                 v=PROTOCOL_VERSION,
@@ -212,6 +218,9 @@ class AgentService:
     def run(self) -> None:
         self.link.subscribe(device_topic(TopicKind.DESIRED, self.device_id))
         self.link.subscribe(device_topic(TopicKind.CMD, self.device_id))
+        replayed = self.outbox.replay()
+        if replayed:
+            logger.info("re-sending %d reports a previous run could not deliver", replayed)
         self.updater.resume()
         self.link.start()
         logger.info("agent %s (%s) starting, runtime %s %s", self.config.device.name, self.device_id,
@@ -228,6 +237,7 @@ class AgentService:
                     self.updater.tick()
                 except EdgefleetError as exc:
                     logger.error("update step failed: %s", exc)
+                self.outbox.collect()
         finally:
             offline = encode_payload(Availability(v=PROTOCOL_VERSION, online=False, boot_id=self.boot_id))
             self.link.stop(final=(device_topic(TopicKind.AVAILABILITY, self.device_id), offline))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -143,11 +144,13 @@ class MqttLink:
         if known is not None and self.connected.is_set():
             self._client.unsubscribe(topic_filter)
 
-    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> Callable[[], bool]:
+        """Queue a message; returns a check that is true once the broker acknowledged it."""
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
             # NO_CONN still queues QoS>0 messages for the next connection.
             raise TransportError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
+        return info.is_published
 
     def stop(self, *, final: tuple[str, bytes] | None = None) -> None:
         """Disconnect cleanly, optionally publishing one last retained message first."""
