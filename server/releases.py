@@ -9,7 +9,6 @@ and per-chunk sha256, reference metrics, a fresh monotonic release counter.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import tempfile
 import time
@@ -27,7 +26,7 @@ from server.keys import SigningKeys
 from server.native_output import native_stderr_to_log
 from shared import PROTOCOL_VERSION
 from shared.codec import encode
-from shared.messages import DEFAULT_CHUNK_SIZE, FileEntry, Manifest, ReferenceMetrics
+from shared.messages import Manifest, ReferenceMetrics, describe_file
 from shared.signing import envelope_digest, sign_envelope
 
 logger = logging.getLogger(__name__)
@@ -78,14 +77,6 @@ def build_artifact(session: Session, blobs: BlobStore, version: ModelVersion, pr
     return artifact
 
 
-def file_entry(blobs: BlobStore, sha256: str, name: str, role: str, chunk_size: int = DEFAULT_CHUNK_SIZE) -> FileEntry:
-    data = blobs.read(sha256)
-    chunks = tuple(
-        hashlib.sha256(data[i : i + chunk_size]).hexdigest() for i in range(0, max(len(data), 1), chunk_size)
-    )
-    return FileEntry(name=name, role=role, sha256=sha256, size=len(data), chunk_size=chunk_size, chunks=chunks)
-
-
 def sign_release(session: Session, blobs: BlobStore, keys: SigningKeys, artifact: Artifact) -> Release:
     """A new release of ``artifact``: its counter is higher than every earlier one."""
     version = artifact.model_version
@@ -101,8 +92,8 @@ def sign_release(session: Session, blobs: BlobStore, keys: SigningKeys, artifact
         profile=artifact.profile_name,
         quantization=artifact.quantization,
         files=(
-            file_entry(blobs, artifact.sha256, "model.tflite", "model"),
-            file_entry(blobs, version.eval_sha256, "eval.npz", "eval"),
+            describe_file("model.tflite", "model", blobs.read(artifact.sha256)),
+            describe_file("eval.npz", "eval", blobs.read(version.eval_sha256)),
         ),
         reference=ReferenceMetrics(
             accuracy=version.reference_accuracy, host_accuracy=artifact.host_accuracy, host_p50_ms=artifact.host_p50_ms

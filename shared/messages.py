@@ -8,6 +8,7 @@ objects, never raw bytes or dicts.
 from __future__ import annotations
 
 import enum
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -81,6 +82,17 @@ class FileEntry:
             raise ValueError(f"{self.name}: {len(self.chunks)} chunk digests for {self.size} bytes")
         if "/" in self.name or "\x00" in self.name or self.name in ("", ".", ".."):
             raise ValueError(f"unsafe file name {self.name!r}")
+
+
+def describe_file(name: str, role: str, data: bytes, chunk_size: int = DEFAULT_CHUNK_SIZE) -> FileEntry:
+    """The manifest entry for ``data``: size, sha256 and the sha256 of every chunk."""
+    chunks = tuple(
+        hashlib.sha256(data[i : i + chunk_size]).hexdigest() for i in range(0, max(len(data), 1), chunk_size)
+    )
+    return FileEntry(
+        name=name, role=role, sha256=hashlib.sha256(data).hexdigest(), size=len(data), chunk_size=chunk_size,
+        chunks=chunks,
+    )
 
 
 @dataclass(frozen=True)

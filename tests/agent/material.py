@@ -36,6 +36,7 @@ from shared.messages import (
     Manifest,
     ReferenceMetrics,
     SignedEnvelope,
+    describe_file,
 )
 from shared.signing import envelope_digest, public_key_text, sign_envelope
 
@@ -62,8 +63,7 @@ def payload(seed: str, size: int) -> bytes:
 
 
 def file_entry(name: str, role: str, data: bytes, chunk_size: int = CHUNK_SIZE) -> FileEntry:
-    chunks = tuple(sha256_hex(data[i : i + chunk_size]) for i in range(0, max(len(data), 1), chunk_size))
-    return FileEntry(name=name, role=role, sha256=sha256_hex(data), size=len(data), chunk_size=chunk_size, chunks=chunks)
+    return describe_file(name, role, data, chunk_size)
 
 
 def chunk_of(data: bytes, index: int, chunk_size: int = CHUNK_SIZE) -> bytes:

@@ -567,3 +567,11 @@ def test_fuzz_helpers_produce_hazards() -> None:
     assert _dumps([NAN, INF]) == b"[NaN, Infinity]"
     assert _dumps("\ud800") == b'"\\ud800"'
     assert _dumps(10**400).startswith(b"1000")
+
+
+def test_describe_file_agrees_with_an_independent_computation() -> None:
+    from shared.messages import describe_file
+    from tests.shared.factories import EVAL_BYTES, MODEL_BYTES, file_entry_for
+
+    for data in (MODEL_BYTES, EVAL_BYTES, b""):
+        assert describe_file("f", "model", data) == file_entry_for("f", "model", data)
