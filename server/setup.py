@@ -41,8 +41,14 @@ def init_data_dir(root: Path) -> Workspace:
         for builtin in BUILTIN_PROFILES:
             profile = session.get(Profile, builtin.name) or Profile(name=builtin.name)
             profile.quantization = builtin.quantization
+            profile.quantizations = ",".join(builtin.quantizations)
             profile.threads = builtin.threads
             profile.description = builtin.description
+            profile.objective = builtin.objective
+            profile.accuracy_budget = builtin.accuracy_budget
+            profile.max_model_bytes = builtin.max_model_bytes
+            profile.max_ram_bytes = builtin.max_ram_bytes
+            profile.recipe = builtin.recipe
             profile.builtin = True
             session.add(profile)
     return Workspace(data_dir, db, BlobStore(data_dir.blobs))

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -26,9 +26,17 @@ class Profile(Base):
 
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     description: Mapped[str] = mapped_column(String(200), default="")
-    quantization: Mapped[str] = mapped_column(String(32))
+    quantization: Mapped[str] = mapped_column(String(32))  # the preferred one
     threads: Mapped[int] = mapped_column(Integer, default=1)
     builtin: Mapped[bool] = mapped_column(Boolean, default=False)
+    # what the device can run well, comma-separated; auto builds its candidates from these
+    quantizations: Mapped[str] = mapped_column(String(200), default="", server_default=text("''"))
+    recipe: Mapped[str] = mapped_column(String(200), default="auto", server_default="auto")  # or a fixed recipe
+    objective: Mapped[str] = mapped_column(String(16), default="latency", server_default="latency")  # or "size"
+    # max accuracy drop vs float32 that auto accepts
+    accuracy_budget: Mapped[float] = mapped_column(Float, default=0.01, server_default="0.01")
+    max_model_bytes: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    max_ram_bytes: Mapped[int | None] = mapped_column(BigInteger, default=None)
 
 
 class Device(Base):
@@ -96,8 +104,36 @@ class Artifact(Base):
     host_p50_ms: Mapped[float | None] = mapped_column(Float, default=None)
     host_p95_ms: Mapped[float | None] = mapped_column(Float, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    recipe: Mapped[str] = mapped_column(String(200), default="", server_default=text("''"))
+    gzip_bytes: Mapped[int | None] = mapped_column(BigInteger, default=None)
 
     model_version: Mapped[ModelVersion] = relationship()
+
+
+class Variant(Base):
+    """One row of a model version's compression report for one profile."""
+
+    __tablename__ = "variants"
+    __table_args__ = (UniqueConstraint("model_version_id", "profile_name", "recipe"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
+    profile_name: Mapped[str] = mapped_column(ForeignKey("profiles.name"))
+    recipe: Mapped[str] = mapped_column(String(200))
+    quantization: Mapped[str] = mapped_column(String(32))
+    sha256: Mapped[str | None] = mapped_column(String(64), default=None)  # None when the build failed
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    gzip_bytes: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    accuracy: Mapped[float | None] = mapped_column(Float, default=None)
+    agreement: Mapped[float | None] = mapped_column(Float, default=None)  # top-1 agreement with float32
+    p50_ms: Mapped[float | None] = mapped_column(Float, default=None)
+    p95_ms: Mapped[float | None] = mapped_column(Float, default=None)
+    peak_rss_bytes: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    details: Mapped[dict[str, Any]] = mapped_column(default=dict)  # ops, zero fraction, ranks, fallbacks
+    verdict: Mapped[str] = mapped_column(String(32), default="")  # chosen | ok | over_budget | too_big | failed
+    reason: Mapped[str] = mapped_column(Text, default="")
+    chosen: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class Release(Base):
