@@ -21,11 +21,11 @@ from agent.download import ChunkAssembler, verify_file
 from agent.record import RecordStore, TrustedState, UpdateRecord
 from agent.slots import SlotStore
 from agent.states import REPORTED, RESUME_FROM, Event, State, next_state
-from agent.trial import TrialRequest, TrialResult, run_trial
 from shared.codec import decode
 from shared.errors import EdgefleetError, ReplayError, StorageError, TrustError
 from shared.messages import BenchmarkResult, DesiredState, Directive, Manifest, UpdateState
 from shared.signing import verify_directive, verify_manifest
+from shared.trial import TrialRequest, TrialResult, run_trial
 
 logger = logging.getLogger(__name__)
 

@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "server": ("server.cli", "server_command", "Run the server until stopped."),
     "device": ("server.cli", "device_group", "Register and list devices."),
     "model": ("server.cli", "model_group", "Add models and list their versions."),
+    "profile": ("server.profile_cli", "profile_group", "Add, list and show device profiles."),
     "rollout": ("server.cli", "rollout_group", "Start rollouts and watch their status."),
     "agent": ("agent.cli", "agent_group", "Run the device agent."),
     "demo": ("server.demo", "demo_command", "Run a local demo fleet end to end."),

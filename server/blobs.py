@@ -41,10 +41,14 @@ class BlobStore:
         return self.put(path.read_bytes())
 
     def read(self, sha256: str) -> bytes:
+        """The blob's bytes, checked against its name: a corrupted store is an error, never data."""
         try:
-            return self.path(sha256).read_bytes()
+            data = self.path(sha256).read_bytes()
         except FileNotFoundError as exc:
             raise NotFoundError(f"blob {sha256} is not in the store") from exc
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise StorageError(f"blob {sha256} in {self.root} is corrupted (its content no longer matches its name)")
+        return data
 
     def read_chunk(self, sha256: str, index: int, chunk_size: int) -> bytes:
         try:

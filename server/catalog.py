@@ -25,18 +25,30 @@ class VersionInfo:
     reference_accuracy: float
 
 
-def add_model(db: Database, blobs: BlobStore, name: str, model_file: Path, eval_file: Path) -> VersionInfo:
-    """Check the model and eval set, keep both in the blob store, and record a new version."""
+def add_model(
+    db: Database, blobs: BlobStore, name: str, model_file: Path, eval_file: Path, train_file: Path | None = None
+) -> VersionInfo:
+    """Check the model and its data, keep them in the blob store, and record a new version.
+
+    The whole eval set stays on the server for host evaluation; a bounded
+    stratified slice of it travels with every artifact for the on-device check.
+    Training data is optional and only used by the steps that retrain.
+    """
     if not _NAME.match(name):
         raise UserInputError(f"invalid model name {name!r}: use letters, digits, '.', '_' or '-'")
     evalset = load_eval_file(eval_file)
+    train = load_eval_file(train_file) if train_file is not None else None
     keras_model = convert.load_keras_model(model_file)
     input_shape, num_classes = convert.model_signature(keras_model)
     check_against_model(evalset, input_shape, num_classes)
+    if train is not None:
+        check_against_model(train, input_shape, num_classes)
     travelling = eval_slice(evalset)
     reference = convert.predict_accuracy(keras_model, travelling)
     source_sha = blobs.put_file(model_file)
     eval_sha = blobs.put(eval_file_bytes(travelling))
+    full_eval_sha = blobs.put(eval_file_bytes(evalset))
+    train_sha = blobs.put(eval_file_bytes(train)) if train is not None else None
     with db.session() as session:
         model = queries.model_by_name(session, name)
         if model is None:
@@ -49,6 +61,8 @@ def add_model(db: Database, blobs: BlobStore, name: str, model_file: Path, eval_
             source_sha256=source_sha,
             source_name=model_file.name,
             eval_sha256=eval_sha,
+            full_eval_sha256=full_eval_sha,
+            train_sha256=train_sha,
             eval_samples=len(travelling),
             num_classes=num_classes,
             reference_accuracy=reference,

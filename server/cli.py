@@ -11,6 +11,7 @@ from types import FrameType
 
 import click
 
+from server.compression import ProfileReport
 from server.render import cell, human_bytes, table
 from server.rollouts import RolloutStatus
 from server.setup import init_data_dir, open_workspace
@@ -165,16 +166,96 @@ def model_group() -> None:
               help="Keras model file (.keras or .h5).")
 @click.option("--eval", "eval_file", type=click.Path(path_type=Path, dir_okay=False), required=True,
               help="Evaluation data: .npz with arrays x (inputs) and y (integer labels).")
+@click.option("--train", "train_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Training data (.npz, x and y) for the steps that retrain: pruning, distillation, low-rank.")
 @DATA_DIR
-def model_add(name: str, model_file: Path, eval_file: Path, data_dir: Path) -> None:
+def model_add(name: str, model_file: Path, eval_file: Path, train_file: Path | None, data_dir: Path) -> None:
     """Add a new version of model NAME."""
     from server.catalog import add_model
 
     workspace = open_workspace(data_dir)
-    info = add_model(workspace.db, workspace.blobs, name, model_file, eval_file)
+    info = add_model(workspace.db, workspace.blobs, name, model_file, eval_file, train_file)
     click.echo(
         f"{info.model}:{info.version}  ({info.num_classes} classes, reference accuracy "
         f"{info.reference_accuracy:.4f} on {info.eval_samples} travelling eval samples)"
+    )
+
+
+@model_group.command("build")
+@click.argument("model_ref", metavar="NAME[:VERSION]")
+@click.option("--profile", "profiles", multiple=True, required=True, help="Device profile to build for (repeatable).")
+@click.option("--recipe", default=None, help="'auto' (every candidate, measured) or a recipe like prune:0.5+int8 "
+              "[default: the profile's recipe].")
+@DATA_DIR
+@JSON
+def model_build(model_ref: str, profiles: tuple[str, ...], recipe: str | None, data_dir: Path, as_json: bool) -> None:
+    """Compress NAME[:VERSION] for each profile, measure every variant, and pick one."""
+    from server.compression import build_profile
+
+    workspace = open_workspace(data_dir)
+    reports = [
+        build_profile(workspace.db, workspace.blobs, model_ref, profile, recipe=recipe,
+                      progress=lambda line: click.echo(line, err=True))
+        for profile in profiles
+    ]
+    _print_reports(reports, as_json)
+
+
+@model_group.command("report")
+@click.argument("model_ref", metavar="NAME[:VERSION]")
+@click.option("--profile", default=None, help="Only this profile.")
+@DATA_DIR
+@JSON
+def model_report(model_ref: str, profile: str | None, data_dir: Path, as_json: bool) -> None:
+    """The compression report: every variant built for each profile, and the one chosen."""
+    from server.compression import compression_report
+
+    reports = compression_report(open_workspace(data_dir).db, model_ref, profile)
+    _print_reports(reports if isinstance(reports, list) else [reports], as_json)
+
+
+def _print_reports(reports: list[ProfileReport], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps([report_json(r) for r in reports], indent=2))
+        return
+    click.echo("\n\n".join(report_table(r) for r in reports))
+
+
+def report_json(report: ProfileReport) -> dict[str, object]:
+    return {
+        "model": report.model,
+        "version": report.version,
+        "profile": report.profile,
+        "objective": report.objective,
+        "accuracy_budget": report.accuracy_budget,
+        "reference_accuracy": report.reference_accuracy,
+        "variants": [asdict(v) for v in report.variants],
+    }
+
+
+def report_table(report: ProfileReport) -> str:
+    float32 = next((v for v in report.variants if v.recipe == "float32" and v.size_bytes), None)
+    base = float32.size_bytes if float32 else None
+    base_p50 = float32.p50_ms if float32 else None
+
+    def ratio(value: float | None, reference: float | None) -> str:
+        return f"{value / reference:.2f}x" if value and reference else "-"
+
+    rows = [
+        [
+            ("* " if v.chosen else "  ") + v.recipe, cell(v.size_bytes), ratio(v.size_bytes, base), cell(v.gzip_bytes),
+            cell(v.accuracy, ".4f"),
+            f"{v.accuracy - report.reference_accuracy:+.4f}" if v.accuracy is not None else "-",
+            cell(v.p50_ms, ".4f"), ratio(v.p50_ms, base_p50), cell(v.p95_ms, ".4f"), human_bytes(v.peak_rss_bytes),
+            v.verdict, v.reason or str(v.details.get("encoding", "")),
+        ]
+        for v in report.variants
+    ]
+    header = (f"{report.model}:{report.version} for {report.profile} (objective {report.objective}, budget "
+              f"{report.accuracy_budget:g} below float32 accuracy {report.reference_accuracy:.4f}); * = chosen")
+    return header + "\n" + table(
+        ["RECIPE", "BYTES", "VS F32", "GZIP", "ACCURACY", "DELTA", "P50 MS", "VS F32", "P95 MS", "RSS", "VERDICT",
+         "WHY"], rows,
     )
 
 
@@ -205,6 +286,7 @@ def rollout_start(
     rollout_id = start_rollout(
         workspace.db, workspace.blobs, workspace.keys(), model_ref,
         profiles=profiles, device_names=devices, max_accuracy_drop=max_accuracy_drop, min_accuracy=min_accuracy,
+        progress=lambda line: click.echo(line, err=True),
     )
     click.echo(rollout_id)
 

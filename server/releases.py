@@ -1,29 +1,18 @@
-"""Per-profile artifacts and the signed releases that ship them.
+"""Signed releases: the manifest agents verify for one artifact.
 
-``build_artifact`` converts a model version with its profile's quantization,
-evaluates the variant on the host (accuracy on the travelling eval set,
-benchmark_model-style latency) and keeps the .tflite in the blob store.
-``sign_release`` writes the manifest agents verify: files with size, sha256
-and per-chunk sha256, reference metrics, a fresh monotonic release counter.
+Files with size, sha256 and per-chunk sha256, reference metrics, and a fresh
+monotonic release counter (the release's id), signed with the release key.
 """
 
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 from server.blobs import BlobStore
-from server.compress import convert
-from server.compress.evalset import load_eval_file
-from server.compress.host_eval import evaluate_variant
-from server.compress.quantization import Quantization
-from server.db import Session, queries
-from server.db.models import Artifact, ModelVersion, Profile, Release
+from server.db import Session
+from server.db.models import Artifact, Release
 from server.keys import SigningKeys
-from server.native_output import native_stderr_to_log
 from shared import PROTOCOL_VERSION
 from shared.codec import encode
 from shared.messages import Manifest, ReferenceMetrics, describe_file
@@ -32,49 +21,6 @@ from shared.signing import envelope_digest, sign_envelope
 logger = logging.getLogger(__name__)
 
 MANIFEST_LIFETIME_S = 365 * 24 * 3600
-
-
-@dataclass(frozen=True)
-class ArtifactInfo:
-    profile: str
-    quantization: str
-    size_bytes: int
-    host_accuracy: float
-    host_p50_ms: float | None
-
-
-def build_artifact(session: Session, blobs: BlobStore, version: ModelVersion, profile: Profile) -> Artifact:
-    """The variant of ``version`` for ``profile``; built once, then reused."""
-    existing = queries.artifact_for(session, version, profile.name)
-    if existing is not None:
-        return existing
-    quantization = Quantization.parse(profile.quantization)
-    with tempfile.TemporaryDirectory(prefix="edgefleet-build-") as tmp:
-        work = Path(tmp)
-        source = work / version.source_name
-        source.write_bytes(blobs.read(version.source_sha256))
-        eval_path = work / "eval.npz"
-        eval_path.write_bytes(blobs.read(version.eval_sha256))
-        evalset = load_eval_file(eval_path)
-        logger.info("building %s for %s (%s)", version.model.name, profile.name, quantization.value)
-        with native_stderr_to_log(f"converting {version.model.name} to {quantization.value}"):
-            flatbuffer = convert.convert(convert.load_keras_model(source), quantization, evalset.x)
-            tflite = work / "model.tflite"
-            tflite.write_bytes(flatbuffer)
-            host = evaluate_variant(tflite, evalset, threads=1)
-    artifact = Artifact(
-        model_version_id=version.id,
-        profile_name=profile.name,
-        quantization=quantization.value,
-        sha256=blobs.put(flatbuffer),
-        size_bytes=len(flatbuffer),
-        host_accuracy=host.accuracy,
-        host_p50_ms=host.p50_ms,
-        host_p95_ms=host.p95_ms,
-    )
-    session.add(artifact)
-    session.flush()
-    return artifact
 
 
 def sign_release(session: Session, blobs: BlobStore, keys: SigningKeys, artifact: Artifact) -> Release:
@@ -104,5 +50,6 @@ def sign_release(session: Session, blobs: BlobStore, keys: SigningKeys, artifact
     envelope = sign_envelope(manifest, keys.release)
     release.manifest = encode(envelope)
     release.manifest_sha256 = envelope_digest(envelope)
+    release.model_sha256, release.eval_sha256 = artifact.sha256, version.eval_sha256
     session.flush()
     return release

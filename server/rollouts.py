@@ -18,15 +18,16 @@ from datetime import datetime, timezone
 
 from server.blobs import BlobStore
 from server.catalog import resolve_version
+from server.compression import build_profile
 from server.db import Database, Session, queries
 from server.db.models import Deployment, Device, Rollout
 from server.devices import find_device, get_profile
 from server.keys import SigningKeys
-from server.releases import build_artifact, sign_release
+from server.releases import sign_release
 from shared import PROTOCOL_VERSION
 from shared.codec import decode, encode
 from shared.errors import NotFoundError, UserInputError
-from shared.messages import DesiredState, Directive, Gates, SignedEnvelope, encode_payload
+from shared.messages import DesiredState, Directive, Gates, Manifest, SignedEnvelope, encode_payload
 from shared.signing import sign_envelope
 from shared.topics import TopicKind, device_topic
 
@@ -78,6 +79,20 @@ def _check_fraction(name: str, value: float) -> None:
         raise UserInputError(f"{name} must be between 0 and 1, got {value}")
 
 
+def _targets(session: Session, profiles: tuple[str, ...], device_names: tuple[str, ...]) -> dict[str, Device]:
+    targets: dict[str, Device] = {}
+    for profile in profiles:
+        get_profile(session, profile)
+        for device in queries.devices_with_profile(session, profile):
+            targets[device.id] = device
+    for name in device_names:
+        device = find_device(session, name)
+        targets[device.id] = device
+    if not targets:
+        raise NotFoundError(f"no registered device has profile {', '.join(profiles)}")
+    return targets
+
+
 def start_rollout(
     db: Database,
     blobs: BlobStore,
@@ -88,24 +103,32 @@ def start_rollout(
     device_names: tuple[str, ...] = (),
     max_accuracy_drop: float = 0.02,
     min_accuracy: float = 0.0,
+    progress: Callable[[str], None] = lambda _: None,
 ) -> str:
-    """Create a rollout of ``model_ref`` to the selected devices; returns its id."""
+    """Create a rollout of ``model_ref`` to the selected devices; returns its id.
+
+    Each target profile ships the variant its compression report chose; a
+    profile not built yet is built first (``model build``), without holding the
+    database. A profile whose every variant failed, missed the accuracy budget
+    or exceeded its limits is refused here, before anything is sent.
+    """
     if not profiles and not device_names:
         raise UserInputError("select the target devices with --profile or --device")
     _check_fraction("--max-accuracy-drop", max_accuracy_drop)
     _check_fraction("--min-accuracy", min_accuracy)
     with db.session() as session:
         version = resolve_version(session, model_ref)
-        targets: dict[str, Device] = {}
-        for profile in profiles:
-            get_profile(session, profile)
-            for device in queries.devices_with_profile(session, profile):
-                targets[device.id] = device
-        for name in device_names:
-            device = find_device(session, name)
-            targets[device.id] = device
-        if not targets:
-            raise NotFoundError(f"no registered device has profile {', '.join(profiles)}")
+        ref = f"{version.model.name}:{version.version}"
+        needed = sorted({d.profile_name for d in _targets(session, profiles, device_names).values()})
+        unbuilt = [p for p in needed if queries.artifact_for_ids(session, version.id, p) is None]
+    for profile in unbuilt:
+        report = build_profile(db, blobs, ref, profile, progress=progress)
+        if report.chosen is None:
+            reasons = "; ".join(f"{v.recipe}: {v.verdict} ({v.reason})" for v in report.variants)
+            raise UserInputError(f"no variant of {ref} fits profile {profile}: {reasons}")
+    with db.session() as session:
+        version = resolve_version(session, ref)
+        targets = _targets(session, profiles, device_names)
         gate = max(min_accuracy, version.reference_accuracy - max_accuracy_drop)
         rollout = Rollout(
             id=f"r-{secrets.token_hex(4)}",
@@ -117,7 +140,9 @@ def start_rollout(
         releases = {}
         for device in sorted(targets.values(), key=lambda d: d.name):
             if device.profile_name not in releases:
-                artifact = build_artifact(session, blobs, version, device.profile)
+                artifact = queries.artifact_for_ids(session, version.id, device.profile_name)
+                if artifact is None:
+                    raise UserInputError(f"no variant of {ref} fits profile {device.profile_name}")
                 releases[device.profile_name] = sign_release(session, blobs, keys, artifact)
             device.directive_seq += 1
             session.add(
@@ -141,18 +166,18 @@ def rollout_status(db: Database, rollout_id: str) -> RolloutStatus:
             raise NotFoundError(f"unknown rollout {rollout_id!r}")
         rows = []
         for dep in rollout.deployments:
-            artifact = dep.release.artifact
+            manifest = decode(Manifest, dep.release.manifest["signed"])  # what was shipped, as signed
             rows.append(
                 DeviceStatus(
                     device=dep.device.name,
                     profile=dep.device.profile_name,
                     state=dep.state,
-                    quantization=artifact.quantization,
-                    size_bytes=artifact.size_bytes,
+                    quantization=manifest.quantization,
+                    size_bytes=manifest.file("model").size,
                     p50_ms=dep.p50_ms,
                     p95_ms=dep.p95_ms,
                     accuracy=dep.accuracy,
-                    host_accuracy=artifact.host_accuracy,
+                    host_accuracy=manifest.reference.host_accuracy,
                     gate=dep.min_accuracy_gate,
                     reason=dep.reason,
                 )

@@ -39,6 +39,15 @@ def percentile(sorted_values: list[float], q: float) -> float:
 
 
 def peak_rss_bytes() -> int:
+    """This process's peak resident memory. On Linux from VmHWM, because ru_maxrss
+    survives exec and would report a big parent's peak for a fresh child."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
 

@@ -125,18 +125,34 @@ class TFLiteModel:
     def describe(self) -> RuntimeInfo:
         return self.info
 
+    def graph_ops(self) -> tuple[tuple[str, ...], int]:
+        """The model's operators in execution order, and how many delegate partitions replaced them.
+
+        A model whose compute ops the XNNPACK delegate did not take shows zero
+        partitions: it runs on the slower reference kernels.
+        """
+        try:
+            details = self._interpreter._get_ops_details()
+        except (AttributeError, RuntimeError, ValueError):
+            return (), 0
+        names = [str(d.get("op_name", "?")) for d in details]
+        partitions = names.count("DELEGATE")
+        return tuple(n for n in names if n != "DELEGATE"), partitions
+
     def close(self) -> None:
         self._interpreter = None
 
 
-def accuracy(model: TFLiteModel, x: Any, y: Any) -> float:
-    """Top-1 accuracy of ``model`` on float inputs ``x`` and integer labels ``y``."""
+def predict_classes(model: TFLiteModel, x: Any) -> list[int]:
+    """Top-1 class of every sample of ``x``."""
     import numpy as np
 
+    return [int(np.argmax(model.infer(sample[np.newaxis, ...]))) for sample in x]
+
+
+def accuracy(model: TFLiteModel, x: Any, y: Any) -> float:
+    """Top-1 accuracy of ``model`` on float inputs ``x`` and integer labels ``y``."""
     if len(x) == 0:
         raise ModelError("empty evaluation set")
-    correct = 0
-    for sample, label in zip(x, y):
-        out = model.infer(sample[np.newaxis, ...])
-        correct += int(int(np.argmax(out)) == int(label))
-    return correct / len(x)
+    predicted = predict_classes(model, x)
+    return sum(int(p == int(label)) for p, label in zip(predicted, y)) / len(x)

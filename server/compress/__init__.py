@@ -1,8 +1,10 @@
-"""Model compression: Keras model in, one TFLite variant per quantization out.
+"""Model compression: a Keras model in, measured TFLite variants per device profile out.
 
-``quantization`` names the variants, ``evalset`` reads and slices the user's
-evaluation data, ``convert`` is the only module that imports TensorFlow,
-``host_eval`` measures a variant with the same interpreter and benchmark the
-agents use, and ``digits`` trains the small demo model the tests and the demo
-rely on.
+``recipes`` names what a variant is (transforms, then a quantization);
+``pruning`` (tensorflow-model-optimization, in a child process),
+``distill`` and ``lowrank`` transform the Keras model; ``convert`` turns it
+into a flatbuffer; ``pipeline`` builds every candidate, measures it in the
+agents' interpreter and picks one; ``evalset`` reads and slices the user's
+data; ``digits`` trains the small demo model. Only this package imports
+TensorFlow, and only ``prune_worker`` (a child process) imports tf-keras.
 """

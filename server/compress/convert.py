@@ -150,26 +150,33 @@ def _is_float_dtype(dtype: Any) -> bool:
 # -- host accuracy of the float model ---------------------------------------------
 
 
-def predict_accuracy(model: Any, evalset: EvalSet) -> float:
-    """Top-1 accuracy of the Keras model itself on ``evalset``."""
+def predict_classes(model: Any, evalset: EvalSet) -> np.ndarray:
+    """Top-1 class the Keras model itself predicts for every sample of ``evalset``."""
     input_shape, num_classes = model_signature(model)
     check_against_model(evalset, input_shape, num_classes)
     try:
         scores = model.predict(evalset.x, batch_size=_PREDICT_BATCH, verbose=0)
     except Exception as exc:  # Keras wraps TensorFlow op errors in many types
         raise ModelError(f"the Keras model failed to run on the evaluation set: {_one_line(exc)}") from exc
-    predicted = np.argmax(np.asarray(scores), axis=-1)
-    return float(np.mean(predicted == evalset.y))
+    predicted: np.ndarray = np.argmax(np.asarray(scores), axis=-1)
+    return predicted
+
+
+def predict_accuracy(model: Any, evalset: EvalSet) -> float:
+    """Top-1 accuracy of the Keras model itself on ``evalset``."""
+    return float(np.mean(predict_classes(model, evalset) == evalset.y))
 
 
 # -- conversion ------------------------------------------------------------------
 
 
-def convert(model: Any, quantization: Quantization, representative_x: np.ndarray) -> bytes:
+def convert(
+    model: Any, quantization: Quantization, representative_x: np.ndarray, *, sparse_encoding: bool = False
+) -> bytes:
     """The ``.tflite`` flatbuffer of ``model`` under ``quantization``.
 
     ``representative_x`` (float samples shaped like the model input, without
-    the batch dimension) calibrates activation ranges; only ``INT8`` uses it,
+    the batch dimension) calibrates activation ranges for the integer schemes,
     taking up to ``REPRESENTATIVE_SAMPLES`` evenly spread samples.
     """
     tf = import_tensorflow()
@@ -177,14 +184,22 @@ def convert(model: Any, quantization: Quantization, representative_x: np.ndarray
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
     if quantization is not Quantization.FLOAT32:
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if sparse_encoding:  # store pruned weights in a sparse format: smaller files, if the runtime delegates them
+        converter.optimizations = [*converter.optimizations, tf.lite.Optimize.EXPERIMENTAL_SPARSITY]
     if quantization is Quantization.FLOAT16:
         converter.target_spec.supported_types = [tf.float16]
-    elif quantization is Quantization.INT8:
+    elif quantization.needs_representative_data:
         samples = representative_samples(representative_x, input_shape)
         converter.representative_dataset = lambda: ([sample[np.newaxis, ...]] for sample in samples)
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        converter.inference_input_type = tf.int8
-        converter.inference_output_type = tf.int8
+        if quantization is Quantization.INT16X8:
+            converter.target_spec.supported_ops = [
+                tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8
+            ]
+        else:
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        if quantization is Quantization.INT8:
+            converter.inference_input_type = tf.int8
+            converter.inference_output_type = tf.int8
     try:
         with _quiet_conversion(import_keras()):
             flatbuffer = converter.convert()

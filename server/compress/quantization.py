@@ -19,10 +19,14 @@ class Quantization(enum.Enum):
     """float16 weights, dequantized to float32 on CPU."""
     INT8 = "int8"
     """Full integer: int8 weights and activations, int8 input and output."""
+    INT8_FLOAT_IO = "int8_float_io"
+    """Full integer inside, float input and output (quantize/dequantize ops at the edges)."""
+    INT16X8 = "int16x8"
+    """int8 weights with int16 activations: closer to float accuracy than int8; float input and output."""
 
     @property
     def needs_representative_data(self) -> bool:
-        return self is Quantization.INT8
+        return self in (Quantization.INT8, Quantization.INT8_FLOAT_IO, Quantization.INT16X8)
 
     @classmethod
     def parse(cls, text: str) -> Quantization:

@@ -9,7 +9,19 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint, text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -83,6 +95,8 @@ class ModelVersion(Base):
     eval_samples: Mapped[int] = mapped_column(Integer)
     num_classes: Mapped[int] = mapped_column(Integer)
     reference_accuracy: Mapped[float] = mapped_column(Float)  # float model on the eval slice
+    train_sha256: Mapped[str | None] = mapped_column(String(64), default=None)  # for steps that retrain
+    full_eval_sha256: Mapped[str | None] = mapped_column(String(64), default=None)  # the whole eval set, host-side
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     model: Mapped[Model] = relationship(back_populates="versions")
@@ -146,6 +160,9 @@ class Release(Base):
     manifest: Mapped[dict[str, Any]] = mapped_column()  # SignedEnvelope as JSON
     manifest_sha256: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # the files the manifest names: exactly what the chunk server may serve
+    model_sha256: Mapped[str | None] = mapped_column(String(64), default=None, index=True)
+    eval_sha256: Mapped[str | None] = mapped_column(String(64), default=None, index=True)
 
     artifact: Mapped[Artifact] = relationship()
 

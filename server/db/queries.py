@@ -18,6 +18,7 @@ from server.db.models import (
     Release,
     Rollout,
     TelemetryRecord,
+    Variant,
 )
 
 FINAL_STATES = ("committed", "rolled_back", "failed")
@@ -55,17 +56,29 @@ def next_version_number(session: Session, model: Model) -> int:
     return (current or 0) + 1
 
 
-def artifact_for(session: Session, version: ModelVersion, profile: str) -> Artifact | None:
+def artifact_for_ids(session: Session, model_version_id: int, profile: str) -> Artifact | None:
     return session.scalar(
-        select(Artifact).where(Artifact.model_version_id == version.id, Artifact.profile_name == profile)
+        select(Artifact).where(Artifact.model_version_id == model_version_id, Artifact.profile_name == profile)
     )
+
+
+def variants_of(session: Session, model_version_id: int, profile: str | None = None) -> Sequence[Variant]:
+    query = select(Variant).where(Variant.model_version_id == model_version_id)
+    if profile is not None:
+        query = query.where(Variant.profile_name == profile)
+    return session.scalars(query.order_by(Variant.profile_name, Variant.id)).all()
+
+
+def delete_variants(session: Session, model_version_id: int, profile: str) -> None:
+    for variant in variants_of(session, model_version_id, profile):
+        session.delete(variant)
+    session.flush()
 
 
 def servable_blob(session: Session, sha256: str) -> bool:
     """Only files that a signed release names are served to agents."""
-    in_artifacts = exists().where(Artifact.sha256 == sha256)
-    in_evals = exists().where(ModelVersion.eval_sha256 == sha256)
-    return bool(session.scalar(select(or_(in_artifacts, in_evals))))
+    named = exists().where(or_(Release.model_sha256 == sha256, Release.eval_sha256 == sha256))
+    return bool(session.scalar(select(named)))
 
 
 def rollout(session: Session, rollout_id: str) -> Rollout | None:

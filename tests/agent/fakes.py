@@ -19,9 +19,9 @@ import pytest
 
 from agent.config import AgentConfig
 from agent.states import State
-from agent.trial import TrialRequest, TrialResult
 from agent.updater import Updater
 from shared.messages import BenchmarkResult, UpdateState
+from shared.trial import TrialRequest, TrialResult
 from tests.agent.material import BENCHMARK, NOW, Keys, Release, chunk_of, make_release
 
 # -- fakes -----------------------------------------------------------------------------

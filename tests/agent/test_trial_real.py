@@ -1,4 +1,4 @@
-"""agent.trial.run_trial against the real interpreter in a real child process: no mocks.
+"""shared.trial.run_trial against the real interpreter in a real child process: no mocks.
 
 A tiny Keras classifier (4 features, 3 classes) is built and converted to
 .tflite once per module; the eval set is written as the server writes it
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.trial import TrialRequest, TrialResult, run_trial
+from shared.trial import TrialRequest, TrialResult, run_trial
 
 FEATURES, CLASSES, SAMPLES = 4, 3, 60
 TIMEOUT = 120.0  # generous: the child imports numpy and the interpreter, on a busy 2-core CI box

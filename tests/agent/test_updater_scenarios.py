@@ -19,9 +19,9 @@ import pytest
 
 from agent.record import TrustedState
 from agent.states import State
-from agent.trial import TrialResult
 from shared.messages import DesiredState, SignedEnvelope, UpdateState
 from shared.signing import public_key_text
+from shared.trial import TrialResult
 from tests.agent.fakes import (
     HAPPY,
     OK_RESULT,

@@ -49,7 +49,7 @@ class Fleet:
     dashboard: str = ""
 
     def start(self, name: str, *args: str) -> None:
-        log = open(self.root / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+        log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
         self.processes[name] = subprocess.Popen(
             [sys.executable, "-m", "edgefleet", "--log-level", "info", *args], stdout=log, stderr=subprocess.STDOUT
         )
@@ -78,6 +78,15 @@ class Fleet:
     def active_digest(self, name: str) -> str | None:
         return SlotStore(self.agent_dirs[name]).digest_of_active()
 
+    def start_server(self) -> None:
+        self.start("server", "server", "--data-dir", str(self.data_dir), "--broker", self.broker.url,
+                   "--http", self.dashboard.removeprefix("http://"))
+
+    def stop_process(self, name: str) -> None:
+        proc = self.processes.pop(name)
+        proc.terminate()
+        proc.wait(timeout=15)
+
     def stop(self) -> None:
         for proc in self.processes.values():
             proc.terminate()
@@ -103,8 +112,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             fleet.start(name, "agent", "--config", str(config))
         fleet.devices = {n: str(row["id"]) for n, row in fleet.device_list().items()}
         fleet.dashboard = f"http://127.0.0.1:{free_port()}"
-        fleet.start("server", "server", "--data-dir", str(fleet.data_dir), "--broker", broker.url,
-                    "--http", fleet.dashboard.removeprefix("http://"))
+        fleet.start_server()
         deadline = time.monotonic() + 60
         while not all(row["online"] for row in fleet.device_list().values()):
             fleet.assert_alive()
@@ -127,9 +135,19 @@ def first_rollout(fleet: Fleet, digits_inputs: tuple[Path, Path]) -> dict[str, o
     return fleet.wait_settled(rollout_id)
 
 
-def test_each_agent_commits_its_profiles_variant(fleet: Fleet, first_rollout: dict[str, object]) -> None:
+def test_each_agent_commits_the_variant_auto_chose_for_its_profile(
+    fleet: Fleet, first_rollout: dict[str, object]
+) -> None:
     assert first_rollout["state"] == "succeeded", first_rollout
     devices = {d["device"]: d for d in first_rollout["devices"]}  # type: ignore[attr-defined]
+    report = json.loads(cli("model", "report", "digits:1", "--data-dir", str(fleet.data_dir), "--json"))
+    chosen = {r["profile"]: [v for v in r["variants"] if v["chosen"]] for r in report}
+    for device, profile in (("pi", "rpi4"), ("nano", "jetson-nano")):
+        (variant,) = chosen[profile]
+        assert variant["recipe"] == devices[device]["quantization"]  # the report's pick is what shipped
+        assert variant["size_bytes"] == devices[device]["size_bytes"]
+        assert variant["accuracy"] >= next(r for r in report if r["profile"] == profile)["reference_accuracy"] - 0.01
+    # preferred quantizations win the ties inside the latency noise band on this host
     assert devices["pi"]["quantization"] == "int8"
     assert devices["nano"]["quantization"] == "float16"
     for row in devices.values():
@@ -170,31 +188,35 @@ def _add_version(fleet: Fleet, model_path: Path, eval_path: Path) -> str:
 def test_tampered_artifact_is_rejected_and_previous_model_kept(
     fleet: Fleet, first_rollout: dict[str, object], tmp_path: Path
 ) -> None:
-    from server.catalog import resolve_version
     from server.compress.digits import write_demo_inputs
-    from server.devices import get_profile
-    from server.releases import build_artifact
-    from server.setup import open_workspace
 
     ref = _add_version(fleet, *write_demo_inputs(tmp_path, seed=1))
-    workspace = open_workspace(fleet.data_dir)
-    with workspace.db.session() as session:  # build the variant now, so its bytes can be altered before shipping
-        artifact = build_artifact(session, workspace.blobs, resolve_version(session, ref), get_profile(session, "rpi4"))
-        blob = workspace.blobs.path(artifact.sha256)
+    # The release is signed over good bytes; then the store is altered before the server ships them.
+    fleet.stop_process("server")
+    rollout_id = cli("rollout", "start", ref, "--device", "pi", "--data-dir", str(fleet.data_dir)).strip()
+    (variant,) = [v for v in json.loads(cli("model", "report", ref, "--profile", "rpi4", "--data-dir",
+                                            str(fleet.data_dir), "--json"))[0]["variants"] if v["chosen"]]
+    blob = fleet.data_dir / "artifacts" / variant["sha256"][:2] / variant["sha256"]
     data = bytearray(blob.read_bytes())
     data[len(data) // 2] ^= 0xFF
     blob.write_bytes(bytes(data))
     before = fleet.active_digest("pi")
+    fleet.start_server()
 
-    rollout_id = cli("rollout", "start", ref, "--device", "pi", "--data-dir", str(fleet.data_dir)).strip()
     status = fleet.wait_settled(rollout_id)
 
     (row,) = status["devices"]  # type: ignore[misc]
     assert status["state"] == "failed"
     assert row["state"] == "failed"
-    assert "sha256" in row["reason"]
+    assert "does not match its signed sha256" in row["reason"]
     assert fleet.active_digest("pi") == before
     assert fleet.device_list()["pi"]["active_version"] == 1
+    # and the server itself refuses to sign anything new from the corrupted blob
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgefleet", "rollout", "start", ref, "--device", "pi", "--data-dir",
+         str(fleet.data_dir)], capture_output=True, text=True, check=False,
+    )
+    assert proc.returncode == 1 and "corrupted" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_variant_below_accuracy_gate_is_rolled_back(fleet: Fleet, first_rollout: dict[str, object], tmp_path: Path) -> None:

@@ -1,8 +1,8 @@
-"""Server-side fixtures: a data directory with the digits model and its x86-64 variant already built.
+"""Server-side fixtures: a data directory with the digits model already built for the usual profiles.
 
-Building a variant (TFLite conversion + host evaluation) takes a couple of
-seconds, so it happens once per session in a template data directory; each
-test gets its own copy, where ``start_rollout`` only has to sign releases.
+Building variants (TFLite conversion + host measurement) takes seconds, so it
+happens once per session in a template data directory, with a short host
+benchmark; each test gets its own copy, where ``start_rollout`` only signs.
 """
 
 from __future__ import annotations
@@ -13,27 +13,28 @@ from pathlib import Path
 
 import pytest
 
-from server.catalog import add_model, resolve_version
-from server.db.models import Profile
-from server.releases import build_artifact
+from server.catalog import add_model
+from server.compression import build_profile
 from server.setup import Workspace, init_data_dir, open_workspace
+from shared.benchmark import BenchmarkSettings
 
 TEMPLATE_MODEL = "digits"
-TEMPLATE_PROFILE = "x86-64"  # the variant built in the template; other profiles convert on demand
+QUICK_BENCHMARK = BenchmarkSettings(warmup_runs=1, warmup_seconds=0.01, min_runs=20, min_seconds=0.05)
+# x86-64 pinned to one recipe so tests can name its variant; the others run auto
+TEMPLATE_BUILDS = {"x86-64": "dynamic_range", "rpi4": "auto", "jetson-nano": "auto"}
 
 
 @pytest.fixture(scope="session")
 def template_data_dir(tmp_path_factory: pytest.TempPathFactory, digits_inputs: tuple[Path, Path]) -> Path:
-    """An initialised data directory holding ``digits:1`` and its x86-64 artifact (read-only: copy it)."""
+    """An initialised data directory holding ``digits:1`` built for TEMPLATE_BUILDS (read-only: copy it)."""
     root = tmp_path_factory.mktemp("template") / "data"
     workspace = init_data_dir(root)
     try:
         add_model(workspace.db, workspace.blobs, TEMPLATE_MODEL, *digits_inputs)
-        with workspace.db.session() as session:
-            version = resolve_version(session, TEMPLATE_MODEL)
-            profile = session.get(Profile, TEMPLATE_PROFILE)
-            assert profile is not None
-            build_artifact(session, workspace.blobs, version, profile)
+        for profile, recipe in TEMPLATE_BUILDS.items():
+            report = build_profile(workspace.db, workspace.blobs, TEMPLATE_MODEL, profile, recipe=recipe,
+                                   settings=QUICK_BENCHMARK)
+            assert report.chosen is not None, report
     finally:
         workspace.db.close()  # the last connection checkpoints the WAL, so a file copy is complete
     return root

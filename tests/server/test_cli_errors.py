@@ -349,7 +349,7 @@ def edgefleet(*args: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]
     [
         (["device", "list", "--data-dir", "{tmp}/never-initialised"], "not an edgefleet data directory"),
         (["device", "register", "cam-1", "--profile", "rpi9", "--data-dir", "{data}", "--out", "{tmp}/a.toml"],
-         "known profiles: arm64, jetson-nano, jetson-orin, rpi4, rpi5, x86-64"),
+         "known profiles: arm64, jetson-nano, jetson-orin, rpi-zero2, rpi4, rpi5, x86-64"),
         (["device", "register", "cam-1", "--profile", "rpi4", "--broker", "http://x", "--data-dir", "{data}",
           "--out", "{tmp}/a.toml"], "mqtt://HOST:PORT"),
     ],

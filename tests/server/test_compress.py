@@ -30,10 +30,11 @@ from server.compress.evalset import (
     load_eval_file,
     write_eval_file,
 )
-from server.compress.host_eval import HostEvaluation, evaluate_variant
+from server.compress.pipeline import CompressionInputs, VariantReport, build_variant, measure
 from server.compress.quantization import Quantization
+from server.compress.recipes import Recipe
 from shared.benchmark import BenchmarkSettings
-from shared.errors import ModelError, UserInputError
+from shared.errors import EdgefleetError, ModelError, UserInputError
 from shared.interpreter import TFLiteModel
 
 QUICK_BENCHMARK = BenchmarkSettings(warmup_runs=1, warmup_seconds=0.01, min_runs=20, min_seconds=0.05)
@@ -61,10 +62,13 @@ def variants(digits: tuple[Any, EvalSet], tmp_path_factory: pytest.TempPathFacto
 
 @pytest.fixture(scope="module")
 def host_evaluations(
-    variants: dict[Quantization, Path], digits: tuple[Any, EvalSet]
-) -> dict[Quantization, HostEvaluation]:
-    _, test = digits
-    return {q: evaluate_variant(path, test, settings=QUICK_BENCHMARK) for q, path in variants.items()}
+    digits: tuple[Any, EvalSet], tmp_path_factory: pytest.TempPathFactory
+) -> dict[Quantization, VariantReport]:
+    """Every quantization built and measured by the pipeline, in the agents' interpreter."""
+    model, test = digits
+    inputs = CompressionInputs(model, test, settings=QUICK_BENCHMARK)
+    work = tmp_path_factory.mktemp("measured")
+    return {q: build_variant(Recipe((), q), inputs, work) for q in Quantization}
 
 
 def _evalset(n: int = 30, classes: int = 3, shape: tuple[int, ...] = (4,)) -> EvalSet:
@@ -98,48 +102,58 @@ def test_every_quantization_loads_in_ai_edge_litert(
     try:
         assert model.info.name == "ai-edge-litert"
         assert model.input_shape == (1, 8, 8, 1)
-        assert model.input_dtype == ("int8" if quantization is Quantization.INT8 else "float32")
+        assert model.input_dtype == ("int8" if quantization is Quantization.INT8 else "float32")  # int8_float_io too
         assert model.infer(np.zeros((1, 8, 8, 1), np.float32)).shape == (1, 10)
     finally:
         model.close()
 
 
-def test_int8_is_small_and_keeps_accuracy(
-    digits: tuple[Any, EvalSet], host_evaluations: dict[Quantization, HostEvaluation]
+def test_int8_is_under_030_of_float32_within_one_point(
+    digits: tuple[Any, EvalSet], host_evaluations: dict[Quantization, VariantReport]
 ) -> None:
     model, test = digits
     float_accuracy = predict_accuracy(model, test)
     f32, int8 = host_evaluations[Quantization.FLOAT32], host_evaluations[Quantization.INT8]
-    assert int8.size_bytes <= 0.35 * f32.size_bytes
-    assert abs(int8.accuracy - float_accuracy) <= 0.02
+    assert f32.size_bytes and int8.size_bytes and int8.accuracy is not None and f32.accuracy is not None
+    assert int8.size_bytes <= 0.30 * f32.size_bytes
+    assert int8.accuracy >= float_accuracy - 0.01
     assert abs(f32.accuracy - float_accuracy) <= 0.005
+    assert int8.agreement is not None and int8.agreement >= 0.98
 
 
 def test_float16_and_dynamic_range_are_smaller_than_float32(
-    host_evaluations: dict[Quantization, HostEvaluation],
+    host_evaluations: dict[Quantization, VariantReport],
 ) -> None:
     f32 = host_evaluations[Quantization.FLOAT32].size_bytes
-    assert host_evaluations[Quantization.FLOAT16].size_bytes < 0.6 * f32
-    assert host_evaluations[Quantization.DYNAMIC_RANGE].size_bytes < 0.35 * f32
+    assert f32
+    assert (host_evaluations[Quantization.FLOAT16].size_bytes or 0) < 0.6 * f32
+    assert (host_evaluations[Quantization.DYNAMIC_RANGE].size_bytes or 0) < 0.35 * f32
 
 
-def test_host_evaluation_reports_the_agents_runtime(
-    variants: dict[Quantization, Path], host_evaluations: dict[Quantization, HostEvaluation]
+def test_host_evaluation_measures_every_variant(
+    variants: dict[Quantization, Path], host_evaluations: dict[Quantization, VariantReport]
 ) -> None:
-    for quantization, evaluation in host_evaluations.items():
-        assert evaluation.runtime.startswith("ai-edge-litert ")
-        assert evaluation.size_bytes == variants[quantization].stat().st_size
-        assert 0 < evaluation.p50_ms <= evaluation.p95_ms
-        assert evaluation.accuracy >= 0.95
+    for quantization, report in host_evaluations.items():
+        assert report.verdict == "", report.reason  # built and measured; judging comes later
+        assert report.size_bytes == variants[quantization].stat().st_size
+        assert report.gzip_bytes and report.gzip_bytes < report.size_bytes
+        assert report.p50_ms and report.p95_ms and 0 < report.p50_ms <= report.p95_ms
+        assert report.accuracy is not None and report.accuracy >= 0.95
+        assert "CONV_2D" in report.details["ops"] and "FULLY_CONNECTED" in report.details["ops"]
+        assert report.peak_rss_bytes and report.peak_rss_bytes < 500 * 1024 * 1024
 
 
-def test_host_evaluation_of_missing_or_broken_files(tmp_path: Path) -> None:
-    with pytest.raises(UserInputError, match="TFLite model not found"):
-        evaluate_variant(tmp_path / "absent.tflite", _evalset(), settings=QUICK_BENCHMARK)
-    broken = tmp_path / "broken.tflite"
-    broken.write_bytes(b"not a flatbuffer" * 8)
-    with pytest.raises(ModelError, match="ai-edge-litert .* cannot load broken.tflite"):
-        evaluate_variant(broken, _evalset(), settings=QUICK_BENCHMARK)
+def test_int16x8_runs_without_the_xnnpack_delegate(host_evaluations: dict[Quantization, VariantReport]) -> None:
+    # Visible in the report: XNNPACK takes no int16 activations, so the graph runs on reference kernels.
+    assert host_evaluations[Quantization.INT16X8].details["delegate_partitions"] == 0
+    assert host_evaluations[Quantization.INT8].details["delegate_partitions"] >= 1
+
+
+def test_a_broken_flatbuffer_is_a_clear_load_error(digits: tuple[Any, EvalSet], tmp_path: Path) -> None:
+    model, test = digits
+    inputs = CompressionInputs(model, test, settings=QUICK_BENCHMARK)
+    with pytest.raises(EdgefleetError, match="load_error: ai-edge-litert .* cannot load"):
+        measure(b"not a flatbuffer" * 8, inputs, tmp_path, threads=1)
 
 
 def test_conversion_prints_nothing_on_stdout(digits: tuple[Any, EvalSet], capsys: pytest.CaptureFixture[str]) -> None:
@@ -155,10 +169,9 @@ def test_conversion_is_deterministic(digits: tuple[Any, EvalSet], variants: dict
 
 def test_weak_model_fails_an_accuracy_gate(tmp_path: Path) -> None:
     model, test = train_weak_digits_model(seed=0)
-    path = tmp_path / "weak.tflite"
-    path.write_bytes(convert(model, Quantization.INT8, test.x))
-    evaluation = evaluate_variant(path, eval_slice(test), settings=QUICK_BENCHMARK)
-    assert evaluation.accuracy < 0.6
+    inputs = CompressionInputs(model, eval_slice(test), settings=QUICK_BENCHMARK)
+    report = build_variant(Recipe((), Quantization.INT8), inputs, tmp_path)
+    assert report.accuracy is not None and report.accuracy < 0.6
 
 
 def test_int8_needs_representative_samples(digits: tuple[Any, EvalSet]) -> None:

@@ -24,9 +24,17 @@ def upgrade() -> None:
         batch.add_column(sa.Column("accuracy_budget", sa.Float(), nullable=False, server_default="0.01"))
         batch.add_column(sa.Column("max_model_bytes", sa.BigInteger(), nullable=True))
         batch.add_column(sa.Column("max_ram_bytes", sa.BigInteger(), nullable=True))
+    with op.batch_alter_table("model_versions") as batch:
+        batch.add_column(sa.Column("train_sha256", sa.String(length=64), nullable=True))
+        batch.add_column(sa.Column("full_eval_sha256", sa.String(length=64), nullable=True))
     with op.batch_alter_table("artifacts") as batch:
         batch.add_column(sa.Column("recipe", sa.String(length=200), nullable=False, server_default=sa.text("''")))
         batch.add_column(sa.Column("gzip_bytes", sa.BigInteger(), nullable=True))
+    with op.batch_alter_table("releases") as batch:
+        batch.add_column(sa.Column("model_sha256", sa.String(length=64), nullable=True))
+        batch.add_column(sa.Column("eval_sha256", sa.String(length=64), nullable=True))
+        batch.create_index("ix_releases_model_sha256", ["model_sha256"])
+        batch.create_index("ix_releases_eval_sha256", ["eval_sha256"])
     op.create_table(
         "variants",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -56,9 +64,17 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("variants")
+    with op.batch_alter_table("releases") as batch:
+        batch.drop_index("ix_releases_eval_sha256")
+        batch.drop_index("ix_releases_model_sha256")
+        batch.drop_column("eval_sha256")
+        batch.drop_column("model_sha256")
     with op.batch_alter_table("artifacts") as batch:
         batch.drop_column("gzip_bytes")
         batch.drop_column("recipe")
+    with op.batch_alter_table("model_versions") as batch:
+        batch.drop_column("full_eval_sha256")
+        batch.drop_column("train_sha256")
     with op.batch_alter_table("profiles") as batch:
         for column in ("max_ram_bytes", "max_model_bytes", "accuracy_budget", "objective", "recipe", "quantizations"):
             batch.drop_column(column)

@@ -2,7 +2,7 @@
 
 A crafted or broken model can crash or hang the interpreter; it must never
 take the agent down. The parent sends a JSON request on stdin, the child
-(``python -m agent.trial``) loads the model, benchmarks it benchmark_model
+(``python -m shared.trial``) loads the model, benchmarks it benchmark_model
 style, measures accuracy on the eval set that travelled with it, and prints
 one JSON result line.
 """
@@ -33,6 +33,7 @@ class TrialRequest:
     min_runs: int
     min_seconds: float
     memory_limit_mb: int = 4096
+    with_predictions: bool = False  # the host evaluation compares them with the float model's
 
 
 @dataclass(frozen=True)
@@ -43,13 +44,16 @@ class TrialResult:
     benchmark: BenchmarkResult | None = None
     accuracy: float | None = None
     samples: int | None = None
+    ops: tuple[str, ...] = ()
+    delegate_partitions: int = 0
+    predictions: tuple[int, ...] = ()
 
 
 def run_trial(request: TrialRequest, *, timeout: float) -> TrialResult:
     """Run the trial in a child; every failure comes back as a TrialResult, never an exception."""
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "agent.trial"],
+            [sys.executable, "-m", "shared.trial"],
             check=False,
             input=json.dumps(asdict(request)).encode(),
             capture_output=True,
@@ -75,13 +79,15 @@ def _child(request: TrialRequest) -> TrialResult:
 
     from shared.benchmark import BenchmarkSettings, benchmark_model
     from shared.errors import EdgefleetError, ModelLoadError
-    from shared.interpreter import accuracy
+    from shared.interpreter import predict_classes
 
     try:
         with np.load(request.eval_path, allow_pickle=False) as data:
             x, y = data["x"].astype(np.float32), data["y"]
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         return TrialResult(ok=False, error=f"eval set unreadable: {exc}")
+    if len(x) == 0 or len(x) != len(y):
+        return TrialResult(ok=False, error=f"eval set has {len(x)} inputs and {len(y)} labels")
     settings = BenchmarkSettings(
         warmup_runs=request.warmup_runs,
         warmup_seconds=request.warmup_seconds,
@@ -97,10 +103,19 @@ def _child(request: TrialRequest) -> TrialResult:
     except EdgefleetError as exc:
         return TrialResult(ok=False, error=str(exc))
     try:
-        acc = accuracy(model, x, y)
+        predicted = predict_classes(model, x)
     except EdgefleetError as exc:
         return TrialResult(ok=False, error=str(exc))
-    return TrialResult(ok=True, benchmark=result, accuracy=round(acc, 6), samples=len(x))
+    ops, partitions = model.graph_ops()
+    return TrialResult(
+        ok=True,
+        benchmark=result,
+        accuracy=round(sum(int(p == int(t)) for p, t in zip(predicted, y)) / len(x), 6),
+        samples=len(x),
+        ops=ops,
+        delegate_partitions=partitions,
+        predictions=tuple(predicted) if request.with_predictions else (),
+    )
 
 
 def main() -> None:

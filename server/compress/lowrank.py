@@ -1,0 +1,198 @@
+"""Low-rank factorisation of large Dense layers, and a short fine-tune afterwards.
+
+A Dense kernel ``W`` (in x out) is split by truncated SVD, ``W ~ U_r S_r V_r^T``,
+into two Dense layers: ``Dense(r, use_bias=False)`` with kernel
+``U_r S_r^(1/2)`` and ``Dense(out, activation, bias)`` with kernel
+``S_r^(1/2) V_r^T``; splitting ``S_r`` evenly keeps both factors on the same
+scale for fine-tuning. The rank is the smallest whose singular values hold
+``energy`` of ``sum(S^2)`` (the squared Frobenius norm), and a layer is only
+replaced when ``r * (in + out) < in * out``, i.e. when it saves parameters.
+
+Only top-level, plain ``keras.layers.Dense`` layers are factorised; nested
+models are copied as they are. The input model is never changed: the result
+is a rebuilt copy whose other layers carry copies of the original weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from server.compress.convert import import_keras, model_signature
+from server.compress.distill import rebuildable_kind
+from server.compress.evalset import EvalSet, check_against_model
+from shared.errors import UserInputError
+
+logger = logging.getLogger(__name__)
+
+FACTOR_SUFFIX = "_lowrank"
+"""The first (in -> r) layer of a factorised Dense is named ``<name>_lowrank``; the second keeps ``<name>``."""
+
+
+@dataclass(frozen=True)
+class LayerRank:
+    name: str
+    in_dim: int
+    out_dim: int
+    rank: int
+    params_before: int
+    """Kernel and bias of the original layer."""
+    params_after: int
+    """Both factors' kernels and the bias."""
+
+
+@dataclass(frozen=True)
+class LowRankResult:
+    model: Any
+    replaced: list[LayerRank]
+
+
+@dataclass(frozen=True)
+class _Factors:
+    rank: LayerRank
+    first: np.ndarray  # (in, r) = U_r S_r^(1/2)
+    second: np.ndarray  # (r, out) = S_r^(1/2) V_r^T
+
+
+def factorize_dense(model: Any, *, energy: float = 0.9, min_params: int = 4096) -> LowRankResult:
+    """A copy of ``model`` with every Dense of at least ``min_params`` kernel entries factorised where it pays."""
+    keras = import_keras()
+    if not 0.0 < energy <= 1.0:
+        raise UserInputError(f"the kept energy must be in (0, 1], got {energy}")
+    if min_params < 1:
+        raise UserInputError(f"min_params must be at least 1, got {min_params}")
+    kind = rebuildable_kind(model, "factorise the Dense layers of")
+    model_signature(model)
+    plan: dict[str, _Factors] = {}
+    for layer in model.layers:
+        if type(layer) is not keras.layers.Dense or getattr(layer, "quantization_mode", None):
+            continue
+        factors = _factorize(layer, energy, min_params)
+        if factors is not None:
+            plan[layer.name] = factors
+    new_layers = {name: _factor_layers(keras, model.get_layer(name), factors) for name, factors in plan.items()}
+    rebuild = _rebuild_sequential if kind == "sequential" else _rebuild_functional
+    try:
+        rebuilt = rebuild(keras, model, new_layers)
+    except ValueError as exc:  # e.g. a layer already named "<dense>_lowrank"
+        raise UserInputError(f"cannot rebuild {model.name!r} with factorised Dense layers: {exc}") from exc
+    for layer in model.layers:
+        if layer.name in plan:
+            first, second = new_layers[layer.name]
+            factors = plan[layer.name]
+            first.set_weights([factors.first])
+            second.set_weights([factors.second, *layer.get_weights()[1:]])
+        elif layer.weights:
+            rebuilt.get_layer(layer.name).set_weights(layer.get_weights())
+    replaced = [factors.rank for factors in plan.values()]
+    for rank in replaced:
+        logger.info(
+            "factorised %s (%dx%d) at rank %d: %d -> %d params",
+            rank.name, rank.in_dim, rank.out_dim, rank.rank, rank.params_before, rank.params_after,
+        )  # fmt: skip
+    return LowRankResult(model=rebuilt, replaced=replaced)
+
+
+def _factorize(layer: Any, energy: float, min_params: int) -> _Factors | None:
+    """The two factors of ``layer``'s kernel at the rank keeping ``energy``, or ``None`` if it stays as it is."""
+    kernel = np.asarray(layer.kernel, dtype=np.float64)
+    in_dim, out_dim = kernel.shape
+    if in_dim * out_dim < min_params:
+        return None
+    u, s, vt = np.linalg.svd(kernel, full_matrices=False)
+    total = float(np.sum(s**2))
+    if total == 0.0:
+        return None
+    cumulative = np.cumsum(s**2) / total
+    cumulative[-1] = 1.0  # rounding must not push energy=1.0 past the last singular value
+    rank = int(np.searchsorted(cumulative, energy, side="left")) + 1
+    if rank * (in_dim + out_dim) >= in_dim * out_dim:
+        logger.debug("%s: rank %d for energy %s saves nothing; kept", layer.name, rank, energy)
+        return None
+    root = np.sqrt(s[:rank])
+    bias = out_dim if layer.use_bias else 0
+    return _Factors(
+        rank=LayerRank(
+            name=layer.name,
+            in_dim=int(in_dim),
+            out_dim=int(out_dim),
+            rank=rank,
+            params_before=int(in_dim * out_dim + bias),
+            params_after=int(rank * (in_dim + out_dim) + bias),
+        ),
+        first=(u[:, :rank] * root).astype(np.float32),
+        second=(root[:, np.newaxis] * vt[:rank]).astype(np.float32),
+    )
+
+
+def _factor_layers(keras: Any, layer: Any, factors: _Factors) -> tuple[Any, Any]:
+    """``(Dense(r, linear, no bias), Dense(out, activation, bias))``, configured like ``layer``."""
+    config = layer.get_config()
+    config.pop("kernel_regularizer", None)  # it penalised W, not its factors
+    config.pop("kernel_constraint", None)
+    first = dict(config, name=f"{layer.name}{FACTOR_SUFFIX}", units=factors.rank.rank, activation="linear",
+                 use_bias=False, activity_regularizer=None, bias_regularizer=None, bias_constraint=None)  # fmt: skip
+    return keras.layers.Dense.from_config(first), keras.layers.Dense.from_config(config)
+
+
+def _clone_layer(layer: Any) -> Any:
+    return layer.__class__.from_config(layer.get_config())
+
+
+def _input_like(keras: Any, tensor: Any) -> Any:
+    """A new ``keras.Input`` like ``tensor``, named after its input layer (a tensor's own name is generated)."""
+    return keras.Input(batch_shape=tensor.shape, dtype=tensor.dtype, name=tensor._keras_history.operation.name)
+
+
+def _rebuild_sequential(keras: Any, model: Any, new_layers: dict[str, tuple[Any, Any]]) -> Any:
+    layers: list[Any] = [_input_like(keras, model.inputs[0])]
+    for layer in model.layers:
+        layers.extend(new_layers[layer.name] if layer.name in new_layers else [_clone_layer(layer)])
+    return keras.Sequential(layers, name=model.name)
+
+
+def _rebuild_functional(keras: Any, model: Any, new_layers: dict[str, tuple[Any, Any]]) -> Any:
+    def call_function(layer: Any, *args: Any, **kwargs: Any) -> Any:
+        # ``layer`` is the clone of the original; a factorised layer's clone is never called.
+        if layer.name in new_layers:
+            first, second = new_layers[layer.name]
+            return second(first(*args, **kwargs))
+        return layer(*args, **kwargs)
+
+    inputs = keras.tree.map_structure(lambda tensor: _input_like(keras, tensor), model.input)
+    return keras.models.clone_model(
+        model, input_tensors=inputs, clone_function=_clone_layer, call_function=call_function
+    )
+
+
+def fine_tune(
+    model: Any,
+    train: EvalSet,
+    *,
+    epochs: int = 3,
+    batch_size: int = 32,
+    seed: int = 0,
+    learning_rate: float = 1e-3,
+) -> Any:
+    """Train ``model`` (in place) on ``train`` with Adam and sparse categorical cross-entropy; returns it.
+
+    The model must output class probabilities (a softmax), as the digits CNN does.
+    """
+    keras = import_keras()
+    if epochs < 1 or batch_size < 1:
+        raise UserInputError(f"fine-tuning needs at least 1 epoch and a batch size of 1, got {epochs} and {batch_size}")
+    if not learning_rate > 0:
+        raise UserInputError(f"the learning rate must be positive, got {learning_rate}")
+    check_against_model(train, *model_signature(model))
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    keras.utils.set_random_seed(seed)
+    history = model.fit(train.x, train.y, epochs=epochs, batch_size=batch_size, shuffle=True, verbose=0)
+    logger.info("fine-tuned %s for %d epochs: loss %.4f", model.name, epochs, history.history["loss"][-1])
+    return model

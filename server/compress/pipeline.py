@@ -1,0 +1,290 @@
+"""Build every candidate variant for a profile, measure it, and pick one.
+
+For each recipe: apply its transforms to the Keras model (pruning, distillation,
+low-rank factorisation; each cached, so the quantizations of one transformed
+model share it), convert with its quantization, and evaluate the flatbuffer
+on the host *in the interpreter the agents use*, in a child process
+(``shared.trial``): accuracy, top-1 agreement with the float model, size and
+gzip size, benchmark_model-style latency, peak RSS, and the graph's ops with
+the number of XNNPACK partitions. ``choose`` then keeps the variants within
+the accuracy budget and the profile's limits and picks by the profile's
+objective — by measurement, with the preferred quantization only breaking
+ties inside the latency noise band.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from server.compress.evalset import EvalSet, write_eval_file
+from server.compress.quantization import Quantization
+from server.compress.recipes import Recipe, Transform
+from shared.benchmark import BenchmarkSettings
+from shared.errors import EdgefleetError, UserInputError
+from shared.trial import TrialRequest, run_trial
+
+logger = logging.getLogger(__name__)
+
+LATENCY_NOISE = 0.10  # p95 within 10% of the best counts as a tie on a noisy machine,
+LATENCY_NOISE_MS = 0.02  # and so does a difference below 20 µs, under the timer and call overhead
+SIZE_TIE = 0.01
+
+
+@dataclass(frozen=True)
+class ProfileGoal:
+    """What a profile asks of its variant (a view of the Profile row)."""
+
+    name: str
+    preferred: Quantization
+    objective: str = "latency"
+    accuracy_budget: float = 0.01
+    max_model_bytes: int | None = None
+    max_ram_bytes: int | None = None
+    threads: int = 1
+
+
+@dataclass(frozen=True)
+class VariantReport:
+    recipe: str
+    quantization: str
+    tflite: bytes | None = field(repr=False, default=None)
+    size_bytes: int | None = None
+    gzip_bytes: int | None = None
+    accuracy: float | None = None
+    agreement: float | None = None
+    p50_ms: float | None = None
+    p95_ms: float | None = None
+    peak_rss_bytes: int | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+    verdict: str = ""  # chosen | ok | over_budget | too_big | failed
+    reason: str = ""
+
+    @property
+    def chosen(self) -> bool:
+        return self.verdict == "chosen"
+
+
+@dataclass
+class CompressionInputs:
+    model: Any  # the Keras model
+    evalset: EvalSet  # host-side evaluation (the whole eval set)
+    train: EvalSet | None = None
+    reference_accuracy: float | None = None  # float model on evalset; computed when None
+    epochs: int = 3
+    settings: BenchmarkSettings = field(default_factory=BenchmarkSettings)
+    _transformed: dict[tuple[Transform, ...], tuple[Any, dict[str, Any]]] = field(default_factory=dict)
+    _float_predictions: np.ndarray | None = None
+
+
+def gzip_size(data: bytes) -> int:
+    """Pruning shrinks a model only once compressed: report both sizes."""
+    return len(gzip.compress(data, compresslevel=9, mtime=0))
+
+
+def float_reference(inputs: CompressionInputs) -> tuple[float, np.ndarray]:
+    if inputs._float_predictions is None:
+        from server.compress.convert import predict_classes
+
+        inputs._float_predictions = predict_classes(inputs.model, inputs.evalset)
+        inputs.reference_accuracy = float(np.mean(inputs._float_predictions == inputs.evalset.y))
+    assert inputs.reference_accuracy is not None
+    return inputs.reference_accuracy, inputs._float_predictions
+
+
+# -- transforms ------------------------------------------------------------------
+
+
+def _apply(transform: Transform, model: Any, inputs: CompressionInputs) -> tuple[Any, dict[str, Any]]:
+    train = inputs.train
+    if train is None:
+        raise UserInputError(f"{transform} retrains the model: add the model version with training data (--train)")
+    if transform.kind in ("prune", "prune24"):
+        from server.compress.pruning import prune_model
+
+        pruned = prune_model(
+            model, train, sparsity=transform.value or 0.5, structured_2_4=transform.kind == "prune24",
+            epochs=inputs.epochs,
+        )
+        return pruned.model, {"zero_fraction": round(pruned.zero_fraction, 4), "layers_pruned": pruned.layers_pruned}
+    if transform.kind == "distill":
+        from server.compress.distill import distill, width_scaled_student
+
+        result = distill(model, width_scaled_student(model, transform.value or 0.5), train, epochs=inputs.epochs * 3)
+        return result.model, {"student_params": result.student_params, "teacher_params": result.teacher_params}
+    if transform.kind == "lowrank":
+        from server.compress.lowrank import factorize_dense, fine_tune
+
+        factored = factorize_dense(model, energy=transform.value or 0.9)
+        tuned = fine_tune(factored.model, train, epochs=inputs.epochs)
+        return tuned, {"ranks": {r.name: r.rank for r in factored.replaced}}
+    raise AssertionError(f"unknown transform {transform.kind}")
+
+
+def transformed_model(recipe: Recipe, inputs: CompressionInputs) -> tuple[Any, dict[str, Any]]:
+    """The Keras model after the recipe's transforms; each prefix is built once per run."""
+    model, details = inputs.model, {}
+    for i in range(1, len(recipe.transforms) + 1):
+        key = recipe.transforms[:i]
+        if key not in inputs._transformed:
+            started = time.monotonic()
+            new_model, new_details = _apply(key[-1], model, inputs)
+            new_details[f"{key[-1].kind}_seconds"] = round(time.monotonic() - started, 1)
+            inputs._transformed[key] = (new_model, {**details, **new_details})
+        model, details = inputs._transformed[key]
+    return model, dict(details)
+
+
+# -- measuring -------------------------------------------------------------------
+
+
+def measure(tflite: bytes, inputs: CompressionInputs, workdir: Path, threads: int) -> dict[str, Any]:
+    """Run the flatbuffer in a child process with the agents' interpreter and benchmark."""
+    model_path, eval_path = workdir / "candidate.tflite", workdir / "eval.npz"
+    model_path.write_bytes(tflite)
+    if not eval_path.exists():
+        write_eval_file(inputs.evalset, eval_path)
+    s = inputs.settings
+    result = run_trial(
+        TrialRequest(
+            model_path=str(model_path), eval_path=str(eval_path), threads=threads, runtime="ai-edge-litert",
+            warmup_runs=s.warmup_runs, warmup_seconds=s.warmup_seconds, min_runs=s.min_runs,
+            min_seconds=s.min_seconds, with_predictions=True,
+        ),
+        timeout=600,
+    )
+    if not result.ok or result.benchmark is None:
+        raise EdgefleetError(("load_error: " if result.load_error else "") + result.error)
+    _, float_predictions = float_reference(inputs)
+    agreement = float(np.mean(np.asarray(result.predictions) == float_predictions))
+    return {
+        "accuracy": result.accuracy,
+        "agreement": round(agreement, 6),
+        "p50_ms": result.benchmark.p50_ms,
+        "p95_ms": result.benchmark.p95_ms,
+        "peak_rss_bytes": result.benchmark.peak_rss_bytes,
+        "ops": list(dict.fromkeys(result.ops)),
+        "delegate_partitions": result.delegate_partitions,
+    }
+
+
+def build_variant(recipe: Recipe, inputs: CompressionInputs, workdir: Path, threads: int = 1) -> VariantReport:
+    """Build and measure one recipe; any failure becomes a ``failed`` row with its reason."""
+    from server.compress.convert import convert
+
+    representative = (inputs.train or inputs.evalset).x
+    try:
+        model, details = transformed_model(recipe, inputs)
+        tflite = convert(model, recipe.quantization, representative)
+        metrics = measure(tflite, inputs, workdir, threads)
+        if any(t.kind in ("prune", "prune24") for t in recipe.transforms):
+            tflite, metrics = _prefer_sparse_encoding(model, recipe, inputs, workdir, threads, tflite, metrics)
+    except EdgefleetError as exc:
+        logger.warning("variant %s failed: %s", recipe, exc)
+        return VariantReport(str(recipe), recipe.quantization.value, verdict="failed", reason=str(exc))
+    details.update({k: metrics.pop(k) for k in ("ops", "delegate_partitions", "encoding") if k in metrics})
+    return VariantReport(
+        str(recipe), recipe.quantization.value, tflite=tflite, size_bytes=len(tflite), gzip_bytes=gzip_size(tflite),
+        details=details, **metrics,
+    )
+
+
+def _prefer_sparse_encoding(
+    model: Any, recipe: Recipe, inputs: CompressionInputs, workdir: Path, threads: int,
+    dense: bytes, dense_metrics: dict[str, Any],
+) -> tuple[bytes, dict[str, Any]]:
+    """Try the converter's sparse weight encoding; keep it only when XNNPACK still delegates the graph
+    as well as the dense one, and fall back (saying so) when it does not."""
+    from server.compress.convert import convert
+
+    try:
+        sparse = convert(model, recipe.quantization, (inputs.train or inputs.evalset).x, sparse_encoding=True)
+        sparse_metrics = measure(sparse, inputs, workdir, threads)
+    except EdgefleetError as exc:
+        return dense, {**dense_metrics, "encoding": f"dense (sparse encoding failed: {exc})"}
+    if len(sparse) >= len(dense):
+        return dense, {**dense_metrics, "encoding": "dense (sparse encoding saved nothing)"}
+    if sparse_metrics["delegate_partitions"] < dense_metrics["delegate_partitions"] or (
+        sparse_metrics["delegate_partitions"] == 0
+    ):
+        return dense, {
+            **dense_metrics,
+            "encoding": f"dense: XNNPACK did not delegate the sparse encoding "
+            f"({sparse_metrics['delegate_partitions']} partitions vs {dense_metrics['delegate_partitions']})",
+        }
+    return sparse, {**sparse_metrics, "encoding": f"sparse ({len(sparse)} bytes vs {len(dense)} dense)"}
+
+
+# -- choosing --------------------------------------------------------------------
+
+
+def judge(report: VariantReport, goal: ProfileGoal, reference: float) -> VariantReport:
+    """Mark a built variant ok, over_budget or too_big, with the reason."""
+    if report.verdict == "failed":
+        return report
+    assert report.size_bytes is not None and report.accuracy is not None
+    if goal.max_model_bytes is not None and report.size_bytes > goal.max_model_bytes:
+        return replace(report, verdict="too_big",
+                       reason=f"{report.size_bytes} bytes exceed {goal.name}'s limit of {goal.max_model_bytes}")
+    if goal.max_ram_bytes is not None and (report.peak_rss_bytes or 0) > goal.max_ram_bytes:
+        return replace(report, verdict="too_big",
+                       reason=f"peak RSS {report.peak_rss_bytes} bytes exceeds {goal.name}'s limit of {goal.max_ram_bytes}")
+    floor = reference - goal.accuracy_budget
+    if report.accuracy < floor - 1e-9:
+        return replace(report, verdict="over_budget",
+                       reason=f"accuracy {report.accuracy:.4f} below {floor:.4f} (float32 {reference:.4f} "
+                              f"- budget {goal.accuracy_budget:g})")
+    return replace(report, verdict="ok", reason="")
+
+
+def choose(reports: list[VariantReport], goal: ProfileGoal, reference: float) -> list[VariantReport]:
+    """Judge every variant and mark the one the profile's objective picks as ``chosen``."""
+    judged = [judge(r, goal, reference) for r in reports]
+    ok = [i for i, r in enumerate(judged) if r.verdict == "ok"]
+    if not ok:
+        return judged
+
+    def p95(i: int) -> float:
+        return judged[i].p95_ms or float("inf")
+
+    def size(i: int) -> int:
+        return judged[i].size_bytes or 0
+
+    def preferred_first(i: int) -> int:
+        return 0 if judged[i].quantization == goal.preferred.value else 1
+
+    if goal.objective == "size":
+        best = min(size(i) for i in ok)
+        band = [i for i in ok if size(i) <= best * (1 + SIZE_TIE)]
+        pick = min(band, key=lambda i: (p95(i), preferred_first(i)))
+        why = f"smallest within {SIZE_TIE:.0%} ({size(pick)} bytes), then lowest p95"
+    else:
+        best_p95 = min(p95(i) for i in ok)
+        band = [i for i in ok if p95(i) <= max(best_p95 * (1 + LATENCY_NOISE), best_p95 + LATENCY_NOISE_MS)]
+        pick = min(band, key=lambda i: (preferred_first(i), size(i), p95(i)))
+        why = (f"p95 {p95(pick):.4f} ms ties the best {best_p95:.4f} ms (within {LATENCY_NOISE:.0%} or "
+               f"{LATENCY_NOISE_MS * 1000:.0f} µs); then preferred quantization {goal.preferred.value}, then size")
+    judged[pick] = replace(judged[pick], verdict="chosen", reason=why)
+    return judged
+
+
+def compress_for_profile(
+    recipes: list[Recipe], inputs: CompressionInputs, goal: ProfileGoal,
+    progress: Callable[[str], None] = lambda _: None,
+) -> tuple[float, list[VariantReport]]:
+    """Build, measure and judge every recipe for one profile; returns (float reference, reports)."""
+    reference, _ = float_reference(inputs)
+    reports = []
+    with tempfile.TemporaryDirectory(prefix="edgefleet-variants-") as tmp:
+        for recipe in recipes:
+            progress(f"{goal.name}: building {recipe}")
+            reports.append(build_variant(recipe, inputs, Path(tmp), threads=goal.threads))
+    return reference, choose(reports, goal, reference)

@@ -1,0 +1,228 @@
+"""``edgefleet model build`` / ``model report``: per-profile compression of a model version.
+
+The long part (transforms, conversions, host measurements) runs with no
+database session open, so the running server is never blocked on SQLite;
+the report rows and the chosen artifact are written in one short session.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from server.blobs import BlobStore
+from server.catalog import resolve_version
+from server.compress.evalset import EvalSet, load_eval_file
+from server.compress.pipeline import CompressionInputs, ProfileGoal, VariantReport, compress_for_profile
+from server.compress.quantization import Quantization
+from server.compress.recipes import Recipe, auto_candidates, parse_recipe
+from server.db import Database, queries
+from server.db.models import Artifact, ModelVersion, Profile, Variant
+from server.devices import get_profile
+from server.native_output import native_stderr_to_log
+from shared.benchmark import BenchmarkSettings
+from shared.errors import UserInputError
+
+logger = logging.getLogger(__name__)
+
+LARGE_DENSE_PARAMS = 4096
+
+
+@dataclass(frozen=True)
+class VariantRow:
+    recipe: str
+    quantization: str
+    sha256: str | None
+    size_bytes: int | None
+    gzip_bytes: int | None
+    accuracy: float | None
+    agreement: float | None
+    p50_ms: float | None
+    p95_ms: float | None
+    peak_rss_bytes: int | None
+    verdict: str
+    reason: str
+    chosen: bool
+    details: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ProfileReport:
+    model: str
+    version: int
+    profile: str
+    objective: str
+    accuracy_budget: float
+    reference_accuracy: float
+    variants: tuple[VariantRow, ...]
+
+    @property
+    def chosen(self) -> VariantRow | None:
+        return next((v for v in self.variants if v.chosen), None)
+
+
+def goal_of(profile: Profile) -> ProfileGoal:
+    return ProfileGoal(
+        name=profile.name,
+        preferred=Quantization.parse(profile.quantization),
+        objective=profile.objective,
+        accuracy_budget=profile.accuracy_budget,
+        max_model_bytes=profile.max_model_bytes,
+        max_ram_bytes=profile.max_ram_bytes,
+        threads=1,  # the host has 2 cores; every variant is measured alike
+    )
+
+
+def _has_large_dense(model: Any) -> bool:
+    return any(
+        type(layer).__name__ == "Dense" and layer.kernel.shape[0] * layer.kernel.shape[1] >= LARGE_DENSE_PARAMS
+        for layer in model.layers
+    )
+
+
+def recipes_for(profile: Profile, recipe: str | None, *, model: Any, has_train: bool) -> list[Recipe]:
+    text = recipe or profile.recipe or "auto"
+    if text != "auto":
+        fixed = parse_recipe(text)
+        if fixed.retrains and not has_train:
+            raise UserInputError(
+                f"recipe {fixed} retrains the model: add the version with training data (model add --train)"
+            )
+        return [fixed]
+    allowed = tuple(Quantization.parse(q) for q in profile.quantizations.split(",") if q.strip())
+    preferred = Quantization.parse(profile.quantization)
+    return auto_candidates(
+        allowed or (preferred,), preferred, has_training_data=has_train, has_large_dense=_has_large_dense(model)
+    )
+
+
+@dataclass(frozen=True)
+class _Sources:
+    model_name: str
+    version: int
+    version_id: int
+    source_sha256: str
+    source_name: str
+    eval_sha256: str
+    train_sha256: str | None
+
+
+def _sources(version: ModelVersion) -> _Sources:
+    return _Sources(
+        version.model.name, version.version, version.id, version.source_sha256, version.source_name,
+        version.full_eval_sha256 or version.eval_sha256, version.train_sha256,
+    )
+
+
+def _load_inputs(blobs: BlobStore, sources: _Sources, work: Path, settings: BenchmarkSettings) -> CompressionInputs:
+    from server.compress.convert import load_keras_model
+
+    source = work / sources.source_name
+    source.write_bytes(blobs.read(sources.source_sha256))
+
+    def evalset(sha256: str, name: str) -> EvalSet:
+        path = work / name
+        path.write_bytes(blobs.read(sha256))
+        return load_eval_file(path)
+
+    train = evalset(sources.train_sha256, "train.npz") if sources.train_sha256 else None
+    return CompressionInputs(load_keras_model(source), evalset(sources.eval_sha256, "eval.npz"), train, settings=settings)
+
+
+def build_profile(
+    db: Database,
+    blobs: BlobStore,
+    model_ref: str,
+    profile_name: str,
+    *,
+    recipe: str | None = None,
+    settings: BenchmarkSettings | None = None,
+    progress: Callable[[str], None] = lambda _: None,
+) -> ProfileReport:
+    """Build every candidate of ``profile_name`` for a model version, store the report, and
+    make the chosen variant the version's artifact for that profile."""
+    with db.session() as session:
+        version = resolve_version(session, model_ref)
+        profile = get_profile(session, profile_name)
+        sources, goal, profile_recipe = _sources(version), goal_of(profile), profile
+        session.expunge(profile_recipe)
+    with tempfile.TemporaryDirectory(prefix="edgefleet-build-") as tmp:
+        inputs = _load_inputs(blobs, sources, Path(tmp), settings or BenchmarkSettings())
+        recipes = recipes_for(profile_recipe, recipe, model=inputs.model, has_train=inputs.train is not None)
+        with native_stderr_to_log(f"compressing {sources.model_name} for {profile_name}"):
+            reference, reports = compress_for_profile(recipes, inputs, goal, progress)
+    _store(db, blobs, sources, profile_name, reference, reports)
+    return compression_report(db, f"{sources.model_name}:{sources.version}", profile_name)
+
+
+def _store(
+    db: Database, blobs: BlobStore, sources: _Sources, profile: str, reference: float, reports: list[VariantReport]
+) -> None:
+    with db.session() as session:
+        queries.delete_variants(session, sources.version_id, profile)
+        for report in reports:
+            session.add(
+                Variant(
+                    model_version_id=sources.version_id, profile_name=profile, recipe=report.recipe,
+                    quantization=report.quantization, sha256=blobs.put(report.tflite) if report.tflite else None,
+                    size_bytes=report.size_bytes, gzip_bytes=report.gzip_bytes, accuracy=report.accuracy,
+                    agreement=report.agreement, p50_ms=report.p50_ms, p95_ms=report.p95_ms,
+                    peak_rss_bytes=report.peak_rss_bytes, verdict=report.verdict,
+                    details={**report.details, "reference_accuracy": reference},
+                    reason=report.reason, chosen=report.chosen,
+                )
+            )
+        chosen = next((r for r in reports if r.chosen), None)
+        artifact = queries.artifact_for_ids(session, sources.version_id, profile)
+        if chosen is None:
+            if artifact is not None:
+                session.delete(artifact)
+            return
+        assert chosen.tflite is not None and chosen.accuracy is not None
+        if artifact is None:
+            artifact = Artifact(model_version_id=sources.version_id, profile_name=profile)
+            session.add(artifact)
+        artifact.quantization, artifact.recipe = chosen.quantization, chosen.recipe
+        artifact.sha256, artifact.size_bytes, artifact.gzip_bytes = (
+            blobs.put(chosen.tflite), chosen.size_bytes or 0, chosen.gzip_bytes,
+        )
+        artifact.host_accuracy, artifact.host_p50_ms, artifact.host_p95_ms = chosen.accuracy, chosen.p50_ms, chosen.p95_ms
+
+
+def compression_report(db: Database, model_ref: str, profile: str | None = None) -> list[ProfileReport] | ProfileReport:
+    """The stored report: one profile's (when ``profile`` is given) or every built profile's."""
+    with db.session() as session:
+        version = resolve_version(session, model_ref)
+        rows = queries.variants_of(session, version.id, profile)
+        by_profile: dict[str, list[Variant]] = {}
+        for row in rows:
+            by_profile.setdefault(row.profile_name, []).append(row)
+        reports = []
+        for name, variants in by_profile.items():
+            p = get_profile(session, name)
+            reports.append(
+                ProfileReport(
+                    version.model.name, version.version, name, p.objective, p.accuracy_budget,
+                    float(variants[0].details.get("reference_accuracy", version.reference_accuracy)),
+                    tuple(_row(v) for v in variants),
+                )
+            )
+    if profile is not None:
+        if not reports:
+            raise UserInputError(
+                f"no compression report for {model_ref} on {profile}: run 'edgefleet model build {model_ref} "
+                f"--profile {profile}'"
+            )
+        return reports[0]
+    return reports
+
+
+def _row(v: Variant) -> VariantRow:
+    return VariantRow(
+        v.recipe, v.quantization, v.sha256, v.size_bytes, v.gzip_bytes, v.accuracy, v.agreement, v.p50_ms, v.p95_ms,
+        v.peak_rss_bytes, v.verdict, v.reason, v.chosen, dict(v.details),
+    )
