@@ -190,14 +190,11 @@ def model_add(name: str, model_file: Path, eval_file: Path, train_file: Path | N
 @JSON
 def model_build(model_ref: str, profiles: tuple[str, ...], recipe: str | None, data_dir: Path, as_json: bool) -> None:
     """Compress NAME[:VERSION] for each profile, measure every variant, and pick one."""
-    from server.compression import build_profile
+    from server.compression import build_profiles
 
     workspace = open_workspace(data_dir)
-    reports = [
-        build_profile(workspace.db, workspace.blobs, model_ref, profile, recipe=recipe,
-                      progress=lambda line: click.echo(line, err=True))
-        for profile in profiles
-    ]
+    reports = build_profiles(workspace.db, workspace.blobs, model_ref, list(profiles), recipe=recipe,
+                             progress=lambda line: click.echo(line, err=True))
     _print_reports(reports, as_json)
 
 

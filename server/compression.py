@@ -133,30 +133,42 @@ def _load_inputs(blobs: BlobStore, sources: _Sources, work: Path, settings: Benc
     return CompressionInputs(load_keras_model(source), evalset(sources.eval_sha256, "eval.npz"), train, settings=settings)
 
 
-def build_profile(
+def build_profiles(
     db: Database,
     blobs: BlobStore,
     model_ref: str,
-    profile_name: str,
+    profile_names: list[str],
     *,
     recipe: str | None = None,
     settings: BenchmarkSettings | None = None,
     progress: Callable[[str], None] = lambda _: None,
-) -> ProfileReport:
-    """Build every candidate of ``profile_name`` for a model version, store the report, and
-    make the chosen variant the version's artifact for that profile."""
+) -> list[ProfileReport]:
+    """Build every candidate of each profile for a model version, store the reports, and make
+    each profile's chosen variant the version's artifact for it. Transformed models (pruned,
+    distilled, factorised) are built once and shared by all profiles."""
     with db.session() as session:
         version = resolve_version(session, model_ref)
-        profile = get_profile(session, profile_name)
-        sources, goal, profile_recipe = _sources(version), goal_of(profile), profile
-        session.expunge(profile_recipe)
+        sources = _sources(version)
+        profiles = [get_profile(session, name) for name in profile_names]
+        for profile in profiles:
+            session.expunge(profile)
+    reports = []
     with tempfile.TemporaryDirectory(prefix="edgefleet-build-") as tmp:
         inputs = _load_inputs(blobs, sources, Path(tmp), settings or BenchmarkSettings())
-        recipes = recipes_for(profile_recipe, recipe, model=inputs.model, has_train=inputs.train is not None)
-        with native_stderr_to_log(f"compressing {sources.model_name} for {profile_name}"):
-            reference, reports = compress_for_profile(recipes, inputs, goal, progress)
-    _store(db, blobs, sources, profile_name, reference, reports)
-    return compression_report(db, f"{sources.model_name}:{sources.version}", profile_name)
+        for profile in profiles:
+            recipes = recipes_for(profile, recipe, model=inputs.model, has_train=inputs.train is not None)
+            with native_stderr_to_log(f"compressing {sources.model_name} for {profile.name}"):
+                reference, variants = compress_for_profile(recipes, inputs, goal_of(profile), progress)
+            _store(db, blobs, sources, profile.name, reference, variants)
+            report = compression_report(db, f"{sources.model_name}:{sources.version}", profile.name)
+            assert isinstance(report, ProfileReport)
+            reports.append(report)
+    return reports
+
+
+def build_profile(db: Database, blobs: BlobStore, model_ref: str, profile_name: str, **options: Any) -> ProfileReport:
+    """``build_profiles`` for one profile."""
+    return build_profiles(db, blobs, model_ref, [profile_name], **options)[0]
 
 
 def _store(

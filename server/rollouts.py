@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 
 from server.blobs import BlobStore
 from server.catalog import resolve_version
-from server.compression import build_profile
+from server.compression import build_profiles
 from server.db import Database, Session, queries
 from server.db.models import Deployment, Device, Rollout
 from server.devices import find_device, get_profile
@@ -121,11 +121,10 @@ def start_rollout(
         ref = f"{version.model.name}:{version.version}"
         needed = sorted({d.profile_name for d in _targets(session, profiles, device_names).values()})
         unbuilt = [p for p in needed if queries.artifact_for_ids(session, version.id, p) is None]
-    for profile in unbuilt:
-        report = build_profile(db, blobs, ref, profile, progress=progress)
+    for report in build_profiles(db, blobs, ref, unbuilt, progress=progress) if unbuilt else []:
         if report.chosen is None:
             reasons = "; ".join(f"{v.recipe}: {v.verdict} ({v.reason})" for v in report.variants)
-            raise UserInputError(f"no variant of {ref} fits profile {profile}: {reasons}")
+            raise UserInputError(f"no variant of {ref} fits profile {report.profile}: {reasons}")
     with db.session() as session:
         version = resolve_version(session, ref)
         targets = _targets(session, profiles, device_names)
@@ -143,6 +142,13 @@ def start_rollout(
                 artifact = queries.artifact_for_ids(session, version.id, device.profile_name)
                 if artifact is None:
                     raise UserInputError(f"no variant of {ref} fits profile {device.profile_name}")
+                limit = device.profile.max_model_bytes
+                if limit is not None and artifact.size_bytes > limit:  # the profile changed since the build
+                    raise UserInputError(
+                        f"{ref}'s {artifact.recipe or artifact.quantization} variant ({artifact.size_bytes} bytes) "
+                        f"exceeds profile {device.profile_name}'s limit of {limit} bytes: rebuild it with "
+                        f"'edgefleet model build {ref} --profile {device.profile_name}'"
+                    )
                 releases[device.profile_name] = sign_release(session, blobs, keys, artifact)
             device.directive_seq += 1
             session.add(

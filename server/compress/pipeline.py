@@ -197,30 +197,34 @@ def build_variant(recipe: Recipe, inputs: CompressionInputs, workdir: Path, thre
     )
 
 
+def sparse_encoding_verdict(
+    dense_bytes: int, dense_partitions: int, sparse_bytes: int, sparse_partitions: int
+) -> tuple[bool, str]:
+    """Ship the sparse encoding of a pruned model only if it is smaller and XNNPACK delegates it
+    as fully as the dense one; sparse int8 kernels often are not delegated, and then run far slower."""
+    if sparse_bytes >= dense_bytes:
+        return False, "dense (the sparse encoding saved nothing)"
+    if sparse_partitions == 0 or sparse_partitions < dense_partitions:
+        return False, (f"dense: XNNPACK did not delegate the sparse encoding "
+                       f"({sparse_partitions} partitions vs {dense_partitions}), fell back")
+    return True, f"sparse ({sparse_bytes} bytes vs {dense_bytes} dense)"
+
+
 def _prefer_sparse_encoding(
     model: Any, recipe: Recipe, inputs: CompressionInputs, workdir: Path, threads: int,
     dense: bytes, dense_metrics: dict[str, Any],
 ) -> tuple[bytes, dict[str, Any]]:
-    """Try the converter's sparse weight encoding; keep it only when XNNPACK still delegates the graph
-    as well as the dense one, and fall back (saying so) when it does not."""
     from server.compress.convert import convert
 
     try:
         sparse = convert(model, recipe.quantization, (inputs.train or inputs.evalset).x, sparse_encoding=True)
         sparse_metrics = measure(sparse, inputs, workdir, threads)
     except EdgefleetError as exc:
-        return dense, {**dense_metrics, "encoding": f"dense (sparse encoding failed: {exc})"}
-    if len(sparse) >= len(dense):
-        return dense, {**dense_metrics, "encoding": "dense (sparse encoding saved nothing)"}
-    if sparse_metrics["delegate_partitions"] < dense_metrics["delegate_partitions"] or (
-        sparse_metrics["delegate_partitions"] == 0
-    ):
-        return dense, {
-            **dense_metrics,
-            "encoding": f"dense: XNNPACK did not delegate the sparse encoding "
-            f"({sparse_metrics['delegate_partitions']} partitions vs {dense_metrics['delegate_partitions']})",
-        }
-    return sparse, {**sparse_metrics, "encoding": f"sparse ({len(sparse)} bytes vs {len(dense)} dense)"}
+        return dense, {**dense_metrics, "encoding": f"dense (the sparse encoding failed: {exc})"}
+    use_sparse, note = sparse_encoding_verdict(
+        len(dense), dense_metrics["delegate_partitions"], len(sparse), sparse_metrics["delegate_partitions"]
+    )
+    return (sparse, {**sparse_metrics, "encoding": note}) if use_sparse else (dense, {**dense_metrics, "encoding": note})
 
 
 # -- choosing --------------------------------------------------------------------

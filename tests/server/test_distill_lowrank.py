@@ -348,7 +348,7 @@ def test_sequential_models_are_factorised_too(teacher: Any, split: tuple[EvalSet
     assert type(result.model) is keras.Sequential
     # the hidden Dense (288 x 128) is replaced; "scores" (128 x 10) is too small. Names by position:
     # Keras numbers unnamed layers process-wide, so they depend on what ran before.
-    hidden = [layer for layer in teacher.layers if type(layer).__name__ == "Dense"][0].name
+    hidden = next(layer for layer in teacher.layers if type(layer).__name__ == "Dense").name
     assert [rank.name for rank in result.replaced] == [hidden]
     conv_names = [layer.name for layer in teacher.layers if type(layer).__name__ == "Conv2D"]
     for name in (*conv_names, "scores"):

@@ -1,0 +1,144 @@
+"""Compression benchmark: every recipe on three models, measured the way the product measures.
+
+    python bench/compression.py [--quick] [--skip-imagenet]
+
+(a) a digits CNN trained here (scikit-learn's bundled digits), with training
+    data, so the retraining steps (pruning, distillation, low-rank) run too;
+(b) keras.applications MobileNetV2 (alpha 0.35, 96x96) and EfficientNetB0
+    (224x224), weights=None (nothing is downloaded): size and latency only;
+    their "accuracy" is top-1 agreement with their own float32 model on
+    random inputs.
+
+Each variant is built by ``server.compress.pipeline.build_variant`` and
+measured in a child process with LiteRT and the benchmark_model-style timing
+the agents use (one thread). Ratios are against float32 measured in the same
+run. Prints one table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from server.compress.evalset import EvalSet
+from server.compress.pipeline import CompressionInputs, VariantReport, build_variant, float_reference
+from server.compress.recipes import parse_recipe
+from server.native_output import native_stderr_to_log
+from shared.benchmark import BenchmarkSettings
+
+QUANTIZATIONS = ["float32", "dynamic_range", "float16", "int8", "int8_float_io", "int16x8"]
+DIGITS_RECIPES = QUANTIZATIONS + [
+    "prune:0.5+float32", "prune:0.8+float32", "prune:0.5+int8", "prune:0.8+int8", "prune24+int8",
+    "distill:0.5+float32", "distill:0.5+int8", "lowrank:0.5+float32", "lowrank:0.5+int8",
+]
+IMAGENET_RECIPES = ["float32", "dynamic_range", "float16", "int8", "int16x8"]
+
+
+def digits_case(epochs: int) -> tuple[str, CompressionInputs, list[str]]:
+    from server.compress.digits import digits_split, train_digits_cnn
+
+    model, test = train_digits_cnn(epochs=epochs)
+    train, _ = digits_split()
+    return "digits CNN", CompressionInputs(model, test, train, epochs=3), DIGITS_RECIPES
+
+
+def imagenet_case(name: str, samples: int) -> tuple[str, CompressionInputs, list[str]]:
+    import keras
+
+    keras.utils.set_random_seed(0)
+    if name == "MobileNetV2":
+        model = keras.applications.MobileNetV2(input_shape=(96, 96, 3), alpha=0.35, weights=None, classes=1000)
+        shape = (96, 96, 3)
+    else:
+        model = keras.applications.EfficientNetB0(input_shape=(224, 224, 3), weights=None, classes=1000)
+        shape = (224, 224, 3)
+    x = np.random.default_rng(0).random((samples, *shape), dtype=np.float32)
+    # No labels: use the float model's own top-1, so "accuracy" reads as agreement with float32.
+    y = np.argmax(model.predict(x, verbose=0), axis=-1).astype(np.int64)
+    label = f"{name} (random inputs)"
+    return label, CompressionInputs(model, EvalSet(x=x, y=y)), IMAGENET_RECIPES
+
+
+def run_case(label: str, inputs: CompressionInputs, recipes: list[str], work: Path) -> list[tuple[str, VariantReport]]:
+    float_reference(inputs)
+    rows = []
+    for text in recipes:
+        started = time.monotonic()
+        with native_stderr_to_log(f"{label} {text}"):
+            report = build_variant(parse_recipe(text), inputs, work)
+        print(f"  {label:28} {text:22} {time.monotonic() - started:6.1f} s  {report.reason}", file=sys.stderr)
+        rows.append((label, report))
+    return rows
+
+
+def print_table(rows: list[tuple[str, VariantReport]], references: dict[str, float]) -> None:
+    base: dict[str, VariantReport] = {label: r for label, r in rows if r.recipe == "float32"}
+    header = ["model", "variant", "bytes", "vs f32", "gzip bytes", "p50 ms", "vs f32", "p95 ms", "accuracy",
+              "delta", "XNNPACK", "notes"]
+    lines = []
+    for label, r in rows:
+        b = base.get(label)
+        if r.size_bytes is None:
+            lines.append([label, r.recipe, "failed", "", "", "", "", "", "", "", "", r.reason[:60]])
+            continue
+        notes = []
+        if "zero_fraction" in r.details:
+            notes.append(f"zeros {r.details['zero_fraction']:.2f}")
+        if "encoding" in r.details:
+            notes.append(str(r.details["encoding"]).split(":")[0].split(" (")[0])
+        if "student_params" in r.details:
+            notes.append(f"params {r.details['teacher_params']}->{r.details['student_params']}")
+        if "ranks" in r.details:
+            notes.append("ranks " + ",".join(str(v) for v in r.details["ranks"].values()))
+        lines.append([
+            label, r.recipe, f"{r.size_bytes:,}",
+            f"{r.size_bytes / b.size_bytes:.2f}x" if b and b.size_bytes else "-",
+            f"{r.gzip_bytes:,}", f"{r.p50_ms:.4f}",
+            f"{r.p50_ms / b.p50_ms:.2f}x" if b and b.p50_ms and r.p50_ms else "-",
+            f"{r.p95_ms:.4f}", f"{r.accuracy:.4f}",
+            f"{(r.accuracy or 0) - references[label]:+.4f}",
+            "yes" if r.details.get("delegate_partitions") else "no",
+            "; ".join(notes),
+        ])
+    widths = [max(len(h), *(len(row[i]) for row in lines)) for i, h in enumerate(header)]
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in lines:
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="shorter timing and training (a smoke run)")
+    parser.add_argument("--skip-imagenet", action="store_true", help="only the digits CNN")
+    args = parser.parse_args()
+    settings = BenchmarkSettings(min_seconds=0.2, min_runs=20) if args.quick else BenchmarkSettings()
+    cases = [digits_case(epochs=5 if args.quick else 15)]
+    if not args.skip_imagenet:
+        samples = 8 if args.quick else 32
+        cases += [imagenet_case("MobileNetV2", samples), imagenet_case("EfficientNetB0", samples)]
+    rows, references = [], {}
+    with tempfile.TemporaryDirectory(prefix="edgefleet-bench-") as tmp:
+        for label, inputs, recipes in cases:
+            inputs.settings = settings
+            references[label] = float_reference(inputs)[0]
+            rows += run_case(label, inputs, recipes, Path(tmp))
+    import ai_edge_litert
+
+    print(f"\nhost: {os.cpu_count()} cores, LiteRT {getattr(ai_edge_litert, '__version__', '?')}, 1 thread, "
+          f"p50/p95 of >= {settings.min_runs} runs and >= {settings.min_seconds:g} s after warm-up; "
+          f"ratios against float32 measured in the same run\n")
+    print_table(rows, references)
+
+
+if __name__ == "__main__":
+    main()
