@@ -88,13 +88,18 @@ def print_table(rows: list[tuple[str, VariantReport]], references: dict[str, flo
     for label, r in rows:
         b = base.get(label)
         if r.size_bytes is None:
-            lines.append([label, r.recipe, "failed", "", "", "", "", "", "", "", "", r.reason[:60]])
+            lines.append([label, r.recipe, "failed", "", "", "", "", "", "", "", "", r.reason[:90]])
             continue
         notes = []
         if "zero_fraction" in r.details:
             notes.append(f"zeros {r.details['zero_fraction']:.2f}")
-        if "encoding" in r.details:
-            notes.append(str(r.details["encoding"]).split(":")[0].split(" (")[0])
+        encoding = str(r.details.get("encoding", ""))
+        if "did not delegate" in encoding:
+            notes.append("dense (sparse not delegated by XNNPACK)")
+        elif "saved nothing" in encoding:
+            notes.append("dense (sparse no smaller)")
+        elif encoding:
+            notes.append(encoding.split(" (")[0] + " encoding")
         if "student_params" in r.details:
             notes.append(f"params {r.details['teacher_params']}->{r.details['student_params']}")
         if "ranks" in r.details:

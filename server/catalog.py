@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from server.blobs import BlobStore
-from server.compress import convert
 from server.compress.evalset import check_against_model, eval_file_bytes, eval_slice, load_eval_file
+from server.compress.sources import open_source, pack_source
 from server.db import Database, Session, queries
 from server.db.models import Model, ModelVersion
 from shared.errors import NotFoundError, UserInputError
@@ -38,14 +38,15 @@ def add_model(
         raise UserInputError(f"invalid model name {name!r}: use letters, digits, '.', '_' or '-'")
     evalset = load_eval_file(eval_file)
     train = load_eval_file(train_file) if train_file is not None else None
-    keras_model = convert.load_keras_model(model_file)
-    input_shape, num_classes = convert.model_signature(keras_model)
-    check_against_model(evalset, input_shape, num_classes)
+    source = open_source(model_file)
+    num_classes = source.num_classes
+    check_against_model(evalset, source.input_shape, num_classes)
     if train is not None:
-        check_against_model(train, input_shape, num_classes)
+        check_against_model(train, source.input_shape, num_classes)
     travelling = eval_slice(evalset)
-    reference = convert.predict_accuracy(keras_model, travelling)
-    source_sha = blobs.put_file(model_file)
+    reference = float((source.predict_classes(travelling) == travelling.y).mean())
+    packed, stored_name = pack_source(model_file)
+    source_sha = blobs.put(packed)
     eval_sha = blobs.put(eval_file_bytes(travelling))
     full_eval_sha = blobs.put(eval_file_bytes(evalset))
     train_sha = blobs.put(eval_file_bytes(train)) if train is not None else None
@@ -59,7 +60,7 @@ def add_model(
             model_id=model.id,
             version=queries.next_version_number(session, model),
             source_sha256=source_sha,
-            source_name=model_file.name,
+            source_name=stored_name,
             eval_sha256=eval_sha,
             full_eval_sha256=full_eval_sha,
             train_sha256=train_sha,

@@ -20,6 +20,7 @@ from server.compress.evalset import EvalSet, load_eval_file
 from server.compress.pipeline import CompressionInputs, ProfileGoal, VariantReport, compress_for_profile
 from server.compress.quantization import Quantization
 from server.compress.recipes import Recipe, auto_candidates, parse_recipe
+from server.compress.sources import ModelSource, open_source, unpack_source
 from server.db import Database, queries
 from server.db.models import Artifact, ModelVersion, Profile, Variant
 from server.devices import get_profile
@@ -78,14 +79,18 @@ def goal_of(profile: Profile) -> ProfileGoal:
 
 
 def _has_large_dense(model: Any) -> bool:
-    return any(
+    return model is not None and any(
         type(layer).__name__ == "Dense" and layer.kernel.shape[0] * layer.kernel.shape[1] >= LARGE_DENSE_PARAMS
         for layer in model.layers
     )
 
 
-def recipes_for(profile: Profile, recipe: str | None, *, model: Any, has_train: bool) -> list[Recipe]:
+def recipes_for(profile: Profile, recipe: str | None, *, source: ModelSource, has_train: bool) -> list[Recipe]:
     text = recipe or profile.recipe or "auto"
+    if source.kind == "tflite":  # a prebuilt model ships as it is, whatever the profile's recipe
+        if recipe not in (None, "auto", "prebuilt"):
+            raise UserInputError(f"a prebuilt .tflite model is shipped as it is; recipe {recipe!r} does not apply")
+        return [Recipe((), Quantization.PREBUILT)]
     if text != "auto":
         fixed = parse_recipe(text)
         if fixed.retrains and not has_train:
@@ -96,7 +101,9 @@ def recipes_for(profile: Profile, recipe: str | None, *, model: Any, has_train: 
     allowed = tuple(Quantization.parse(q) for q in profile.quantizations.split(",") if q.strip())
     preferred = Quantization.parse(profile.quantization)
     return auto_candidates(
-        allowed or (preferred,), preferred, has_training_data=has_train, has_large_dense=_has_large_dense(model)
+        allowed or (preferred,), preferred,
+        has_training_data=has_train and source.keras_model is not None,
+        has_large_dense=_has_large_dense(source.keras_model),
     )
 
 
@@ -119,10 +126,7 @@ def _sources(version: ModelVersion) -> _Sources:
 
 
 def _load_inputs(blobs: BlobStore, sources: _Sources, work: Path, settings: BenchmarkSettings) -> CompressionInputs:
-    from server.compress.convert import load_keras_model
-
-    source = work / sources.source_name
-    source.write_bytes(blobs.read(sources.source_sha256))
+    model_path = unpack_source(blobs.read(sources.source_sha256), sources.source_name, work)
 
     def evalset(sha256: str, name: str) -> EvalSet:
         path = work / name
@@ -130,7 +134,7 @@ def _load_inputs(blobs: BlobStore, sources: _Sources, work: Path, settings: Benc
         return load_eval_file(path)
 
     train = evalset(sources.train_sha256, "train.npz") if sources.train_sha256 else None
-    return CompressionInputs(load_keras_model(source), evalset(sources.eval_sha256, "eval.npz"), train, settings=settings)
+    return CompressionInputs(open_source(model_path), evalset(sources.eval_sha256, "eval.npz"), train, settings=settings)
 
 
 def build_profiles(
@@ -156,7 +160,7 @@ def build_profiles(
     with tempfile.TemporaryDirectory(prefix="edgefleet-build-") as tmp:
         inputs = _load_inputs(blobs, sources, Path(tmp), settings or BenchmarkSettings())
         for profile in profiles:
-            recipes = recipes_for(profile, recipe, model=inputs.model, has_train=inputs.train is not None)
+            recipes = recipes_for(profile, recipe, source=inputs.source, has_train=inputs.train is not None)
             with native_stderr_to_log(f"compressing {sources.model_name} for {profile.name}"):
                 reference, variants = compress_for_profile(recipes, inputs, goal_of(profile), progress)
             _store(db, blobs, sources, profile.name, reference, variants)

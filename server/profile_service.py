@@ -58,8 +58,8 @@ _SIZE_FIELDS = ("max_model_bytes", "max_ram_bytes")
 
 
 def quantization_choices() -> tuple[str, ...]:
-    """Every value of the ``Quantization`` enum, read at run time."""
-    return tuple(q.value for q in Quantization)
+    """Every quantization a model can be converted with, read from the enum at run time."""
+    return tuple(q.value for q in Quantization.convertible())
 
 
 @dataclass(frozen=True)

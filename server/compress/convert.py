@@ -173,7 +173,7 @@ def predict_accuracy(model: Any, evalset: EvalSet) -> float:
 def convert(
     model: Any, quantization: Quantization, representative_x: np.ndarray, *, sparse_encoding: bool = False
 ) -> bytes:
-    """The ``.tflite`` flatbuffer of ``model`` under ``quantization``.
+    """The ``.tflite`` flatbuffer of a Keras ``model`` under ``quantization``.
 
     ``representative_x`` (float samples shaped like the model input, without
     the batch dimension) calibrates activation ranges for the integer schemes,
@@ -181,7 +181,30 @@ def convert(
     """
     tf = import_tensorflow()
     input_shape, _ = model_signature(model)
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    return _convert(tf.lite.TFLiteConverter.from_keras_model(model), quantization, representative_x, input_shape,
+                    sparse_encoding)
+
+
+def convert_saved_model(
+    directory: Path, input_shape: tuple[int, ...], quantization: Quantization, representative_x: np.ndarray,
+    *, sparse_encoding: bool = False,
+) -> bytes:
+    """The ``.tflite`` flatbuffer of a TensorFlow SavedModel directory (its serving signature)."""
+    tf = import_tensorflow()
+    try:
+        converter = tf.lite.TFLiteConverter.from_saved_model(str(directory))
+    except Exception as exc:  # OSError, ValueError, ... for a directory that is not a SavedModel
+        raise UserInputError(f"{directory.name} is not a TensorFlow SavedModel: {_one_line(exc)}") from exc
+    return _convert(converter, quantization, representative_x, input_shape, sparse_encoding)
+
+
+def _convert(
+    converter: Any, quantization: Quantization, representative_x: np.ndarray, input_shape: tuple[int, ...],
+    sparse_encoding: bool,
+) -> bytes:
+    tf = import_tensorflow()
+    if quantization is Quantization.PREBUILT:
+        raise UserInputError("a prebuilt .tflite model is shipped as it is; it cannot be converted again")
     if quantization is not Quantization.FLOAT32:
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if sparse_encoding:  # store pruned weights in a sparse format: smaller files, if the runtime delegates them

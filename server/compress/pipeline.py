@@ -28,6 +28,7 @@ import numpy as np
 from server.compress.evalset import EvalSet, write_eval_file
 from server.compress.quantization import Quantization
 from server.compress.recipes import Recipe, Transform
+from server.compress.sources import KerasSource, PrebuiltSource, SavedModelSource
 from shared.benchmark import BenchmarkSettings
 from shared.errors import EdgefleetError, UserInputError
 from shared.trial import TrialRequest, run_trial
@@ -75,7 +76,7 @@ class VariantReport:
 
 @dataclass
 class CompressionInputs:
-    model: Any  # the Keras model
+    source: Any  # a ModelSource, or a Keras model (wrapped in a KerasSource)
     evalset: EvalSet  # host-side evaluation (the whole eval set)
     train: EvalSet | None = None
     reference_accuracy: float | None = None  # float model on evalset; computed when None
@@ -83,6 +84,11 @@ class CompressionInputs:
     settings: BenchmarkSettings = field(default_factory=BenchmarkSettings)
     _transformed: dict[tuple[Transform, ...], tuple[Any, dict[str, Any]]] = field(default_factory=dict)
     _float_predictions: np.ndarray | None = None
+    _eval_file: Path | None = None  # the evalset written once for the trial children
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.source, (KerasSource, SavedModelSource, PrebuiltSource)):
+            self.source = KerasSource(self.source)
 
 
 def gzip_size(data: bytes) -> int:
@@ -92,9 +98,7 @@ def gzip_size(data: bytes) -> int:
 
 def float_reference(inputs: CompressionInputs) -> tuple[float, np.ndarray]:
     if inputs._float_predictions is None:
-        from server.compress.convert import predict_classes
-
-        inputs._float_predictions = predict_classes(inputs.model, inputs.evalset)
+        inputs._float_predictions = inputs.source.predict_classes(inputs.evalset)
         inputs.reference_accuracy = float(np.mean(inputs._float_predictions == inputs.evalset.y))
     assert inputs.reference_accuracy is not None
     return inputs.reference_accuracy, inputs._float_predictions
@@ -131,7 +135,11 @@ def _apply(transform: Transform, model: Any, inputs: CompressionInputs) -> tuple
 
 def transformed_model(recipe: Recipe, inputs: CompressionInputs) -> tuple[Any, dict[str, Any]]:
     """The Keras model after the recipe's transforms; each prefix is built once per run."""
-    model, details = inputs.model, {}
+    model, details = inputs.source.keras_model, {}
+    if recipe.transforms and model is None:
+        raise UserInputError(
+            f"{recipe} needs a Keras model (.keras or .h5): pruning, distillation and low-rank retrain it"
+        )
     for i in range(1, len(recipe.transforms) + 1):
         key = recipe.transforms[:i]
         if key not in inputs._transformed:
@@ -148,10 +156,11 @@ def transformed_model(recipe: Recipe, inputs: CompressionInputs) -> tuple[Any, d
 
 def measure(tflite: bytes, inputs: CompressionInputs, workdir: Path, threads: int) -> dict[str, Any]:
     """Run the flatbuffer in a child process with the agents' interpreter and benchmark."""
-    model_path, eval_path = workdir / "candidate.tflite", workdir / "eval.npz"
+    model_path = workdir / "candidate.tflite"
     model_path.write_bytes(tflite)
-    if not eval_path.exists():
-        write_eval_file(inputs.evalset, eval_path)
+    if inputs._eval_file is None or not inputs._eval_file.exists():
+        inputs._eval_file = write_eval_file(inputs.evalset, workdir / f"eval-{id(inputs):x}.npz")
+    eval_path = inputs._eval_file
     s = inputs.settings
     result = run_trial(
         TrialRequest(
@@ -183,7 +192,10 @@ def build_variant(recipe: Recipe, inputs: CompressionInputs, workdir: Path, thre
     representative = (inputs.train or inputs.evalset).x
     try:
         model, details = transformed_model(recipe, inputs)
-        tflite = convert(model, recipe.quantization, representative)
+        if recipe.transforms:
+            tflite = convert(model, recipe.quantization, representative)
+        else:
+            tflite = inputs.source.convert(recipe.quantization, representative)
         metrics = measure(tflite, inputs, workdir, threads)
         if any(t.kind in ("prune", "prune24") for t in recipe.transforms):
             tflite, metrics = _prefer_sparse_encoding(model, recipe, inputs, workdir, threads, tflite, metrics)

@@ -23,6 +23,13 @@ class Quantization(enum.Enum):
     """Full integer inside, float input and output (quantize/dequantize ops at the edges)."""
     INT16X8 = "int16x8"
     """int8 weights with int16 activations: closer to float accuracy than int8; float input and output."""
+    PREBUILT = "prebuilt"
+    """A .tflite the user supplied: evaluated and signed, shipped as it is, never converted again."""
+
+    @classmethod
+    def convertible(cls) -> tuple[Quantization, ...]:
+        """The schemes a model can be converted with (all but PREBUILT)."""
+        return tuple(q for q in cls if q is not cls.PREBUILT)
 
     @property
     def needs_representative_data(self) -> bool:

@@ -243,7 +243,7 @@ def test_spec_from_toml_needs_a_name(tmp_path: Path) -> None:
 
 
 def test_every_quantization_of_the_enum_is_accepted(data_dir: Path) -> None:
-    for i, quantization in enumerate(Quantization):
+    for i, quantization in enumerate(Quantization.convertible()):
         assert_ok(add(data_dir, f"q{i}", "--quantizations", quantization.value))
         assert shown(data_dir, f"q{i}")["quantization"] == quantization.value
 
@@ -293,7 +293,8 @@ def test_a_builtin_profile_cannot_be_replaced(data_dir: Path, replace: list[str]
 @pytest.mark.parametrize(
     ("args", "fragments"),
     [
-        (["--quantizations", "int8,int4"], ["unknown quantization 'int4'", *(q.value for q in Quantization)]),
+        (["--quantizations", "int8,int4"],
+         ["unknown quantization 'int4'", *(q.value for q in Quantization.convertible())]),
         (["--quantization", "int3"], ["unknown quantization 'int3'", "float16"]),
         (["--quantizations", "int8,float16", "--quantization", "float32"],
          ["preferred quantization 'float32'", "int8, float16"]),

@@ -1,0 +1,206 @@
+"""The model formats ``model add`` takes, behind one small interface.
+
+- Keras ``.keras`` / ``.h5``: everything, including the retraining transforms;
+- a TensorFlow SavedModel directory: every quantization, no retraining
+  (pruning, distillation and low-rank need a Keras model);
+- a prebuilt ``.tflite``: evaluated and signed, shipped as it is.
+
+In the blob store a SavedModel directory is one deterministic tar.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from server.compress.evalset import EvalSet, check_against_model
+from server.compress.quantization import Quantization
+from shared.errors import ModelError, UserInputError
+
+SAVED_MODEL_SUFFIX = ".savedmodel.tar"
+
+
+class ModelSource(Protocol):
+    kind: str
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+    @property
+    def keras_model(self) -> Any | None: ...
+
+    def convert(self, quantization: Quantization, representative_x: np.ndarray) -> bytes: ...
+
+    def predict_classes(self, evalset: EvalSet) -> np.ndarray: ...
+
+
+@dataclass
+class KerasSource:
+    model: Any
+    kind: str = "keras"
+
+    def __post_init__(self) -> None:
+        from server.compress.convert import model_signature
+
+        self.input_shape, self.num_classes = model_signature(self.model)
+
+    @property
+    def keras_model(self) -> Any:
+        return self.model
+
+    def convert(self, quantization: Quantization, representative_x: np.ndarray) -> bytes:
+        from server.compress.convert import convert
+
+        return convert(self.model, quantization, representative_x)
+
+    def predict_classes(self, evalset: EvalSet) -> np.ndarray:
+        from server.compress.convert import predict_classes
+
+        return predict_classes(self.model, evalset)
+
+
+class SavedModelSource:
+    kind = "saved_model"
+
+    def __init__(self, directory: Path) -> None:
+        from server.compress.convert import import_tensorflow
+
+        tf = import_tensorflow()
+        self.directory = directory
+        try:
+            loaded = tf.saved_model.load(str(directory))
+            self._serve = loaded.signatures["serving_default"]
+        except KeyError as exc:
+            raise UserInputError(f"{directory.name}: the SavedModel has no 'serving_default' signature") from exc
+        except Exception as exc:  # OSError, ValueError, ... from the loader
+            raise UserInputError(f"{directory.name} is not a loadable TensorFlow SavedModel: {exc}") from exc
+        inputs = [t for t in self._serve.structured_input_signature[1].values()]
+        outputs = list(self._serve.structured_outputs.values())
+        if len(inputs) != 1 or len(outputs) != 1 or len(outputs[0].shape) != 2:
+            raise UserInputError(
+                f"{directory.name}: expected one input and one (batch, classes) output in 'serving_default'"
+            )
+        self._input_name = next(iter(self._serve.structured_input_signature[1]))
+        self.input_shape = tuple(int(d) for d in inputs[0].shape[1:])
+        self.num_classes = int(outputs[0].shape[-1])
+
+    @property
+    def keras_model(self) -> None:
+        return None
+
+    def convert(self, quantization: Quantization, representative_x: np.ndarray) -> bytes:
+        from server.compress.convert import convert_saved_model
+
+        return convert_saved_model(self.directory, self.input_shape, quantization, representative_x)
+
+    def predict_classes(self, evalset: EvalSet) -> np.ndarray:
+        check_against_model(evalset, self.input_shape, self.num_classes)
+        try:
+            scores = [
+                next(iter(self._serve(**{self._input_name: evalset.x[i : i + 256]}).values())).numpy()
+                for i in range(0, len(evalset), 256)
+            ]
+        except Exception as exc:  # TensorFlow op errors
+            raise ModelError(f"the SavedModel failed on the evaluation set: {exc}") from exc
+        predicted: np.ndarray = np.argmax(np.concatenate(scores), axis=-1)
+        return predicted
+
+
+class PrebuiltSource:
+    kind = "tflite"
+
+    def __init__(self, data: bytes, name: str) -> None:
+        from shared.interpreter import TFLiteModel
+
+        self.data, self.name = data, name
+        fd, path = tempfile.mkstemp(prefix="edgefleet-prebuilt-", suffix=".tflite")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            self._model = TFLiteModel(path)  # ModelLoadError for a broken file; it keeps its own mapping
+        finally:
+            os.unlink(path)
+        shape = self._model.input_shape
+        self.input_shape = tuple(shape[1:])
+        out = self._model.infer(np.zeros(shape, np.float32))
+        if out.ndim != 2:
+            raise UserInputError(f"{name}: expected a (batch, classes) output, got shape {tuple(out.shape)}")
+        self.num_classes = int(out.shape[-1])
+
+    @property
+    def keras_model(self) -> None:
+        return None
+
+    def convert(self, quantization: Quantization, representative_x: np.ndarray) -> bytes:
+        if quantization is not Quantization.PREBUILT:
+            raise UserInputError(f"{self.name} is a prebuilt .tflite: it ships as it is (recipe 'prebuilt')")
+        return self.data
+
+    def predict_classes(self, evalset: EvalSet) -> np.ndarray:
+        from shared.interpreter import predict_classes
+
+        check_against_model(evalset, self.input_shape, self.num_classes)
+        return np.asarray(predict_classes(self._model, evalset.x))
+
+
+def detect_kind(path: Path) -> str:
+    if path.is_dir():
+        if (path / "saved_model.pb").exists():
+            return "saved_model"
+        raise UserInputError(f"{path} is a directory but not a TensorFlow SavedModel (no saved_model.pb)")
+    if path.name.endswith(SAVED_MODEL_SUFFIX):
+        return "saved_model"
+    if path.suffix == ".tflite":
+        return "tflite"
+    return "keras"  # load_keras_model explains anything else
+
+
+def pack_source(path: Path) -> tuple[bytes, str]:
+    """The bytes to keep in the blob store and the name they are stored under."""
+    if not path.exists():
+        raise UserInputError(f"model file not found: {path}")
+    if detect_kind(path) == "saved_model" and path.is_dir():
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:  # deterministic: sorted, no times or owners
+            for file in sorted(p for p in path.rglob("*") if p.is_file()):
+                info = tarfile.TarInfo(str(file.relative_to(path)))
+                info.size, info.mtime, info.mode = file.stat().st_size, 0, 0o644
+                with open(file, "rb") as fh:
+                    tar.addfile(info, fh)
+        return buffer.getvalue(), path.name.rstrip("/") + SAVED_MODEL_SUFFIX
+    return path.read_bytes(), path.name
+
+
+def unpack_source(data: bytes, name: str, workdir: Path) -> Path:
+    """Write a stored source back to disk; returns the path ``open_source`` takes."""
+    if name.endswith(SAVED_MODEL_SUFFIX):
+        target = workdir / name.removesuffix(SAVED_MODEL_SUFFIX)
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            tar.extractall(target, filter="data")
+        return target
+    target = workdir / name
+    target.write_bytes(data)
+    return target
+
+
+def open_source(path: Path) -> ModelSource:
+    kind = detect_kind(path)
+    if kind == "saved_model":
+        return SavedModelSource(path)
+    if kind == "tflite":
+        try:
+            return PrebuiltSource(path.read_bytes(), path.name)
+        except OSError as exc:
+            raise UserInputError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    from server.compress.convert import load_keras_model
+
+    return KerasSource(load_keras_model(path))
+
+
+__all__ = ["ModelSource", "detect_kind", "open_source", "pack_source", "unpack_source"]
