@@ -94,8 +94,8 @@ def print_table(rows: list[tuple[str, VariantReport]], references: dict[str, flo
         if "zero_fraction" in r.details:
             notes.append(f"zeros {r.details['zero_fraction']:.2f}")
         encoding = str(r.details.get("encoding", ""))
-        if "did not delegate" in encoding:
-            notes.append("dense (sparse not delegated by XNNPACK)")
+        if "did not delegate" in encoding or "XNNPACK could not run" in encoding:
+            notes.append("dense (XNNPACK could not run the sparse encoding: fell back)")
         elif "saved nothing" in encoding:
             notes.append("dense (sparse no smaller)")
         elif encoding:

@@ -11,6 +11,7 @@ from types import FrameType
 
 import click
 
+from server.cli_options import DATA_DIR, JSON
 from server.compression import ProfileReport
 from server.render import cell, human_bytes, table
 from server.rollouts import RolloutStatus
@@ -19,13 +20,6 @@ from shared.mqtt import BrokerAddress
 
 logger = logging.getLogger(__name__)
 
-DATA_DIR = click.option(
-    "--data-dir",
-    type=click.Path(path_type=Path, file_okay=False),
-    required=True,
-    help="The server's data directory (keys, database, artifacts).",
-)
-JSON = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 
 
 def _broker(url: str) -> BrokerAddress:

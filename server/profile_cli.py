@@ -8,17 +8,10 @@ from pathlib import Path
 
 import click
 
+from server.cli_options import DATA_DIR, JSON
 from server.profile_service import ProfileRow, add_profile, list_profiles, show_profile, spec_from_options
 from server.render import cell, human_bytes, table
 from server.setup import open_workspace
-
-DATA_DIR = click.option(
-    "--data-dir",
-    type=click.Path(path_type=Path, file_okay=False),
-    required=True,
-    help="The server's data directory (keys, database, artifacts).",
-)
-JSON = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 
 
 @click.group("profile")

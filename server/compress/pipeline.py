@@ -232,7 +232,8 @@ def _prefer_sparse_encoding(
         sparse = convert(model, recipe.quantization, (inputs.train or inputs.evalset).x, sparse_encoding=True)
         sparse_metrics = measure(sparse, inputs, workdir, threads)
     except EdgefleetError as exc:
-        return dense, {**dense_metrics, "encoding": f"dense (the sparse encoding failed: {exc})"}
+        where = "XNNPACK could not run" if "delegate" in str(exc).lower() else "could not build or run"
+        return dense, {**dense_metrics, "encoding": f"dense: {where} the sparse encoding, fell back ({exc})"}
     use_sparse, note = sparse_encoding_verdict(
         len(dense), dense_metrics["delegate_partitions"], len(sparse), sparse_metrics["delegate_partitions"]
     )

@@ -42,6 +42,8 @@ from typing import Any
 
 import numpy as np
 
+from server.compress.pruning import PRUNABLE_KERNELS
+
 logger = logging.getLogger(__name__)
 
 # Built-in Keras layers the rebuild supports, by class name. Others (Lambda, custom
@@ -60,14 +62,8 @@ REBUILDABLE_LAYERS = frozenset(
     for name in group
 )
 _NESTED_MODELS = frozenset({"Functional", "Sequential", "Model"})
-# Layers whose kernel is pruned (tfmot's registry lists these kernels); the others are copied as they are.
-PRUNABLE_KERNELS = {
-    "Dense": "kernel",
-    "Conv1D": "kernel",
-    "Conv2D": "kernel",
-    "Conv2DTranspose": "kernel",
-    "SeparableConv2D": "pointwise_kernel",
-}
+# Layers whose kernel is pruned: PRUNABLE_KERNELS, shared with the main process (which imports no TensorFlow
+# at module level either); the others are copied as they are.
 _RENAMED_OPTIONS = {"LeakyReLU": {"negative_slope": "alpha"}}
 _BASE_LAYER_OPTIONS = frozenset({"name", "trainable", "dtype", "activity_regularizer"})
 _REFERENCE_SAMPLES = 16
