@@ -20,7 +20,8 @@ import click
 
 from server.broker import Mosquitto, free_port
 from server.catalog import add_model
-from server.cli import status_table
+from server.cli import report_table, status_table
+from server.compression import compression_report
 from server.devices import agent_config_toml, register_device
 from server.rollouts import RolloutStatus, rollout_status, start_rollout
 from server.setup import init_data_dir
@@ -127,6 +128,11 @@ def demo_command(workdir: Path, once: bool, timeout: float) -> None:
                                    profiles=tuple(sorted({p for _, p in FLEET})))
         click.echo(f"rollout    {rollout_id} started; waiting for the devices:")
         status = _wait_settled(workspace.db, rollout_id, processes, timeout)
+        click.echo("")
+        reports = compression_report(workspace.db, "digits:1")
+        assert isinstance(reports, list)
+        click.echo("what auto measured on this host, per profile (edgefleet model report digits:1):\n")
+        click.echo("\n\n".join(report_table(r) for r in reports))
         click.echo("")
         click.echo(status_table(status))
         click.echo("")

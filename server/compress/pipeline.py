@@ -282,13 +282,13 @@ def choose(reports: list[VariantReport], goal: ProfileGoal, reference: float) ->
         best = min(size(i) for i in ok)
         band = [i for i in ok if size(i) <= best * (1 + SIZE_TIE)]
         pick = min(band, key=lambda i: (p95(i), preferred_first(i)))
-        why = f"smallest within {SIZE_TIE:.0%} ({size(pick)} bytes), then lowest p95"
+        why = f"smallest within {SIZE_TIE:.0%} ({size(pick)} bytes); then lowest p95"
     else:
         best_p95 = min(p95(i) for i in ok)
         band = [i for i in ok if p95(i) <= max(best_p95 * (1 + LATENCY_NOISE), best_p95 + LATENCY_NOISE_MS)]
         pick = min(band, key=lambda i: (preferred_first(i), size(i), p95(i)))
-        why = (f"p95 {p95(pick):.4f} ms ties the best {best_p95:.4f} ms (within {LATENCY_NOISE:.0%} or "
-               f"{LATENCY_NOISE_MS * 1000:.0f} µs); then preferred quantization {goal.preferred.value}, then size")
+        why = (f"p95 within noise ({LATENCY_NOISE:.0%}/{LATENCY_NOISE_MS * 1000:.0f} µs) of the best "
+               f"{best_p95:.4f} ms; then preferred {goal.preferred.value}, then size")
     judged[pick] = replace(judged[pick], verdict="chosen", reason=why)
     return judged
 
