@@ -180,16 +180,23 @@ def model_add(name: str, model_file: Path, eval_file: Path, train_file: Path | N
 @click.option("--profile", "profiles", multiple=True, required=True, help="Device profile to build for (repeatable).")
 @click.option("--recipe", default=None, help="'auto' (every candidate, measured) or a recipe like prune:0.5+int8 "
               "[default: the profile's recipe].")
+@click.option("--student", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="A Keras student architecture for distill:student (its weights are not used).")
 @DATA_DIR
 @JSON
-def model_build(model_ref: str, profiles: tuple[str, ...], recipe: str | None, data_dir: Path, as_json: bool) -> None:
+def model_build(
+    model_ref: str, profiles: tuple[str, ...], recipe: str | None, student: Path | None, data_dir: Path, as_json: bool
+) -> None:
     """Compress NAME[:VERSION] for each profile, measure every variant, and pick one."""
     from server.compression import build_profiles
 
     workspace = open_workspace(data_dir)
     reports = build_profiles(workspace.db, workspace.blobs, model_ref, list(profiles), recipe=recipe,
-                             progress=lambda line: click.echo(line, err=True))
+                             student=student, progress=lambda line: click.echo(line, err=True))
     _print_reports(reports, as_json)
+    unfit = [r.profile for r in reports if r.chosen is None]
+    if unfit:
+        raise click.ClickException(f"no variant fits profile {', '.join(unfit)}: see the verdicts above")
 
 
 @model_group.command("report")

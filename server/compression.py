@@ -85,7 +85,9 @@ def _has_large_dense(model: Any) -> bool:
     )
 
 
-def recipes_for(profile: Profile, recipe: str | None, *, source: ModelSource, has_train: bool) -> list[Recipe]:
+def recipes_for(
+    profile: Profile, recipe: str | None, *, source: ModelSource, has_train: bool, has_student: bool = False
+) -> list[Recipe]:
     text = recipe or profile.recipe or "auto"
     if source.kind == "tflite":  # a prebuilt model ships as it is, whatever the profile's recipe
         if recipe not in (None, "auto", "prebuilt"):
@@ -104,6 +106,7 @@ def recipes_for(profile: Profile, recipe: str | None, *, source: ModelSource, ha
         allowed or (preferred,), preferred,
         has_training_data=has_train and source.keras_model is not None,
         has_large_dense=_has_large_dense(source.keras_model),
+        has_student=has_student,
     )
 
 
@@ -144,6 +147,7 @@ def build_profiles(
     profile_names: list[str],
     *,
     recipe: str | None = None,
+    student: Path | None = None,
     settings: BenchmarkSettings | None = None,
     progress: Callable[[str], None] = lambda _: None,
 ) -> list[ProfileReport]:
@@ -159,8 +163,13 @@ def build_profiles(
     reports = []
     with tempfile.TemporaryDirectory(prefix="edgefleet-build-") as tmp:
         inputs = _load_inputs(blobs, sources, Path(tmp), settings or BenchmarkSettings())
+        if student is not None:
+            from server.compress.convert import load_keras_model
+
+            inputs.student = load_keras_model(student)
         for profile in profiles:
-            recipes = recipes_for(profile, recipe, source=inputs.source, has_train=inputs.train is not None)
+            recipes = recipes_for(profile, recipe, source=inputs.source, has_train=inputs.train is not None,
+                                  has_student=inputs.student is not None)
             with native_stderr_to_log(f"compressing {sources.model_name} for {profile.name}"):
                 reference, variants = compress_for_profile(recipes, inputs, goal_of(profile), progress)
             _store(db, blobs, sources, profile.name, reference, variants)

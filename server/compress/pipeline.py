@@ -79,6 +79,7 @@ class CompressionInputs:
     source: Any  # a ModelSource, or a Keras model (wrapped in a KerasSource)
     evalset: EvalSet  # host-side evaluation (the whole eval set)
     train: EvalSet | None = None
+    student: Any | None = None  # a user-supplied student architecture for distill:student
     reference_accuracy: float | None = None  # float model on evalset; computed when None
     epochs: int = 3
     settings: BenchmarkSettings = field(default_factory=BenchmarkSettings)
@@ -122,7 +123,15 @@ def _apply(transform: Transform, model: Any, inputs: CompressionInputs) -> tuple
     if transform.kind == "distill":
         from server.compress.distill import distill, width_scaled_student
 
-        result = distill(model, width_scaled_student(model, transform.value or 0.5), train, epochs=inputs.epochs * 3)
+        if transform.value is None:
+            if inputs.student is None:
+                raise UserInputError("distill:student needs the student architecture: model build --student FILE")
+            from server.compress.convert import import_keras
+
+            student = import_keras().models.clone_model(inputs.student)  # fresh weights; the input stays as it is
+        else:
+            student = width_scaled_student(model, transform.value)
+        result = distill(model, student, train, epochs=inputs.epochs * 3)
         return result.model, {"student_params": result.student_params, "teacher_params": result.teacher_params}
     if transform.kind == "lowrank":
         from server.compress.lowrank import factorize_dense, fine_tune

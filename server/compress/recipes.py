@@ -6,6 +6,7 @@ Text form, as users type it and as reports show it::
     prune:0.5+int8            magnitude pruning to 50% sparsity, fine-tuned, then full int8
     prune24+float16           2:4 structured sparsity
     distill:0.5+int8          distil into a half-width copy of the model
+    distill:student+int8      distil into the student architecture given with --student
     lowrank:0.9+dynamic_range factorise large Dense layers keeping 90% of the energy
 
 Values are persisted in reports: the text form never changes meaning.
@@ -22,11 +23,11 @@ from shared.errors import UserInputError
 TRANSFORMS = {
     "prune": "target sparsity in (0, 1)",
     "prune24": "2:4 structured sparsity (no value)",
-    "distill": "student width in (0, 1]",
+    "distill": "student width in (0, 1], or 'student' for the --student model",
     "lowrank": "energy to keep in (0, 1]",
 }
 RETRAINING = frozenset(TRANSFORMS)  # every transform fine-tunes or trains on data
-_STEP = re.compile(r"([a-z0-9]+)(?::([0-9.]+))?")
+_STEP = re.compile(r"([a-z0-9]+)(?::([0-9.]+|student))?")
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,8 @@ class Transform:
     value: float | None = None
 
     def __str__(self) -> str:
+        if self.kind == "distill" and self.value is None:
+            return "distill:student"
         return self.kind if self.value is None else f"{self.kind}:{self.value:g}"
 
 
@@ -61,6 +64,10 @@ def _transform(text: str, recipe: str) -> Transform:
         if raw is not None:
             raise UserInputError(f"prune24 takes no value (in {recipe!r})")
         return Transform(kind)
+    if raw == "student":
+        if kind != "distill":
+            raise UserInputError(f"only distill takes 'student' (in {recipe!r})")
+        return Transform(kind)  # the user's student architecture
     if raw is None:
         raise UserInputError(f"{kind} needs a value, e.g. {kind}:0.5 (in {recipe!r})")
     try:
@@ -87,7 +94,8 @@ def parse_recipe(text: str) -> Recipe:
 
 
 def auto_candidates(
-    quantizations: tuple[Quantization, ...], preferred: Quantization, *, has_training_data: bool, has_large_dense: bool
+    quantizations: tuple[Quantization, ...], preferred: Quantization, *, has_training_data: bool, has_large_dense: bool,
+    has_student: bool = False,
 ) -> list[Recipe]:
     """What ``auto`` builds for a profile: every allowed quantization as is, and the
     retraining transforms (when there is data to retrain on) with the preferred one."""
@@ -96,5 +104,7 @@ def auto_candidates(
         transforms = [Transform("prune", 0.5), Transform("prune", 0.8), Transform("distill", 0.5)]
         if has_large_dense:
             transforms.append(Transform("lowrank", 0.9))
+        if has_student:
+            transforms.append(Transform("distill"))
         candidates += [Recipe((t,), preferred) for t in transforms]
     return candidates

@@ -75,3 +75,29 @@ def test_a_profile_whose_limits_no_variant_fits_is_refused_before_rollout(worksp
     assert "too_big" in refused.output and "limit of 10240" in refused.output
     listing = run("device", "list", "--data-dir", data, "--json")
     assert json.loads(listing.stdout)[0]["active_model"] is None  # nothing was sent
+
+
+def test_distillation_into_a_user_supplied_student(
+    workspace: Workspace, with_training_data: str, tmp_path: Path
+) -> None:
+    from server.compress.convert import import_keras
+
+    keras = import_keras()
+    student = keras.Sequential([
+        keras.Input(shape=(8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(32, activation="relu"),
+        keras.layers.Dense(10, activation="softmax"),
+    ])
+    student.save(tmp_path / "student.keras")
+    (report,) = build_profiles(workspace.db, workspace.blobs, with_training_data, ["rpi4"],
+                               recipe="distill:student+int8", student=tmp_path / "student.keras",
+                               settings=QUICK_BENCHMARK)
+    (variant,) = report.variants
+    assert variant.recipe == "distill:student+int8" and variant.verdict != "failed", variant.reason
+    assert variant.details["student_params"] == student.count_params()
+    assert variant.accuracy is not None and variant.accuracy > 0.8
+
+    missing = run("model", "build", with_training_data, "--profile", "rpi4", "--recipe", "distill:student+int8",
+                  "--data-dir", workspace.data_dir.root, "--json")
+    assert missing.exit_code == 1 and "no variant fits profile rpi4" in missing.stderr
+    (row,) = json.loads(missing.stdout)[0]["variants"]
+    assert row["verdict"] == "failed" and "--student" in row["reason"]

@@ -20,6 +20,7 @@ Q = Quantization
         ("Prune:0.50 + INT8", Recipe((Transform("prune", 0.5),), Q.INT8)),
         ("prune24+float16", Recipe((Transform("prune24"),), Q.FLOAT16)),
         ("distill:0.5+lowrank:0.9+int16x8", Recipe((Transform("distill", 0.5), Transform("lowrank", 0.9)), Q.INT16X8)),
+        ("distill:student+int8", Recipe((Transform("distill"),), Q.INT8)),
     ],
 )
 def test_recipes_parse_and_print_canonically(text: str, expected: Recipe) -> None:
@@ -41,6 +42,7 @@ def test_recipes_parse_and_print_canonically(text: str, expected: Recipe) -> Non
         ("shrink:0.5+int8", "unknown step"),
         ("prune:0.5+prune:0.8+int8", "repeats a step"),
         ("prune:x+int8", "unknown step"),
+        ("prune:student+int8", "only distill takes 'student'"),
     ],
 )
 def test_bad_recipes_are_clear_errors(text: str, fragment: str) -> None:
