@@ -6,7 +6,6 @@ is an error, not a silently ignored setting.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,12 +13,8 @@ from shared.codec import decode
 from shared.errors import ConfigError, ProtocolError
 from shared.mqtt import BrokerAddress
 from shared.signing import KeyRole, TrustedKeys
+from shared.tomlfile import read_toml
 from shared.topics import is_valid_device_id
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10 on Jetson
-    import tomli as tomllib
 
 
 @dataclass(frozen=True)
@@ -99,14 +94,7 @@ class AgentConfig:
 
 def load_config(path: Path) -> AgentConfig:
     """Read and check a config file; every problem becomes one ConfigError."""
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise ConfigError(f"config file {path} does not exist") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    data = read_toml(path, "config file", ConfigError)
     try:
         config = decode(AgentConfig, data, path="config")
     except ProtocolError as exc:

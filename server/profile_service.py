@@ -23,7 +23,6 @@ from __future__ import annotations
 import importlib
 import math
 import re
-import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from decimal import Decimal
@@ -35,11 +34,7 @@ from server.db import Database, profile_queries
 from server.db.models import Profile
 from server.devices import get_profile
 from shared.errors import AlreadyExistsError, UserInputError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
+from shared.tomlfile import read_toml
 
 OBJECTIVES = ("latency", "size")
 MAX_THREADS = 256
@@ -193,14 +188,7 @@ def _spec_keys() -> tuple[str, ...]:
 
 def _read_profile_table(path: Path) -> dict[str, object]:
     """The checked and normalised values of the ``[profile]`` table in ``path``."""
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise UserInputError(f"profile file {path} does not exist") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserInputError(f"cannot read profile file {path}: {exc}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise UserInputError(f"{path} is not valid TOML: {exc}") from exc
+    data = read_toml(path, "profile file", UserInputError)
     if set(data) != {"profile"} or not isinstance(data["profile"], dict):
         extra = sorted(set(data) - {"profile"})
         detail = f"; unexpected top-level keys: {', '.join(extra)}" if extra else ""
