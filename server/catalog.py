@@ -6,8 +6,18 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from server.blobs import BlobStore
-from server.compress.evalset import check_against_model, eval_file_bytes, eval_slice, load_eval_file
+from server.compress.evalset import (
+    EvalSet,
+    MissingLabelsError,
+    check_against_model,
+    eval_file_bytes,
+    eval_slice,
+    load_eval_file,
+    load_unlabelled_inputs,
+)
 from server.compress.sources import open_source, pack_source
 from server.db import Database, Session, queries
 from server.db.models import Model, ModelVersion
@@ -23,6 +33,7 @@ class VersionInfo:
     eval_samples: int
     num_classes: int
     reference_accuracy: float
+    labelled: bool = True
 
 
 def add_model(
@@ -36,10 +47,19 @@ def add_model(
     """
     if not _NAME.match(name):
         raise UserInputError(f"invalid model name {name!r}: use letters, digits, '.', '_' or '-'")
-    evalset = load_eval_file(eval_file)
+    try:
+        labelled: EvalSet | None = load_eval_file(eval_file)
+    except MissingLabelsError:
+        labelled = None  # no labels: the float model's own top-1 stands in, so accuracy reads as agreement
     train = load_eval_file(train_file) if train_file is not None else None
     source = open_source(model_file)
     num_classes = source.num_classes
+    if labelled is None:
+        x = load_unlabelled_inputs(eval_file)
+        placeholder = EvalSet(x=x, y=np.zeros(len(x), dtype=np.int64))
+        evalset = EvalSet(x=x, y=source.predict_classes(placeholder).astype(np.int64))
+    else:
+        evalset = labelled
     check_against_model(evalset, source.input_shape, num_classes)
     if train is not None:
         check_against_model(train, source.input_shape, num_classes)
@@ -64,13 +84,14 @@ def add_model(
             eval_sha256=eval_sha,
             full_eval_sha256=full_eval_sha,
             train_sha256=train_sha,
+            eval_labelled=labelled is not None,
             eval_samples=len(travelling),
             num_classes=num_classes,
             reference_accuracy=reference,
         )
         session.add(version)
         session.flush()
-        return VersionInfo(name, version.version, len(travelling), num_classes, reference)
+        return VersionInfo(name, version.version, len(travelling), num_classes, reference, labelled is not None)
 
 
 def parse_model_ref(ref: str) -> tuple[str, int | None]:

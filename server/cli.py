@@ -173,6 +173,9 @@ def model_add(name: str, model_file: Path, eval_file: Path, train_file: Path | N
         f"{info.model}:{info.version}  ({info.num_classes} classes, reference accuracy "
         f"{info.reference_accuracy:.4f} on {info.eval_samples} travelling eval samples)"
     )
+    if not info.labelled:
+        click.echo("note: the eval file has no labels 'y'; accuracies are top-1 agreement with the float model",
+                   err=True)
 
 
 @model_group.command("build")
@@ -227,6 +230,7 @@ def report_json(report: ProfileReport) -> dict[str, object]:
         "objective": report.objective,
         "accuracy_budget": report.accuracy_budget,
         "reference_accuracy": report.reference_accuracy,
+        "eval_labelled": report.eval_labelled,
         "variants": [asdict(v) for v in report.variants],
     }
 
@@ -251,6 +255,8 @@ def report_table(report: ProfileReport) -> str:
     ]
     header = (f"{report.model}:{report.version} for {report.profile} (objective {report.objective}, budget "
               f"{report.accuracy_budget:g} below float32 accuracy {report.reference_accuracy:.4f}); * = chosen")
+    if not report.eval_labelled:
+        header += "\n(the eval set has no labels: ACCURACY is top-1 agreement with the float model)"
     return header + "\n" + table(
         ["RECIPE", "BYTES", "VS F32", "GZIP", "ACCURACY", "DELTA", "P50 MS", "VS F32", "P95 MS", "RSS", "VERDICT",
          "WHY"], rows,

@@ -60,6 +60,7 @@ class ProfileReport:
     accuracy_budget: float
     reference_accuracy: float
     variants: tuple[VariantRow, ...]
+    eval_labelled: bool = True  # False: "accuracy" is top-1 agreement with the float model
 
     @property
     def chosen(self) -> VariantRow | None:
@@ -234,6 +235,7 @@ def compression_report(db: Database, model_ref: str, profile: str | None = None)
                     version.model.name, version.version, name, p.objective, p.accuracy_budget,
                     float(variants[0].details.get("reference_accuracy", version.reference_accuracy)),
                     tuple(_row(v) for v in variants),
+                    version.eval_labelled,
                 )
             )
     if profile is not None:

@@ -59,8 +59,13 @@ class EvalSet:
         return {int(label): int(count) for label, count in zip(labels, counts)}
 
 
+class MissingLabelsError(UserInputError):
+    """The file has inputs ``x`` but no labels ``y``."""
+
+
 def load_eval_file(path: str | os.PathLike[str]) -> EvalSet:
-    """Read and check an evaluation ``.npz``; every problem is a one-line ``UserInputError``."""
+    """Read and check an evaluation ``.npz``; every problem is a one-line ``UserInputError``
+    (``MissingLabelsError`` when only ``y`` is missing)."""
     path = Path(path)
     name = path.name
     if not path.exists():
@@ -76,7 +81,8 @@ def load_eval_file(path: str | os.PathLike[str]) -> EvalSet:
             keys = sorted(archive.files)
             missing = [key for key in ("x", "y") if key not in keys]
             if missing:
-                raise UserInputError(
+                error = MissingLabelsError if missing == ["y"] else UserInputError
+                raise error(
                     f"{name} has no array {' or '.join(repr(k) for k in missing)} "
                     f"(it has: {', '.join(map(repr, keys)) or 'no arrays'}); "
                     "save it with numpy.savez(path, x=samples, y=labels)"
@@ -88,6 +94,13 @@ def load_eval_file(path: str | os.PathLike[str]) -> EvalSet:
         # ValueError: object (pickled) arrays or a damaged .npy header; the rest: a damaged zip member.
         raise UserInputError(f"{name} is not a readable .npz archive: {_one_line(exc)}") from exc
     return _checked(x, y, name)
+
+
+def load_unlabelled_inputs(path: str | os.PathLike[str]) -> np.ndarray:
+    """The ``x`` of an evaluation file that has no labels (checked like a labelled one)."""
+    with np.load(Path(path), allow_pickle=False) as archive:
+        x = archive["x"]
+    return _checked(x, np.zeros(len(x), dtype=np.int64), Path(path).name).x
 
 
 def check_against_model(evalset: EvalSet, input_shape: tuple[int, ...], num_classes: int) -> None:

@@ -97,6 +97,8 @@ class ModelVersion(Base):
     reference_accuracy: Mapped[float] = mapped_column(Float)  # float model on the eval slice
     train_sha256: Mapped[str | None] = mapped_column(String(64), default=None)  # for steps that retrain
     full_eval_sha256: Mapped[str | None] = mapped_column(String(64), default=None)  # the whole eval set, host-side
+    # False when the eval file had no labels: its y is the float model's top-1, so accuracy reads as agreement
+    eval_labelled: Mapped[bool] = mapped_column(Boolean, default=True, server_default=text("1"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     model: Mapped[Model] = relationship(back_populates="versions")

@@ -109,3 +109,31 @@ def test_model_add_and_build_for_every_format(
     retrain = run("model", "build", "from-savedmodel:1", "--profile", "rpi4", "--recipe", "prune:0.5+int8",
                   "--data-dir", data)
     assert retrain.exit_code == 1 and "retrains the model" in retrain.output
+
+
+def test_an_eval_set_without_labels_measures_agreement_with_the_float_model(
+    digits: tuple[Any, EvalSet], tmp_path: Path
+) -> None:
+    model, test = digits
+    data = init_data_dir(tmp_path / "srv").data_dir.root
+    keras_file = tmp_path / "digits.keras"
+    model.save(keras_file)
+    unlabelled = tmp_path / "inputs-only.npz"
+    np.savez(unlabelled, x=test.x)
+    added = run("model", "add", "digits", "--file", keras_file, "--eval", unlabelled, "--data-dir", data)
+    assert added.exit_code == 0, added.output
+    assert "reference accuracy 1.0000" in added.stdout  # the float model agrees with itself
+    assert "no labels" in added.stderr
+
+    built = run("model", "build", "digits", "--profile", "rpi4", "--recipe", "int8", "--data-dir", data, "--json")
+    (report,) = json.loads(built.stdout)
+    assert report["eval_labelled"] is False
+    (variant,) = report["variants"]
+    assert 0.95 <= variant["accuracy"] <= 1.0 and variant["accuracy"] == variant["agreement"]
+    table = run("model", "report", "digits", "--data-dir", data)
+    assert "top-1 agreement with the float model" in table.output
+
+    nothing = tmp_path / "nothing.npz"
+    np.savez(nothing, images=test.x)
+    refused = run("model", "add", "digits", "--file", keras_file, "--eval", nothing, "--data-dir", data)
+    assert refused.exit_code == 1 and "no array 'x' or 'y'" in refused.output

@@ -27,6 +27,7 @@ def upgrade() -> None:
     with op.batch_alter_table("model_versions") as batch:
         batch.add_column(sa.Column("train_sha256", sa.String(length=64), nullable=True))
         batch.add_column(sa.Column("full_eval_sha256", sa.String(length=64), nullable=True))
+        batch.add_column(sa.Column("eval_labelled", sa.Boolean(), nullable=False, server_default=sa.text("1")))
     with op.batch_alter_table("artifacts") as batch:
         batch.add_column(sa.Column("recipe", sa.String(length=200), nullable=False, server_default=sa.text("''")))
         batch.add_column(sa.Column("gzip_bytes", sa.BigInteger(), nullable=True))
@@ -73,6 +74,7 @@ def downgrade() -> None:
         batch.drop_column("gzip_bytes")
         batch.drop_column("recipe")
     with op.batch_alter_table("model_versions") as batch:
+        batch.drop_column("eval_labelled")
         batch.drop_column("full_eval_sha256")
         batch.drop_column("train_sha256")
     with op.batch_alter_table("profiles") as batch:
