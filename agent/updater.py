@@ -149,16 +149,16 @@ class Updater:
     def tick(self) -> None:
         """Periodic work: re-ask for missing chunks (resume), give up on a stalled download,
         and retry a step that a storage error (e.g. a full disk) interrupted."""
-        if self.state not in (State.IDLE, State.DOWNLOADING):
-            now = self.monotonic()
+        if self.state is State.IDLE:
+            return
+        now = self.monotonic()
+        download = self._download
+        if self.state is not State.DOWNLOADING or download is None:
+            # a synchronous state, or a download that never got set up: an interrupted step
             if now - self._last_retry >= self.config.download.request_interval_seconds:
                 self._last_retry = now
                 self.step()
             return
-        download = self._download
-        if self.state is not State.DOWNLOADING or download is None:
-            return
-        now = self.monotonic()
         if now - download.last_progress > self.config.download.stall_timeout_seconds:
             self._fire(Event.FAILURE, reason="download stalled: no chunk arrived in time")
             self.step()
