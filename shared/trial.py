@@ -49,11 +49,12 @@ class TrialResult:
     predictions: tuple[int, ...] = ()
 
 
-def run_trial(request: TrialRequest, *, timeout: float) -> TrialResult:
-    """Run the trial in a child; every failure comes back as a TrialResult, never an exception."""
+def run_trial(request: TrialRequest, *, timeout: float, python: str = sys.executable) -> TrialResult:
+    """Run the trial in a child (``python``: this interpreter unless told otherwise, e.g. a venv
+    with another TFLite runtime); every failure comes back as a TrialResult, never an exception."""
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "shared.trial"],
+            [python, "-m", "shared.trial"],
             check=False,
             input=json.dumps(asdict(request)).encode(),
             capture_output=True,
