@@ -55,9 +55,9 @@ def trial_with(python: str, model_path: Path, eval_path: Path, monkeypatch: pyte
 
 
 def test_the_adapter_falls_back_to_tflite_runtime(fallback_python: str) -> None:
+    script = "import json; from shared.interpreter import runtime_info as r; i = r(); print(json.dumps([i.name, i.version]))"
     probe = subprocess.run(
-        [fallback_python, "-c", "import json; from shared.interpreter import runtime_info; "
-         "i = runtime_info(); print(json.dumps([i.name, i.version]))"],
+        [fallback_python, "-c", script],
         capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert json.loads(probe.stdout) == ["tflite-runtime", "2.14.0"]
