@@ -11,7 +11,7 @@ import logging
 from datetime import datetime, timezone
 
 from server.db import Session, queries
-from server.db.models import Deployment, Device, EventRecord, TelemetryRecord
+from server.db.models import Deployment, Device, EventRecord, RuntimeIncompatibility, TelemetryRecord
 from shared.codec import encode
 from shared.messages import Availability, DeviceState, Event, Telemetry, UpdateState
 
@@ -86,7 +86,23 @@ def apply_event(session: Session, message: Event) -> None:
     deployment.state = message.state
     deployment.reason = message.reason
     deployment.updated_at = _now()
+    if message.reason.startswith(LOAD_ERROR) and device.runtime:
+        _remember_incompatibility(session, device, deployment, message.reason)
     logger.info("%s: deployment %s %s %s", device.name, deployment.id, message.state, message.reason)
+
+
+LOAD_ERROR = "load_error:"  # how an agent's trial reports a model its interpreter cannot load
+
+
+def _remember_incompatibility(session: Session, device: Device, deployment: Deployment, reason: str) -> None:
+    model_sha256 = deployment.release.model_sha256
+    if model_sha256 is None or device.runtime is None:
+        return
+    if queries.runtime_incompatibility(session, model_sha256, device.runtime) is None:
+        session.add(RuntimeIncompatibility(model_sha256=model_sha256, runtime=device.runtime, reason=reason,
+                                           device_id=device.id))
+        logger.warning("%s cannot load %s: later rollouts to that runtime will be refused", device.runtime,
+                       model_sha256[:12])
 
 
 def apply_telemetry(session: Session, message: Telemetry) -> None:

@@ -150,6 +150,14 @@ def start_rollout(
                         f"'edgefleet model build {ref} --profile {device.profile_name}'"
                     )
                 releases[device.profile_name] = sign_release(session, blobs, keys, artifact)
+            known = device.runtime and queries.runtime_incompatibility(
+                session, releases[device.profile_name].artifact.sha256, device.runtime
+            )
+            if known:
+                raise UserInputError(
+                    f"{device.name} runs {device.runtime}, which could not load this variant of {ref} "
+                    f"({known.reason}); build another recipe for profile {device.profile_name} or leave it out"
+                )
             device.directive_seq += 1
             session.add(
                 Deployment(

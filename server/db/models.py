@@ -152,6 +152,20 @@ class Variant(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class RuntimeIncompatibility(Base):
+    """A model file some device's interpreter could not load: never ship it to that runtime again."""
+
+    __tablename__ = "runtime_incompatibilities"
+    __table_args__ = (UniqueConstraint("model_sha256", "runtime"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_sha256: Mapped[str] = mapped_column(String(64))
+    runtime: Mapped[str] = mapped_column(String(64))  # "<name> <version>", as devices report it
+    reason: Mapped[str] = mapped_column(Text, default="")
+    device_id: Mapped[str] = mapped_column(String(64))  # the first device that hit it
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class Release(Base):
     """A signed manifest for one artifact; ``id`` is the monotonic release counter."""
 

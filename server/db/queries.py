@@ -17,6 +17,7 @@ from server.db.models import (
     Profile,
     Release,
     Rollout,
+    RuntimeIncompatibility,
     TelemetryRecord,
     Variant,
 )
@@ -149,3 +150,11 @@ def recent_trials(session: Session, device_id: str, limit: int = 20) -> Sequence
         .order_by(TelemetryRecord.ts.desc())
         .limit(limit)
     ).all()
+
+
+def runtime_incompatibility(session: Session, model_sha256: str, runtime: str) -> RuntimeIncompatibility | None:
+    return session.scalar(
+        select(RuntimeIncompatibility).where(
+            RuntimeIncompatibility.model_sha256 == model_sha256, RuntimeIncompatibility.runtime == runtime
+        )
+    )

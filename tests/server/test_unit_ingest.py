@@ -371,3 +371,34 @@ def test_any_event_sequence_is_idempotent_and_final_states_stick(
     with workspace.db.session() as session:
         stored = session.scalar(select(func.count()).where(EventRecord.device_id == device_id))
     assert stored == len(seen)
+
+
+# -- runtimes that cannot load a variant ------------------------------------------------------
+
+
+def test_a_load_error_is_remembered_and_later_rollouts_to_that_runtime_are_refused(
+    workspace: Workspace, fleet: Fleet
+) -> None:
+    from server.db.models import RuntimeIncompatibility
+    from shared.errors import UserInputError
+
+    with fleet.db.session() as session:  # both cameras report the old runtime
+        apply_state(session, replace_runtime(device_state(fleet.cam, active=None), "tflite-runtime", "2.14.0"))
+        apply_state(session, replace_runtime(device_state(fleet.other, active=None), "ai-edge-litert", "2.3.0"))
+    reason = "load_error: tflite-runtime 2.14.0 cannot load model.tflite: FULLY_CONNECTED version 12"
+    apply(fleet.db, event(fleet.cam, fleet.deployment, UpdateState.ROLLED_BACK, 1, reason=reason))
+    assert count(fleet.db, RuntimeIncompatibility) == 1
+
+    with pytest.raises(UserInputError, match="cam-1 runs tflite-runtime 2.14.0, which could not load this variant"):
+        start_rollout(workspace.db, workspace.blobs, workspace.keys(), "digits", device_names=("cam-1",))
+    # the other runtime still gets it
+    start_rollout(workspace.db, workspace.blobs, workspace.keys(), "digits", device_names=("cam-2",))
+    # and a second report of the same failure adds nothing
+    apply(fleet.db, event(fleet.cam, fleet.deployment, UpdateState.ROLLED_BACK, 2, reason=reason))
+    assert count(fleet.db, RuntimeIncompatibility) == 1
+
+
+def replace_runtime(state: DeviceState, name: str, version: str) -> DeviceState:
+    from dataclasses import replace
+
+    return replace(state, runtime=name, runtime_version=version)

@@ -1,4 +1,5 @@
-"""Compression studio: profile recipes and limits, per-variant reports, artifact recipe.
+"""Compression studio: profile recipes and limits, per-variant reports, artifact recipe,
+runtime incompatibilities, and the files each release names.
 
 Revision ID: 0002
 Revises: 0001
@@ -37,6 +38,17 @@ def upgrade() -> None:
         batch.create_index("ix_releases_model_sha256", ["model_sha256"])
         batch.create_index("ix_releases_eval_sha256", ["eval_sha256"])
     op.create_table(
+        "runtime_incompatibilities",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("model_sha256", sa.String(length=64), nullable=False),
+        sa.Column("runtime", sa.String(length=64), nullable=False),
+        sa.Column("reason", sa.Text(), nullable=False),
+        sa.Column("device_id", sa.String(length=64), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("id"),
+        sa.UniqueConstraint("model_sha256", "runtime"),
+    )
+    op.create_table(
         "variants",
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("model_version_id", sa.Integer(), nullable=False),
@@ -65,6 +77,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("variants")
+    op.drop_table("runtime_incompatibilities")
     with op.batch_alter_table("releases") as batch:
         batch.drop_index("ix_releases_eval_sha256")
         batch.drop_index("ix_releases_model_sha256")
