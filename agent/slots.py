@@ -78,7 +78,8 @@ class SlotStore:
         """Move verified files into the spare slot; returns the slot name.
 
         Idempotent: after a crash half-way, files already moved are found in the
-        slot and checked again against the manifest.
+        slot and checked again against the manifest (files moved now were verified
+        just before, and are not hashed twice).
         """
         spare = self.spare_slot()
         target = self.slot_dir(spare)
@@ -89,7 +90,8 @@ class SlotStore:
                 source, staged = files[entry.name], target / entry.name
                 if source.exists():
                     os.replace(source, staged)
-                verify_file(staged, entry)
+                else:
+                    verify_file(staged, entry)
             for leftover in set(target.iterdir()) - {target / e.name for e in manifest.files}:
                 leftover.unlink()
             atomic_write_json(target / "manifest.json", encode(manifest))

@@ -329,8 +329,8 @@ class Updater:
             )
         )
         if not result.ok or result.benchmark is None or result.accuracy is None:
-            prefix = "load_error: " if result.load_error else "trial failed: "
-            self._save(self.record.moved(State.TRIAL, reason=prefix + result.error))
+            reason = result.reason if result.load_error else f"trial failed: {result.error}"
+            self._save(self.record.moved(State.TRIAL, reason=reason))
             return Event.FAILURE
         assert self.record.deployment_id is not None
         self.reporter.telemetry(self.record.deployment_id, result.benchmark, result.accuracy, result.samples or 0)

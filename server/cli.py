@@ -211,8 +211,7 @@ def model_report(model_ref: str, profile: str | None, data_dir: Path, as_json: b
     """The compression report: every variant built for each profile, and the one chosen."""
     from server.compression import compression_report
 
-    reports = compression_report(open_workspace(data_dir).db, model_ref, profile)
-    _print_reports(reports if isinstance(reports, list) else [reports], as_json)
+    _print_reports(compression_report(open_workspace(data_dir).db, model_ref, profile), as_json)
 
 
 def _print_reports(reports: list[ProfileReport], as_json: bool) -> None:
@@ -231,7 +230,10 @@ def report_json(report: ProfileReport) -> dict[str, object]:
         "accuracy_budget": report.accuracy_budget,
         "reference_accuracy": report.reference_accuracy,
         "eval_labelled": report.eval_labelled,
-        "variants": [asdict(v) for v in report.variants],
+        "variants": [
+            {**{k: value for k, value in asdict(v).items() if k != "tflite"}, "chosen": v.chosen}
+            for v in report.variants
+        ],
     }
 
 

@@ -34,24 +34,6 @@ LARGE_DENSE_PARAMS = 4096
 
 
 @dataclass(frozen=True)
-class VariantRow:
-    recipe: str
-    quantization: str
-    sha256: str | None
-    size_bytes: int | None
-    gzip_bytes: int | None
-    accuracy: float | None
-    agreement: float | None
-    p50_ms: float | None
-    p95_ms: float | None
-    peak_rss_bytes: int | None
-    verdict: str
-    reason: str
-    chosen: bool
-    details: dict[str, Any]
-
-
-@dataclass(frozen=True)
 class ProfileReport:
     model: str
     version: int
@@ -59,11 +41,11 @@ class ProfileReport:
     objective: str
     accuracy_budget: float
     reference_accuracy: float
-    variants: tuple[VariantRow, ...]
+    variants: tuple[VariantReport, ...]  # as stored: sha256 set, tflite not loaded
     eval_labelled: bool = True  # False: "accuracy" is top-1 agreement with the float model
 
     @property
-    def chosen(self) -> VariantRow | None:
+    def chosen(self) -> VariantReport | None:
         return next((v for v in self.variants if v.chosen), None)
 
 
@@ -174,15 +156,8 @@ def build_profiles(
             with native_stderr_to_log(f"compressing {sources.model_name} for {profile.name}"):
                 reference, variants = compress_for_profile(recipes, inputs, goal_of(profile), progress)
             _store(db, blobs, sources, profile.name, reference, variants)
-            report = compression_report(db, f"{sources.model_name}:{sources.version}", profile.name)
-            assert isinstance(report, ProfileReport)
-            reports.append(report)
+            reports += compression_report(db, f"{sources.model_name}:{sources.version}", profile.name)
     return reports
-
-
-def build_profile(db: Database, blobs: BlobStore, model_ref: str, profile_name: str, **options: Any) -> ProfileReport:
-    """``build_profiles`` for one profile."""
-    return build_profiles(db, blobs, model_ref, [profile_name], **options)[0]
 
 
 def _store(
@@ -190,11 +165,13 @@ def _store(
 ) -> None:
     with db.session() as session:
         queries.delete_variants(session, sources.version_id, profile)
+        chosen: tuple[VariantReport, str] | None = None
         for report in reports:
+            sha256 = blobs.put(report.tflite) if report.tflite else None
             session.add(
                 Variant(
                     model_version_id=sources.version_id, profile_name=profile, recipe=report.recipe,
-                    quantization=report.quantization, sha256=blobs.put(report.tflite) if report.tflite else None,
+                    quantization=report.quantization, sha256=sha256,
                     size_bytes=report.size_bytes, gzip_bytes=report.gzip_bytes, accuracy=report.accuracy,
                     agreement=report.agreement, p50_ms=report.p50_ms, p95_ms=report.p95_ms,
                     peak_rss_bytes=report.peak_rss_bytes, verdict=report.verdict,
@@ -202,25 +179,25 @@ def _store(
                     reason=report.reason, chosen=report.chosen,
                 )
             )
-        chosen = next((r for r in reports if r.chosen), None)
+            if report.chosen and sha256 is not None:
+                chosen = (report, sha256)
         artifact = queries.artifact_for_ids(session, sources.version_id, profile)
         if chosen is None:
             if artifact is not None:
                 session.delete(artifact)
             return
-        assert chosen.tflite is not None and chosen.accuracy is not None
+        best, sha256 = chosen
+        assert best.accuracy is not None
         if artifact is None:
             artifact = Artifact(model_version_id=sources.version_id, profile_name=profile)
             session.add(artifact)
-        artifact.quantization, artifact.recipe = chosen.quantization, chosen.recipe
-        artifact.sha256, artifact.size_bytes, artifact.gzip_bytes = (
-            blobs.put(chosen.tflite), chosen.size_bytes or 0, chosen.gzip_bytes,
-        )
-        artifact.host_accuracy, artifact.host_p50_ms, artifact.host_p95_ms = chosen.accuracy, chosen.p50_ms, chosen.p95_ms
+        artifact.quantization, artifact.recipe = best.quantization, best.recipe
+        artifact.sha256, artifact.size_bytes, artifact.gzip_bytes = sha256, best.size_bytes or 0, best.gzip_bytes
+        artifact.host_accuracy, artifact.host_p50_ms, artifact.host_p95_ms = best.accuracy, best.p50_ms, best.p95_ms
 
 
-def compression_report(db: Database, model_ref: str, profile: str | None = None) -> list[ProfileReport] | ProfileReport:
-    """The stored report: one profile's (when ``profile`` is given) or every built profile's."""
+def compression_report(db: Database, model_ref: str, profile: str | None = None) -> list[ProfileReport]:
+    """The stored reports: every built profile's, or only ``profile``'s (an error if it has none)."""
     with db.session() as session:
         version = resolve_version(session, model_ref)
         rows = queries.variants_of(session, version.id, profile)
@@ -238,18 +215,17 @@ def compression_report(db: Database, model_ref: str, profile: str | None = None)
                     version.eval_labelled,
                 )
             )
-    if profile is not None:
-        if not reports:
-            raise UserInputError(
-                f"no compression report for {model_ref} on {profile}: run 'edgefleet model build {model_ref} "
-                f"--profile {profile}'"
-            )
-        return reports[0]
+    if profile is not None and not reports:
+        raise UserInputError(
+            f"no compression report for {model_ref} on {profile}: run 'edgefleet model build {model_ref} "
+            f"--profile {profile}'"
+        )
     return reports
 
 
-def _row(v: Variant) -> VariantRow:
-    return VariantRow(
-        v.recipe, v.quantization, v.sha256, v.size_bytes, v.gzip_bytes, v.accuracy, v.agreement, v.p50_ms, v.p95_ms,
-        v.peak_rss_bytes, v.verdict, v.reason, v.chosen, dict(v.details),
+def _row(v: Variant) -> VariantReport:
+    return VariantReport(
+        v.recipe, v.quantization, sha256=v.sha256, size_bytes=v.size_bytes, gzip_bytes=v.gzip_bytes,
+        accuracy=v.accuracy, agreement=v.agreement, p50_ms=v.p50_ms, p95_ms=v.p95_ms,
+        peak_rss_bytes=v.peak_rss_bytes, details=dict(v.details), verdict=v.verdict, reason=v.reason,
     )

@@ -130,7 +130,6 @@ def demo_command(workdir: Path, once: bool, timeout: float) -> None:
         status = _wait_settled(workspace.db, rollout_id, processes, timeout)
         click.echo("")
         reports = compression_report(workspace.db, "digits:1")
-        assert isinstance(reports, list)
         click.echo("what auto measured on this host, per profile (edgefleet model report digits:1):\n")
         click.echo("\n\n".join(report_table(r) for r in reports))
         click.echo("")

@@ -14,6 +14,7 @@ from server.db import Session, queries
 from server.db.models import Deployment, Device, EventRecord, RuntimeIncompatibility, TelemetryRecord
 from shared.codec import encode
 from shared.messages import Availability, DeviceState, Event, Telemetry, UpdateState
+from shared.trial import LOAD_ERROR
 
 logger = logging.getLogger(__name__)
 
@@ -86,12 +87,9 @@ def apply_event(session: Session, message: Event) -> None:
     deployment.state = message.state
     deployment.reason = message.reason
     deployment.updated_at = _now()
-    if message.reason.startswith(LOAD_ERROR) and device.runtime:
+    if message.reason.startswith(LOAD_ERROR) and device.runtime:  # the agent's trial could not load it
         _remember_incompatibility(session, device, deployment, message.reason)
     logger.info("%s: deployment %s %s %s", device.name, deployment.id, message.state, message.reason)
-
-
-LOAD_ERROR = "load_error:"  # how an agent's trial reports a model its interpreter cannot load
 
 
 def _remember_incompatibility(session: Session, device: Device, deployment: Deployment, reason: str) -> None:

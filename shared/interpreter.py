@@ -150,9 +150,12 @@ def predict_classes(model: TFLiteModel, x: Any) -> list[int]:
     return [int(np.argmax(model.infer(sample[np.newaxis, ...]))) for sample in x]
 
 
+def top1_accuracy(predicted: list[int], labels: Any) -> float:
+    if len(predicted) == 0:
+        raise ModelError("empty evaluation set")
+    return sum(int(p == int(label)) for p, label in zip(predicted, labels)) / len(predicted)
+
+
 def accuracy(model: TFLiteModel, x: Any, y: Any) -> float:
     """Top-1 accuracy of ``model`` on float inputs ``x`` and integer labels ``y``."""
-    if len(x) == 0:
-        raise ModelError("empty evaluation set")
-    predicted = predict_classes(model, x)
-    return sum(int(p == int(label)) for p, label in zip(predicted, y)) / len(x)
+    return top1_accuracy(predict_classes(model, x), y)

@@ -36,6 +36,9 @@ class TrialRequest:
     with_predictions: bool = False  # the host evaluation compares them with the float model's
 
 
+LOAD_ERROR = "load_error: "  # how a trial's reason starts when the interpreter cannot load the model
+
+
 @dataclass(frozen=True)
 class TrialResult:
     ok: bool
@@ -47,6 +50,11 @@ class TrialResult:
     ops: tuple[str, ...] = ()
     delegate_partitions: int = 0
     predictions: tuple[int, ...] = ()
+
+    @property
+    def reason(self) -> str:
+        """The error, prefixed with LOAD_ERROR when the model could not be loaded at all."""
+        return (LOAD_ERROR if self.load_error else "") + self.error
 
 
 def run_trial(request: TrialRequest, *, timeout: float, python: str = sys.executable) -> TrialResult:
@@ -80,7 +88,7 @@ def _child(request: TrialRequest) -> TrialResult:
 
     from shared.benchmark import BenchmarkSettings, benchmark_model
     from shared.errors import EdgefleetError, ModelLoadError
-    from shared.interpreter import predict_classes
+    from shared.interpreter import predict_classes, top1_accuracy
 
     try:
         with np.load(request.eval_path, allow_pickle=False) as data:
@@ -111,7 +119,7 @@ def _child(request: TrialRequest) -> TrialResult:
     return TrialResult(
         ok=True,
         benchmark=result,
-        accuracy=round(sum(int(p == int(t)) for p, t in zip(predicted, y)) / len(x), 6),
+        accuracy=round(top1_accuracy(predicted, y), 6),
         samples=len(x),
         ops=ops,
         delegate_partitions=partitions,

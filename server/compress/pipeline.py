@@ -57,7 +57,8 @@ class ProfileGoal:
 class VariantReport:
     recipe: str
     quantization: str
-    tflite: bytes | None = field(repr=False, default=None)
+    tflite: bytes | None = field(repr=False, default=None)  # only right after a build
+    sha256: str | None = None  # once stored
     size_bytes: int | None = None
     gzip_bytes: int | None = None
     accuracy: float | None = None
@@ -80,7 +81,6 @@ class CompressionInputs:
     evalset: EvalSet  # host-side evaluation (the whole eval set)
     train: EvalSet | None = None
     student: Any | None = None  # a user-supplied student architecture for distill:student
-    reference_accuracy: float | None = None  # float model on evalset; computed when None
     epochs: int = 3
     settings: BenchmarkSettings = field(default_factory=BenchmarkSettings)
     _transformed: dict[tuple[Transform, ...], tuple[Any, dict[str, Any]]] = field(default_factory=dict)
@@ -98,11 +98,11 @@ def gzip_size(data: bytes) -> int:
 
 
 def float_reference(inputs: CompressionInputs) -> tuple[float, np.ndarray]:
+    """The float model's accuracy on the eval set and its top-1 predictions (computed once)."""
     if inputs._float_predictions is None:
         inputs._float_predictions = inputs.source.predict_classes(inputs.evalset)
-        inputs.reference_accuracy = float(np.mean(inputs._float_predictions == inputs.evalset.y))
-    assert inputs.reference_accuracy is not None
-    return inputs.reference_accuracy, inputs._float_predictions
+    predictions = inputs._float_predictions
+    return float(np.mean(predictions == inputs.evalset.y)), predictions
 
 
 # -- transforms ------------------------------------------------------------------
@@ -180,7 +180,7 @@ def measure(tflite: bytes, inputs: CompressionInputs, workdir: Path, threads: in
         timeout=600,
     )
     if not result.ok or result.benchmark is None:
-        raise EdgefleetError(("load_error: " if result.load_error else "") + result.error)
+        raise EdgefleetError(result.reason)
     _, float_predictions = float_reference(inputs)
     agreement = float(np.mean(np.asarray(result.predictions) == float_predictions))
     return {

@@ -9,7 +9,7 @@ The caller's model is not touched.
 
 Pruning zeroes weights but keeps them in the flatbuffer: a pruned float32
 ``.tflite`` is as large as the unpruned one and only *compresses* better, which
-``gzip_size`` measures.
+``server.compress.pipeline.gzip_size`` measures.
 
 No TensorFlow here beyond Keras 3 (through ``convert.import_keras``) for saving
 and cloning the model.
@@ -17,7 +17,6 @@ and cloning the model.
 
 from __future__ import annotations
 
-import gzip
 import json
 import logging
 import math
@@ -169,11 +168,6 @@ def prunable_kernels(model: Any) -> list[Any]:
         elif type(layer).__name__ in PRUNABLE_KERNELS:
             kernels.append(getattr(layer, PRUNABLE_KERNELS[type(layer).__name__]))
     return kernels
-
-
-def gzip_size(data: bytes) -> int:
-    """Size of ``data`` gzipped at level 9: what pruning shrinks, since zeros are still stored."""
-    return len(gzip.compress(data, compresslevel=9, mtime=0))
 
 
 # -- helpers ---------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from server.catalog import add_model
-from server.compression import build_profile
+from server.compression import build_profiles
 from server.setup import Workspace, init_data_dir, open_workspace
 from shared.benchmark import BenchmarkSettings
 
@@ -32,8 +32,8 @@ def template_data_dir(tmp_path_factory: pytest.TempPathFactory, digits_inputs: t
     try:
         add_model(workspace.db, workspace.blobs, TEMPLATE_MODEL, *digits_inputs)
         for profile, recipe in TEMPLATE_BUILDS.items():
-            report = build_profile(workspace.db, workspace.blobs, TEMPLATE_MODEL, profile, recipe=recipe,
-                                   settings=QUICK_BENCHMARK)
+            (report,) = build_profiles(workspace.db, workspace.blobs, TEMPLATE_MODEL, [profile], recipe=recipe,
+                                       settings=QUICK_BENCHMARK)
             assert report.chosen is not None, report
     finally:
         workspace.db.close()  # the last connection checkpoints the WAL, so a file copy is complete

@@ -18,7 +18,8 @@ from server.compress import pruning
 from server.compress.convert import convert, import_keras, predict_accuracy
 from server.compress.digits import digits_split, train_digits_cnn
 from server.compress.evalset import EvalSet
-from server.compress.pruning import PruneResult, gzip_size, prunable_kernels, prune_model, zero_fraction
+from server.compress.pipeline import gzip_size
+from server.compress.pruning import PruneResult, prunable_kernels, prune_model, zero_fraction
 from server.compress.quantization import Quantization
 from shared.errors import ModelError, UserInputError
 from shared.interpreter import TFLiteModel, accuracy
