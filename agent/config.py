@@ -61,7 +61,7 @@ class BenchmarkSection:
 @dataclass(frozen=True)
 class TrialSection:
     timeout_seconds: float = 300.0
-    memory_limit_mb: int = 4096
+    memory_limit_mb: int = 0  # an extra cap on a trial's memory; 0: the profile's limit and what is available
 
 
 @dataclass(frozen=True)

@@ -1,39 +1,56 @@
 """Resumable chunked download of one manifest file.
 
 Each chunk is checked against its sha256 from the signed manifest before a
-byte is written; progress (which chunks are held) survives restarts in a side
-file, so an interrupted download asks only for what is still missing.
+byte is written; a copy that does not match is dropped (the caller asks for
+it again). Chunks are written in place without an fsync each: the signed
+per-chunk digests *are* the progress record, so after a crash or power cut
+the chunks on disk are hashed again and exactly those that match count as
+held — a chunk the disk lost or half-wrote is simply missing. The whole file
+is flushed to disk once, when it is complete.
 """
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import os
 from pathlib import Path
 
-from agent.files import atomic_write_json, read_json, storage_error
-from shared.errors import IntegrityError
+from agent.files import storage_error
+from shared.errors import IntegrityError, StorageError
 from shared.messages import FileEntry
+
+
+class ChunkVerdict(enum.Enum):
+    STORED = "stored"
+    ALREADY_HELD = "already_held"  # a duplicate, or an index past the end: ignored
+    CORRUPT = "corrupt"  # does not match its signed sha256: dropped
 
 
 class ChunkAssembler:
     def __init__(self, entry: FileEntry, directory: Path) -> None:
         self.entry = entry
         self.part = directory / f"{entry.sha256}.part"
-        self.progress = directory / f"{entry.sha256}.chunks.json"
         self.count = len(entry.chunks)
         self.held: set[int] = set()
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            if self.part.exists() and self.progress.exists():
-                self.held = {i for i in read_json(self.progress) if isinstance(i, int) and 0 <= i < self.count}
+            if self.part.exists() and self.part.stat().st_size == entry.size:
+                self.held = self._chunks_on_disk()
             else:
                 with open(self.part, "wb") as fh:
                     fh.truncate(entry.size)
-        except (OSError, ValueError) as exc:
-            if isinstance(exc, OSError):
-                raise storage_error(exc, str(self.part)) from exc
-            self.held = set()
+        except OSError as exc:
+            raise storage_error(exc, str(self.part)) from exc
+
+    def _chunks_on_disk(self) -> set[int]:
+        """The chunks an earlier run wrote that are intact: each one is hashed against the manifest."""
+        held = set()
+        with open(self.part, "rb") as fh:
+            for index, digest in enumerate(self.entry.chunks):
+                if hashlib.sha256(fh.read(self.entry.chunk_size)).hexdigest() == digest:
+                    held.add(index)
+        return held
 
     @property
     def complete(self) -> bool:
@@ -54,27 +71,33 @@ class ChunkAssembler:
                     break
         return ranges
 
-    def accept(self, index: int, data: bytes) -> bool:
-        """Write one chunk after checking it; False if it was already held or out of range."""
+    def accept(self, index: int, data: bytes) -> ChunkVerdict:
+        """Check one chunk against its signed digest and write it; raises StorageError only."""
         if index >= self.count or index in self.held:
-            return False
+            return ChunkVerdict.ALREADY_HELD
         if hashlib.sha256(data).hexdigest() != self.entry.chunks[index]:
-            raise IntegrityError(f"{self.entry.name}: chunk {index} does not match its signed sha256")
+            return ChunkVerdict.CORRUPT
         try:
-            with open(self.part, "r+b") as fh:
-                fh.seek(index * self.entry.chunk_size)
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            self.held.add(index)
-            atomic_write_json(self.progress, sorted(self.held))
+            fd = os.open(self.part, os.O_WRONLY)
+            try:
+                os.pwrite(fd, data, index * self.entry.chunk_size)
+            finally:
+                os.close(fd)
         except OSError as exc:
             raise storage_error(exc, str(self.part)) from exc
-        return True
+        self.held.add(index)
+        return ChunkVerdict.STORED
 
-    def discard(self) -> None:
-        self.part.unlink(missing_ok=True)
-        self.progress.unlink(missing_ok=True)
+    def flush(self) -> None:
+        """Make the complete file durable: the one fsync of the download."""
+        try:
+            fd = os.open(self.part, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise StorageError(f"cannot flush {self.part}: {exc.strerror or exc}") from exc
 
 
 def verify_file(path: Path, entry: FileEntry) -> None:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import errno
-import json
 import os
 from pathlib import Path
 from typing import Any
 
-from shared.canonical import canonical_json
+from shared.canonical import canonical_json, loads_strict
 from shared.errors import StorageError
 
 
@@ -46,4 +45,5 @@ def atomic_write_json(path: Path, value: Any) -> None:
 
 
 def read_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8"))
+    """Read a file this agent wrote; as strict as the wire (it holds signed documents)."""
+    return loads_strict(path.read_bytes())

@@ -7,7 +7,6 @@ after a directive and its manifest passed every check.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -26,6 +25,7 @@ class UpdateRecord:
     manifest: SignedEnvelope | None = None
     slot: str | None = None
     reason: str = ""
+    outcome: str | None = None  # the final UpdateState once reported; kept after IDLE for the device state
 
     @property
     def current(self) -> State:
@@ -52,7 +52,7 @@ class RecordStore:
             return default
         try:
             return decode(cls, read_json(path))
-        except (OSError, json.JSONDecodeError, ProtocolError) as exc:
+        except (OSError, ValueError, ProtocolError) as exc:
             raise StorageError(f"{path} is unreadable ({exc}); move it away to start clean") from exc
 
     def load_record(self) -> UpdateRecord:

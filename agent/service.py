@@ -2,7 +2,9 @@
 
 paho hands every message to ``inbox``; this loop decodes it (the only place
 payloads become objects), dispatches by topic kind, and drives the updater.
-A bad message is logged and dropped; it never ends the loop.
+A bad message is logged and dropped; it never ends the loop. Nothing here
+blocks for long: the trial runs in a child the updater polls, and a broker
+that went away only delays reports, which wait in the outbox.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from shared import PROTOCOL_VERSION
 from shared.errors import EdgefleetError, ProtocolError
 from shared.interpreter import RuntimeInfo, runtime_info
 from shared.messages import (
+    REJECTED,
     ActiveModel,
     Availability,
     BenchmarkResult,
@@ -35,11 +38,12 @@ from shared.messages import (
     decode_payload,
     encode_payload,
 )
-from shared.mqtt import Inbound, LinkDown, LinkUp, MqttLink, Will
+from shared.mqtt import Delivered, Inbound, LinkDown, LinkUp, MqttLink, Will
 from shared.topics import Topic, TopicKind, chunk_filter, device_topic, parse_topic, want_topic
 
 logger = logging.getLogger(__name__)
 
+WANT_EXPIRY_S = 30  # a chunk request nobody served by then is stale: the agent has asked again
 
 class AgentService:
     def __init__(self, config: AgentConfig, *, updater_factory: Callable[..., Updater] = Updater) -> None:
@@ -55,6 +59,7 @@ class AgentService:
             client_id=f"ef-agent-{self.device_id}",
             inbox=self.inbox,
             will=Will(device_topic(TopicKind.AVAILABILITY, self.device_id), offline),
+            report_deliveries=True,
         )
         self.runtime = self._runtime()
         self.outbox = Outbox(config.data_dir / "outbox", lambda topic, payload: self.link.publish(topic, payload))
@@ -79,8 +84,10 @@ class AgentService:
         return self._seq
 
     def _publish(self, kind: TopicKind, message: Any, *, retain: bool = False) -> None:
+        """State and availability: only worth sending while connected (each connect repeats them)."""
         try:
-            self.link.publish(device_topic(kind, self.device_id), encode_payload(message), retain=retain)
+            self.link.publish(device_topic(kind, self.device_id), encode_payload(message), retain=retain,
+                              when_offline="drop")
         except EdgefleetError as exc:
             logger.warning("could not publish %s: %s", kind.value, exc)
 
@@ -90,6 +97,12 @@ class AgentService:
 
     def event(self, deployment_id: str, state: UpdateState, reason: str) -> None:
         logger.info("deployment %s: %s %s", deployment_id, state.value, reason)
+        self._report_event(deployment_id, state.value, reason)
+
+    def rejected(self, claimed_deployment: str, reason: str) -> None:
+        self._report_event(claimed_deployment, REJECTED, reason)
+
+    def _report_event(self, deployment_id: str, state: str, reason: str) -> None:
         self._report(
             TopicKind.EVENTS,
             Event(
@@ -98,7 +111,7 @@ class AgentService:
                 boot_id=self.boot_id,
                 seq=self._next_seq(),
                 deployment_id=deployment_id,
-                state=state.value,
+                state=state,
                 reason=reason,
                 ts=time.time(),
             ),
@@ -149,6 +162,7 @@ class AgentService:
                 directive_seq=self.updater.trusted.directive_seq,
                 active=active,
                 hello=hello,
+                outcome=self.updater.outcome(),
             ),
             retain=True,
         )
@@ -157,8 +171,9 @@ class AgentService:
         if not ranges:
             return
         message = ChunkRequest(v=PROTOCOL_VERSION, device_id=self.device_id, ranges=tuple(ranges))
-        try:
-            self.link.publish(want_topic(sha256), encode_payload(message))
+        try:  # each connect asks again for what is missing, so a request is not kept while offline
+            self.link.publish(want_topic(sha256), encode_payload(message), when_offline="drop",
+                              expiry_s=WANT_EXPIRY_S)
         except EdgefleetError as exc:
             logger.warning("could not ask for chunks: %s", exc)
 
@@ -189,6 +204,9 @@ class AgentService:
 
     def handle(self, item: Any) -> None:
         """Dispatch one inbox record; malformed input is logged and dropped."""
+        if isinstance(item, Delivered):
+            self.outbox.delivered(item.mid, unheard=item.unheard)
+            return
         if isinstance(item, LinkUp):
             logger.info("connected to %s", self.link.broker.url())
             self._publish(
@@ -212,6 +230,8 @@ class AgentService:
         except EdgefleetError as exc:
             # e.g. a full disk: the update record stays as it was; the next message or tick retries.
             logger.error("could not handle the message on %s: %s", item.topic, exc)
+        except Exception:  # a bug: one message must still not take the device's agent down
+            logger.exception("unexpected error handling the message on %s; dropped", item.topic)
 
     # -- lifecycle -------------------------------------------------------
 
@@ -237,8 +257,9 @@ class AgentService:
                     self.updater.tick()
                 except EdgefleetError as exc:
                     logger.error("update step failed: %s", exc)
-                self.outbox.collect()
+                self.outbox.retry_due()
         finally:
+            self.updater.stop()
             offline = encode_payload(Availability(v=PROTOCOL_VERSION, online=False, boot_id=self.boot_id))
             self.link.stop(final=(device_topic(TopicKind.AVAILABILITY, self.device_id), offline))
 

@@ -1,9 +1,15 @@
 """The update state machine's runner and handlers.
 
-Every handler ``on_<state>`` returns an Event (or None while it waits for
-chunks); expected failures become a FAILURE/GATES_FAILED event with a reason,
-only programming errors propagate. The record is saved before each side
-effect; trust checks run before any model byte is touched.
+Every handler ``on_<state>`` returns an Event (or None while it waits: for
+chunks, or for the trial child); expected failures become a
+FAILURE/GATES_FAILED event with a reason, only programming errors propagate.
+The record is saved before each side effect; trust checks run before any
+model byte is touched.
+
+Only a desired state whose signatures verify can change what the agent does
+or which deployment it reports on: one that fails a check is reported as a
+*rejection* (naming the deployment it merely claims), never as the failure of
+a deployment, and it never displaces a verified directive waiting its turn.
 """
 
 from __future__ import annotations
@@ -17,25 +23,44 @@ from pathlib import Path
 from typing import Protocol
 
 from agent.config import AgentConfig
-from agent.download import ChunkAssembler, verify_file
+from agent.download import ChunkAssembler, ChunkVerdict, verify_file
+from agent.memory import MemoryBudget, available_memory_bytes, trial_memory_budget
 from agent.record import RecordStore, TrustedState, UpdateRecord
 from agent.slots import SlotStore
 from agent.states import REPORTED, RESUME_FROM, Event, State, next_state
-from shared.codec import decode
+from shared.canonical import canonical_digest
+from shared.codec import decode, encode
 from shared.errors import EdgefleetError, ReplayError, StorageError, TrustError
-from shared.messages import BenchmarkResult, DesiredState, Directive, Manifest, UpdateState
+from shared.messages import (
+    MAX_ID_LENGTH,
+    BenchmarkResult,
+    DeploymentOutcome,
+    DesiredState,
+    Directive,
+    Manifest,
+    UpdateState,
+    clip_reason,
+)
 from shared.signing import verify_directive, verify_manifest
-from shared.trial import TrialRequest, TrialResult, run_trial
+from shared.trial import TrialHandle, TrialRequest, start_trial
 
 logger = logging.getLogger(__name__)
 
-TrialRunner = Callable[[TrialRequest], TrialResult]
+TrialStarter = Callable[[TrialRequest], TrialHandle]
+
+# A chunk that fails its signed digest is dropped and asked for again soon; the download fails
+# only after this many request rounds in a row brought corrupt copies and no good chunk at all,
+# so a stray publisher on the chunk topic cannot abort a download that is still making progress.
+BARREN_ROUNDS_TO_FAIL = 3
+CORRUPT_RETRY_S = 1.0
 
 
 class Reporter(Protocol):
     """What the updater tells the outside world; the MQTT service implements it."""
 
     def event(self, deployment_id: str, state: UpdateState, reason: str) -> None: ...
+
+    def rejected(self, claimed_deployment: str, reason: str) -> None: ...
 
     def telemetry(self, deployment_id: str, benchmark: BenchmarkResult, accuracy: float, samples: int) -> None: ...
 
@@ -51,6 +76,21 @@ class _Download:
     assemblers: dict[str, ChunkAssembler]
     last_request: float = 0.0
     last_progress: float = field(default_factory=time.monotonic)
+    stored_this_round: bool = False  # a round: from one chunk request to the next
+    corrupt_this_round: list[str] = field(default_factory=list)
+    barren_rounds: int = 0  # rounds in a row that brought corrupt copies and nothing good
+
+    def next_round(self) -> str | None:
+        """Close the current request round; returns why the download must fail, if it must."""
+        if self.stored_this_round:
+            self.barren_rounds = 0
+        elif self.corrupt_this_round:
+            self.barren_rounds += 1
+        corrupt, self.corrupt_this_round, self.stored_this_round = self.corrupt_this_round, [], False
+        if self.barren_rounds >= BARREN_ROUNDS_TO_FAIL:
+            return (f"{', '.join(sorted(set(corrupt)))} did not match its signed sha256 in "
+                    f"{self.barren_rounds} requests in a row")
+        return None
 
 
 def _trusted_after(trusted: TrustedState, manifest: Manifest, directive: Directive) -> TrustedState:
@@ -69,9 +109,10 @@ class Updater:
         config: AgentConfig,
         reporter: Reporter,
         *,
-        trial_runner: TrialRunner | None = None,
+        trial_runner: TrialStarter | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        available_memory: Callable[[], int | None] = available_memory_bytes,
     ) -> None:
         self.config = config
         self.reporter = reporter
@@ -81,11 +122,16 @@ class Updater:
         self.keys = config.trusted_keys()
         self.clock = clock
         self.monotonic = monotonic
-        self.trial_runner = trial_runner or self._run_trial_in_child
+        self.available_memory = available_memory
+        self.start_trial = trial_runner or self._start_trial_in_child
         self.record = self.records.load_record()
         self.trusted = self.records.load_trusted()
-        self.pending: DesiredState | None = None
+        self.pending: DesiredState | None = None  # verified, newer than anything accepted, waiting its turn
+        self._pending_seq = 0
+        self._last_rejection: str | None = None  # digest of the last rejected desired state, reported once
         self._download: _Download | None = None
+        self._trial: TrialHandle | None = None
+        self._budget: MemoryBudget | None = None
         self._last_retry = float("-inf")
         self._handlers: dict[State, Callable[[], Event | None]] = {
             State.IDLE: self.on_idle,
@@ -121,12 +167,19 @@ class Updater:
         self.step()
 
     def offer(self, desired: DesiredState) -> None:
-        """A desired state arrived; install it now or once the current update ends."""
-        if self.state is not State.IDLE:
-            if desired.directive != self.record.directive:
-                self.pending = desired
+        """A desired state arrived: verify it, then install it now or once the current update ends."""
+        try:
+            manifest, directive = self._verify(desired)
+        except TrustError as exc:
+            self._reject(desired, exc)
             return
-        self._accept(desired)
+        if directive.seq == self.trusted.directive_seq:
+            return  # the deployment already accepted: its retained message came again
+        if self.state is not State.IDLE:
+            if self.pending is None or directive.seq > self._pending_seq:
+                self.pending, self._pending_seq = desired, directive.seq
+            return
+        self._accept(desired, manifest, directive)
         self.step()
 
     def on_chunk(self, sha256: str, index: int, data: bytes) -> None:
@@ -135,23 +188,34 @@ class Updater:
             return
         assembler = download.assemblers[sha256]
         try:
-            if not assembler.accept(index, data):
-                return
-        except (TrustError, StorageError) as exc:
+            verdict = assembler.accept(index, data)
+        except StorageError as exc:
             self._fire(Event.FAILURE, reason=str(exc))
             self.step()
             return
+        if verdict is ChunkVerdict.CORRUPT:
+            logger.warning("dropped a copy of %s chunk %d that does not match its signed sha256: asking again",
+                           assembler.entry.name, index)
+            download.corrupt_this_round.append(f"{assembler.entry.name} chunk {index}")
+            return
+        if verdict is not ChunkVerdict.STORED:
+            return
+        download.stored_this_round = True
         download.last_progress = self.monotonic()
         if assembler.complete:
             self.reporter.watch_chunks(sha256, False)
             self.step()
 
     def tick(self) -> None:
-        """Periodic work: re-ask for missing chunks (resume), give up on a stalled download,
-        and retry a step that a storage error (e.g. a full disk) interrupted."""
+        """Periodic work: see whether the trial ended, re-ask for missing chunks (resume, or soon
+        after a corrupt copy), give up on a stalled download, and retry a step that a storage
+        error (e.g. a full disk) interrupted."""
         if self.state is State.IDLE:
             return
         now = self.monotonic()
+        if self.state is State.TRIAL and self._trial is not None:
+            self.step()
+            return
         download = self._download
         if self.state is not State.DOWNLOADING or download is None:
             # a synchronous state, or a download that never got set up: an interrupted step
@@ -159,20 +223,27 @@ class Updater:
                 self._last_retry = now
                 self.step()
             return
+        interval = CORRUPT_RETRY_S if download.corrupt_this_round else self.config.download.request_interval_seconds
         if now - download.last_progress > self.config.download.stall_timeout_seconds:
             self._fire(Event.FAILURE, reason="download stalled: no chunk arrived in time")
             self.step()
-        elif now - download.last_request >= self.config.download.request_interval_seconds:
+        elif now - download.last_request >= interval:
             self.request_missing()
 
     def request_missing(self) -> None:
-        if self._download is None:
+        download = self._download
+        if download is None:
             return
-        for sha256, assembler in self._download.assemblers.items():
+        failure = download.next_round()
+        if failure is not None:
+            self._fire(Event.FAILURE, reason=failure)
+            self.step()
+            return
+        for sha256, assembler in download.assemblers.items():
             if not assembler.complete:
                 self.reporter.watch_chunks(sha256, True)
                 self.reporter.want(sha256, assembler.missing_ranges())
-        self._download.last_request = self.monotonic()
+        download.last_request = self.monotonic()
 
     def step(self) -> None:
         """Run handlers until one waits in an unchanged state."""
@@ -183,6 +254,18 @@ class Updater:
                 self._fire(event)
             elif self.state is before:
                 return
+
+    def outcome(self) -> DeploymentOutcome | None:
+        """How the last deployment ended, for the device's retained state."""
+        if self.record.outcome is None or self.record.deployment_id is None:
+            return None
+        return DeploymentOutcome(self.record.deployment_id, self.record.outcome, clip_reason(self.record.reason))
+
+    def stop(self) -> None:
+        """The agent is shutting down: end a running trial (a restart rolls it back)."""
+        if self._trial is not None:
+            self._trial.cancel()
+            self._trial = None
 
     # -- transitions -------------------------------------------------------
 
@@ -201,7 +284,8 @@ class Updater:
 
     def _finish(self, state: UpdateState) -> Event:
         assert self.record.deployment_id is not None
-        self.reporter.event(self.record.deployment_id, state, self.record.reason)
+        self._save(self.record.moved(self.state, outcome=state.value))
+        self.reporter.event(self.record.deployment_id, state, clip_reason(self.record.reason))
         return Event.DONE
 
     def _manifest(self) -> Manifest:
@@ -214,30 +298,36 @@ class Updater:
 
     # -- trust -------------------------------------------------------------
 
-    def _accept(self, desired: DesiredState) -> None:
-        hint = desired.directive.signed.get("deployment_id")
-        deployment_hint = hint if isinstance(hint, str) else None
-        try:
-            manifest = verify_manifest(
-                desired.manifest, self.keys, now=self.clock(), min_release_counter=self.trusted.release_counter
-            )
-            directive = verify_directive(
-                desired.directive,
-                self.keys,
-                now=self.clock(),
-                device_id=self.config.device.id,
-                manifest_envelope=desired.manifest,
-                min_seq=self.trusted.directive_seq,
-            )
-            if directive.seq == self.trusted.directive_seq:
-                if directive.deployment_id == self.trusted.deployment_id:
-                    return  # already handled: the retained message came again
-                raise ReplayError(f"directive sequence {directive.seq} was already used")
-        except TrustError as exc:
-            logger.warning("rejected desired state: %s", exc)
-            if deployment_hint:
-                self.reporter.event(deployment_hint, UpdateState.FAILED, f"rejected: {exc}")
-            return
+    def _verify(self, desired: DesiredState) -> tuple[Manifest, Directive]:
+        """Every check, against the trusted state; raises TrustError. A directive whose sequence
+        equals the trusted one passes only if it is the deployment already accepted."""
+        now = self.clock()
+        manifest = verify_manifest(
+            desired.manifest, self.keys, now=now, min_release_counter=self.trusted.release_counter,
+            profile=self.config.device.profile,
+        )
+        directive = verify_directive(
+            desired.directive,
+            self.keys,
+            now=now,
+            device_id=self.config.device.id,
+            manifest_envelope=desired.manifest,
+            min_seq=self.trusted.directive_seq,
+        )
+        if directive.seq == self.trusted.directive_seq and directive.deployment_id != self.trusted.deployment_id:
+            raise ReplayError(f"directive sequence {directive.seq} was already used")
+        return manifest, directive
+
+    def _reject(self, desired: DesiredState, exc: TrustError) -> None:
+        """Log and report a refused desired state once; it names no deployment we trust."""
+        logger.warning("rejected desired state: %s", exc)
+        digest = canonical_digest(encode(desired))
+        if digest == self._last_rejection:
+            return  # the same retained message again (every reconnect delivers it)
+        self._last_rejection = digest
+        self.reporter.rejected(_claimed_deployment(desired), clip_reason(f"rejected: {exc}"))
+
+    def _accept(self, desired: DesiredState, manifest: Manifest, directive: Directive) -> None:
         self.trusted = _trusted_after(self.trusted, manifest, directive)
         logger.info(
             "accepted deployment %s: %s v%s (%s)", directive.deployment_id, manifest.model, manifest.version,
@@ -250,6 +340,7 @@ class Updater:
             manifest=desired.manifest,
             slot=None,
             reason="",
+            outcome=None,
         )
         # After the record: a crash in between is repaired by resume() from the record.
         self.records.save_trusted(self.trusted)
@@ -257,9 +348,16 @@ class Updater:
     # -- handlers ----------------------------------------------------------
 
     def on_idle(self) -> Event | None:
-        if self.pending is not None:
-            desired, self.pending = self.pending, None
-            self._accept(desired)
+        if self.pending is None:
+            return None
+        desired, self.pending = self.pending, None
+        try:
+            manifest, directive = self._verify(desired)  # again: it may have expired while it waited
+        except TrustError as exc:
+            self._reject(desired, exc)
+            return None
+        if directive.seq != self.trusted.directive_seq:
+            self._accept(desired, manifest, directive)
         return None
 
     def _staging_path(self, sha256: str) -> Path:
@@ -281,6 +379,11 @@ class Updater:
                 return self._fail(exc)
             self._download = _Download(assemblers, last_progress=self.monotonic())
         if all(a.complete for a in self._download.assemblers.values()):
+            try:
+                for assembler in self._download.assemblers.values():
+                    assembler.flush()  # one fsync per file, before the record moves past the download
+            except StorageError as exc:
+                return self._fail(exc)
             self._download = None
             return Event.DOWNLOADED
         self.request_missing()
@@ -307,29 +410,42 @@ class Updater:
         self._save(self.record.moved(State.STAGED, slot=slot))
         return Event.STAGED_OK
 
-    def _run_trial_in_child(self, request: TrialRequest) -> TrialResult:
-        return run_trial(request, timeout=self.config.trial.timeout_seconds)
+    def _start_trial_in_child(self, request: TrialRequest) -> TrialHandle:
+        return start_trial(request, timeout=self.config.trial.timeout_seconds)
 
-    def on_trial(self) -> Event:
+    def _trial_request(self, manifest: Manifest, slot: str, budget: MemoryBudget) -> TrialRequest:
+        bench = self.config.benchmark
+        return TrialRequest(
+            model_path=str(self.slots.file_path(slot, manifest.file("model"))),
+            eval_path=str(self.slots.file_path(slot, manifest.file("eval"))),
+            threads=self.config.runtime.threads,
+            runtime=self.config.runtime.preferred,
+            warmup_runs=bench.warmup_runs,
+            warmup_seconds=bench.warmup_seconds,
+            min_runs=bench.min_runs,
+            min_seconds=bench.min_seconds,
+            memory_limit_mb=budget.limit_mb,
+        )
+
+    def on_trial(self) -> Event | None:
+        """Start the trial child, then (on later ticks) collect its result: the loop stays free."""
         manifest, directive = self._manifest(), self._directive()
         slot = self.record.slot
         assert slot is not None
-        bench = self.config.benchmark
-        result = self.trial_runner(
-            TrialRequest(
-                model_path=str(self.slots.file_path(slot, manifest.file("model"))),
-                eval_path=str(self.slots.file_path(slot, manifest.file("eval"))),
-                threads=self.config.runtime.threads,
-                runtime=self.config.runtime.preferred,
-                warmup_runs=bench.warmup_runs,
-                warmup_seconds=bench.warmup_seconds,
-                min_runs=bench.min_runs,
-                min_seconds=bench.min_seconds,
-                memory_limit_mb=self.config.trial.memory_limit_mb,
+        if self._trial is None:
+            self._budget = trial_memory_budget(
+                manifest.max_ram_bytes, self.config.trial.memory_limit_mb, self.available_memory()
             )
-        )
+            self._trial = self.start_trial(self._trial_request(manifest, slot, self._budget))
+        result = self._trial.poll()
+        if result is None:
+            return None
+        self._trial = None
         if not result.ok or result.benchmark is None or result.accuracy is None:
-            reason = result.reason if result.load_error else f"trial failed: {result.error}"
+            if result.oom and self._budget is not None:
+                reason = f"{result.reason} ({self._budget.why})"
+            else:
+                reason = result.reason if result.load_error else f"trial failed: {result.error}"
             self._save(self.record.moved(State.TRIAL, reason=reason))
             return Event.FAILURE
         assert self.record.deployment_id is not None
@@ -381,3 +497,11 @@ class Updater:
             return self.slots.active_manifest(), self.slots.active_deployment()
         except (EdgefleetError, OSError, ValueError):
             return None, None
+
+
+def _claimed_deployment(desired: DesiredState) -> str:
+    """The deployment id an unverified directive claims, if it looks like one: only ever quoted."""
+    claim = desired.directive.signed.get("deployment_id")
+    if isinstance(claim, str) and len(claim) <= MAX_ID_LENGTH and claim.isprintable():
+        return claim
+    return ""

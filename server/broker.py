@@ -12,10 +12,14 @@ from pathlib import Path
 from shared.errors import ConfigError, TransportError
 
 # Mosquitto's default max_queued_messages (1000) silently drops QoS 1 messages under load.
+# Persistence keeps retained states and the server's queued session across a broker restart;
+# autosave bounds what a killed broker loses.
 CONFIG = """\
 listener {port} 127.0.0.1
 allow_anonymous true
-persistence false
+persistence true
+persistence_location {workdir}/
+autosave_interval 5
 max_queued_messages 100000
 max_inflight_messages 100
 log_dest file {log}
@@ -58,7 +62,7 @@ class Mosquitto:
         binary = find_mosquitto()
         self.workdir.mkdir(parents=True, exist_ok=True)
         conf = self.workdir / "mosquitto.conf"
-        conf.write_text(CONFIG.format(port=self.port, log=self.log))
+        conf.write_text(CONFIG.format(port=self.port, log=self.log, workdir=self.workdir))
         stderr = self.workdir / "mosquitto.stderr"
         with open(stderr, "wb") as err:
             self.process = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=err)
@@ -75,6 +79,13 @@ class Mosquitto:
                 time.sleep(0.05)
         self.stop()
         raise TransportError(f"mosquitto did not listen on port {self.port} within {timeout:.0f} s")
+
+    def kill(self) -> None:
+        """Stop the broker the hard way (SIGKILL): what it had not saved yet is gone."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -3,6 +3,15 @@
 Events and telemetry carry ``(device_id, boot_id, seq)``; a row already seen
 is skipped, so QoS 1 duplicates are harmless. A message from an unknown
 device is dropped with a warning.
+
+A deployment moves only forward (pending → downloading → … → a final state)
+and never leaves a final state, whatever arrives later: a replayed, late or
+forged report can add a row to the event log, not reopen or flip settled
+work. A *rejection* (a desired state the agent refused before trusting it)
+names a deployment only as the unverified message claimed it, so it is logged
+and kept, never applied. The device's retained state carries the outcome of
+its last deployment and the deployment its active model came from, which
+settles an open deployment whose final event never arrived.
 """
 
 from __future__ import annotations
@@ -15,6 +24,11 @@ from server.db.models import Deployment, Device, EventRecord, RuntimeIncompatibi
 from shared.codec import encode
 from shared.messages import Availability, DeviceState, Event, Telemetry, UpdateState
 from shared.trial import LOAD_ERROR
+
+# A deployment's states in the order they happen; a report never moves one backwards.
+PROGRESS = (
+    UpdateState.PENDING, UpdateState.DOWNLOADING, UpdateState.VERIFYING, UpdateState.STAGED, UpdateState.TRIAL,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +61,38 @@ def apply_availability(session: Session, device_id: str, message: Availability) 
         device.last_seen = _now()
 
 
+def advance_deployment(session: Session, device: Device, deployment: Deployment, state: str, reason: str) -> bool:
+    """Move ``deployment`` to ``state`` if that is forward and it is not settled; True if it moved."""
+    current, target = UpdateState(deployment.state), UpdateState(state)
+    if current.is_final or (not target.is_final and PROGRESS.index(target) <= PROGRESS.index(current)):
+        return False
+    deployment.state = target.value
+    deployment.reason = reason
+    deployment.updated_at = _now()
+    if target.is_final and reason.startswith(LOAD_ERROR) and device.runtime:  # the agent's trial could not load it
+        _remember_incompatibility(session, device, deployment, reason)
+    logger.info("%s: deployment %s %s %s", device.name, deployment.id, target.value, reason)
+    return True
+
+
+def _reported_outcome(deployment_id: str, message: DeviceState) -> tuple[str, str] | None:
+    """What a device's state says about one of its deployments: a final state and reason, if any."""
+    outcome = message.outcome
+    if outcome is not None and outcome.deployment_id == deployment_id:
+        return outcome.state, outcome.reason
+    if message.active is not None and message.active.deployment_id == deployment_id:
+        return UpdateState.COMMITTED.value, ""
+    return None
+
+
+def reconcile_deployments(session: Session, device: Device, message: DeviceState) -> None:
+    """Settle the device's open deployments from its own state, for when a final event was lost."""
+    for deployment in queries.open_deployments(session, device.id):
+        reported = _reported_outcome(deployment.id, message)
+        if reported is not None and advance_deployment(session, device, deployment, *reported):
+            logger.info("%s: deployment %s settled from the device's state", device.name, deployment.id)
+
+
 def apply_state(session: Session, message: DeviceState) -> Device | None:
     device = _device(session, message.device_id)
     if device is None:
@@ -61,6 +107,7 @@ def apply_state(session: Session, message: DeviceState) -> Device | None:
     device.active_model = active.model if active else None
     device.active_version = active.version if active else None
     device.active_quantization = active.quantization if active else None
+    reconcile_deployments(session, device, message)
     return device
 
 
@@ -79,17 +126,13 @@ def apply_event(session: Session, message: Event) -> None:
             ts=message.ts,
         )
     )
-    deployment = _deployment(session, device, message.deployment_id)
-    if deployment is None:
+    if message.is_rejection:
+        logger.warning("%s rejected a desired state (it claimed deployment %s): %s", device.name,
+                       message.deployment_id or "-", message.reason)
         return
-    if deployment.state in queries.FINAL_STATES and not UpdateState(message.state).is_final:
-        return  # a late progress event never reopens a settled deployment
-    deployment.state = message.state
-    deployment.reason = message.reason
-    deployment.updated_at = _now()
-    if message.reason.startswith(LOAD_ERROR) and device.runtime:  # the agent's trial could not load it
-        _remember_incompatibility(session, device, deployment, message.reason)
-    logger.info("%s: deployment %s %s %s", device.name, deployment.id, message.state, message.reason)
+    deployment = _deployment(session, device, message.deployment_id)
+    if deployment is not None:
+        advance_deployment(session, device, deployment, message.state, message.reason)
 
 
 def _remember_incompatibility(session: Session, device: Device, deployment: Deployment, reason: str) -> None:

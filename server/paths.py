@@ -26,5 +26,10 @@ class DataDir:
     def settings(self) -> Path:
         return self.root / "server.json"
 
+    @property
+    def session_id(self) -> Path:
+        """The server's MQTT client id suffix: stable, so its persistent broker session outlives restarts."""
+        return self.root / "mqtt-session-id"
+
     def database_url(self) -> str:
         return f"sqlite:///{self.database}"

@@ -6,11 +6,20 @@ batch (a savepoint per message, so one bad message never spoils the batch).
 Retained topics (state, availability) use plain subscriptions, because MQTT 5
 does not deliver retained messages to shared subscriptions; the high-volume
 ones (events, telemetry, chunk requests) are shared across server replicas.
+
+No report is lost to a server restart: the server keeps a persistent MQTT
+session under a stable client id, so the broker queues what agents publish
+while it is down, and it acknowledges each message only after the batch that
+applied it committed, so a crash in between has the broker deliver it again
+(ingest is idempotent). Should a queue be lost all the same (an expired
+session, a broker restarted without persistence), every device's retained
+state, re-sent on each subscribe, and its hello settle the open deployments.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import secrets
 import threading
@@ -25,7 +34,7 @@ from server.ingest import apply_availability, apply_event, apply_state, apply_te
 from server.keys import load_keys
 from server.paths import DataDir
 from server.rollouts import RolloutEngine
-from shared.errors import EdgefleetError, ProtocolError
+from shared.errors import EdgefleetError, ProtocolError, StorageError
 from shared.messages import Availability, ChunkRequest, DeviceState, Event, Telemetry, decode_payload
 from shared.mqtt import BrokerAddress, Inbound, LinkDown, LinkUp, MqttLink
 from shared.topics import Topic, TopicKind, all_devices_filter, all_wants_filter, parse_topic
@@ -33,6 +42,29 @@ from shared.topics import Topic, TopicKind, all_devices_filter, all_wants_filter
 logger = logging.getLogger(__name__)
 
 BATCH = 500
+SESSION_EXPIRY_S = 7 * 24 * 3600  # how long the broker queues reports for a server that is down
+RETRY_BATCH_S = 2.0  # after the database refused a batch (locked, disk full)
+
+
+def session_client_id(data_dir: DataDir) -> str:
+    """This data directory's MQTT client id, created once: a restarted server resumes its session."""
+    path = data_dir.session_id
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        token = path.read_text(encoding="ascii").strip()
+        if token:
+            return f"ef-server-{token}"
+        path.unlink()
+        return session_client_id(data_dir)
+    except OSError as exc:
+        raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    token = secrets.token_hex(6)
+    with os.fdopen(fd, "w", encoding="ascii") as fh:
+        fh.write(token + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    return f"ef-server-{token}"
 
 
 class ServerService:
@@ -45,7 +77,10 @@ class ServerService:
         self.inbox: queue.Queue[Any] = queue.Queue()
         self.stopping = threading.Event()
         self.tick_interval = tick_interval
-        self.link = MqttLink(broker, client_id=f"ef-server-{secrets.token_hex(4)}", inbox=self.inbox)
+        self.link = MqttLink(
+            broker, client_id=session_client_id(data_dir), inbox=self.inbox, session_expiry_s=SESSION_EXPIRY_S,
+            manual_ack=True,
+        )
         self.engine = RolloutEngine(self.db, self.keys, self._publish)
         self.chunks = ChunkServer(self.blobs, self._publish)
         self._handlers: dict[TopicKind, Callable[[Session, Topic, Any], None]] = {
@@ -101,10 +136,12 @@ class ServerService:
     # -- loop ------------------------------------------------------------------
 
     def handle_batch(self, items: list[Any]) -> None:
+        """Apply a batch in one transaction, then acknowledge its messages to the broker."""
         with self.db.session() as session:
             for item in items:
                 if isinstance(item, LinkUp):
-                    logger.info("connected to %s", self.link.broker.url())
+                    logger.info("connected to %s (%s session)", self.link.broker.url(),
+                                "resumed" if item.session_present else "new")
                     continue
                 if isinstance(item, LinkDown):
                     logger.warning("disconnected from broker: %s", item.reason)
@@ -126,6 +163,9 @@ class ServerService:
                     logger.error("could not apply the message on %s: %s", item.topic, exc)
                 except Exception:  # a bug; one device's message must still not stop the fleet's server
                     logger.exception("unexpected error applying the message on %s; dropped", item.topic)
+        for item in items:  # committed: now the broker may forget them
+            if isinstance(item, Inbound):
+                self.link.ack(item)
 
     def _drain(self, timeout: float) -> list[Any]:
         try:
@@ -148,14 +188,20 @@ class ServerService:
         self.link.start()
         logger.info("server running against %s", self.link.broker.url())
         next_tick = 0.0
+        unstored: list[Any] = []
         try:
             while not self.stopping.is_set():
-                items = self._drain(timeout=min(self.tick_interval, max(0.0, next_tick - time.monotonic())) or 0.01)
+                items = unstored or self._drain(
+                    timeout=min(self.tick_interval, max(0.0, next_tick - time.monotonic())) or 0.01
+                )
+                unstored = []
                 if items:
                     try:
                         self.handle_batch(items)
-                    except EdgefleetError as exc:
-                        logger.error("could not store a batch of %d messages: %s", len(items), exc)
+                    except EdgefleetError as exc:  # unacknowledged: kept, and tried again shortly
+                        logger.error("could not store a batch of %d messages (retrying): %s", len(items), exc)
+                        unstored = items
+                        self.stopping.wait(RETRY_BATCH_S)
                 if time.monotonic() >= next_tick:
                     try:
                         self.engine.tick()

@@ -59,11 +59,12 @@ def benchmark_model(
     threads: int = 1,
     settings: BenchmarkSettings = BenchmarkSettings(),
     runtime: str | None = None,
+    memory_budget_bytes: int | None = None,
 ) -> tuple[BenchmarkResult, TFLiteModel]:
     """Load ``model_path`` and time it on ``sample``; returns the result and the loaded model."""
     clock = time.perf_counter
     start = clock()
-    model = TFLiteModel(model_path, threads=threads, runtime=runtime)
+    model = TFLiteModel(model_path, threads=threads, runtime=runtime, memory_budget_bytes=memory_budget_bytes)
     init_ms = (clock() - start) * 1000
     try:
         return _measure(model, sample, init_ms, threads, settings), model

@@ -23,12 +23,24 @@ def canonical_digest(value: Any) -> str:
     return hashlib.sha256(canonical_json(value)).hexdigest()
 
 
+def loads_strict(text: str | bytes) -> Any:
+    """``json.loads`` that refuses what two parsers could read differently.
+
+    A duplicate key is read last-wins here and first-wins elsewhere, so a
+    signed document carrying one could verify as one document and be acted on
+    as another; NaN and Infinity have no canonical form. Raises ValueError.
+    """
+    if isinstance(text, bytes):
+        text = text.decode("utf-8")
+    return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+
+
 def parse_json_object(payload: bytes, *, max_bytes: int) -> dict[str, Any]:
     """Decode an inbound payload that must be one JSON object of bounded size."""
     if len(payload) > max_bytes:
         raise ProtocolError(f"payload of {len(payload)} bytes exceeds the limit of {max_bytes}")
     try:
-        value = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant)
+        value = loads_strict(payload)
     except (ValueError, RecursionError) as exc:  # includes UnicodeDecodeError and JSONDecodeError
         raise ProtocolError(f"payload is not JSON: {exc}") from exc
     if not isinstance(value, dict):
@@ -39,3 +51,12 @@ def parse_json_object(payload: bytes, *, max_bytes: int) -> dict[str, Any]:
 
 def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not allowed")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate key {key!r}")
+        result[key] = value
+    return result

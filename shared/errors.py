@@ -12,10 +12,12 @@
     │   ├── SignatureError     missing, unknown-key or invalid signature
     │   ├── ExpiredError       metadata past its expiry
     │   ├── ReplayError        lower release counter or directive sequence
+    │   ├── TargetError        metadata for another device or another device profile
     │   └── IntegrityError     size or sha256 of the bytes differs from the manifest
     ├── ModelError             a model that cannot be converted, loaded or run
     │   ├── ModelLoadError     this interpreter cannot load the model (e.g. an op version it lacks)
-    │   └── RuntimeMissingError no TFLite interpreter is installed
+    │   ├── RuntimeMissingError no TFLite interpreter is installed
+    │   └── OutOfMemoryError   the model needs more memory than the trial may use
     ├── TransportError         the broker refused or went away
     └── StorageError           the disk is full or a file cannot be written
 
@@ -66,6 +68,10 @@ class ReplayError(TrustError):
     pass
 
 
+class TargetError(TrustError):
+    pass
+
+
 class IntegrityError(TrustError):
     pass
 
@@ -79,6 +85,10 @@ class ModelLoadError(ModelError):
 
 
 class RuntimeMissingError(ModelError):
+    pass
+
+
+class OutOfMemoryError(ModelError):
     pass
 
 

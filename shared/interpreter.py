@@ -14,7 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from shared.errors import ModelError, ModelLoadError, RuntimeMissingError
+from shared.errors import ModelError, ModelLoadError, OutOfMemoryError, RuntimeMissingError
+
+MiB = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -64,21 +66,63 @@ def runtime_info(preferred: str | None = None) -> RuntimeInfo:
     return _find_runtime(preferred)[0]
 
 
-class TFLiteModel:
-    """A loaded single-input, single-output TFLite model."""
+def tensor_footprint(interpreter: Any) -> tuple[int, int]:
+    """The largest tensor and all tensors together, in bytes, from the shapes the graph declares.
 
-    def __init__(self, path: str, *, threads: int = 1, runtime: str | None = None) -> None:
+    Read before ``allocate_tensors``; an unknown dimension counts as 1, so both are lower
+    bounds for dynamic shapes. The arena reuses memory, so the total is an upper bound otherwise.
+    """
+    import numpy as np
+
+    largest = total = 0
+    for detail in interpreter.get_tensor_details():
+        try:
+            count = 1
+            for dim in detail["shape"]:
+                count *= max(int(dim), 1)
+            size = count * np.dtype(detail["dtype"]).itemsize
+        except (KeyError, TypeError, ValueError):
+            continue
+        largest, total = max(largest, size), total + size
+    return largest, total
+
+
+class TFLiteModel:
+    """A loaded single-input, single-output TFLite model.
+
+    ``memory_budget_bytes``: what loading and running it may take. A model whose largest
+    tensor alone exceeds it is refused before anything is allocated, and an allocation that
+    fails while its tensors could exceed it is reported as out of memory, not as a model
+    this runtime cannot load.
+    """
+
+    def __init__(
+        self, path: str, *, threads: int = 1, runtime: str | None = None, memory_budget_bytes: int | None = None
+    ) -> None:
         import numpy as np
 
         self._np = np
         self.info, interpreter_cls = _find_runtime(runtime)
+        name = f"{self.info.name} {self.info.version}"
+        total = 0
         try:
             self._interpreter = interpreter_cls(model_path=os.fspath(path), num_threads=threads)
+            largest, total = tensor_footprint(self._interpreter)
+            if memory_budget_bytes is not None and largest > memory_budget_bytes:
+                raise OutOfMemoryError(
+                    f"{os.path.basename(path)} has a tensor of {largest / MiB:,.0f} MiB, more than the "
+                    f"{memory_budget_bytes / MiB:,.0f} MiB this trial may use"
+                )
             self._interpreter.allocate_tensors()
+        except MemoryError as exc:
+            raise OutOfMemoryError(f"{name} ran out of memory loading {os.path.basename(path)}") from exc
         except (ValueError, RuntimeError) as exc:
-            raise ModelLoadError(
-                f"{self.info.name} {self.info.version} cannot load {os.path.basename(path)}: {exc}"
-            ) from exc
+            if memory_budget_bytes is not None and total > memory_budget_bytes:
+                raise OutOfMemoryError(
+                    f"{name} could not allocate {os.path.basename(path)}'s tensors (up to {total / MiB:,.0f} MiB) "
+                    f"within the {memory_budget_bytes / MiB:,.0f} MiB this trial may use: {exc}"
+                ) from exc
+            raise ModelLoadError(f"{name} cannot load {os.path.basename(path)}: {exc}") from exc
         inputs = self._interpreter.get_input_details()
         outputs = self._interpreter.get_output_details()
         if len(inputs) != 1 or len(outputs) != 1:

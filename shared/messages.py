@@ -46,6 +46,18 @@ class UpdateState(enum.Enum):
         return self in (UpdateState.COMMITTED, UpdateState.ROLLED_BACK, UpdateState.FAILED)
 
 
+# An event in this state reports a desired state the agent refused before trusting it. Its
+# deployment id is only what the unverified message claimed: it never settles a deployment.
+REJECTED = "rejected"
+MAX_ID_LENGTH = 64
+MAX_REASON_LENGTH = 4096
+
+
+def clip_reason(reason: str) -> str:
+    """A reason short enough for every report (an interpreter's error can be pages long)."""
+    return reason if len(reason) <= MAX_REASON_LENGTH else reason[: MAX_REASON_LENGTH - 1] + "…"
+
+
 # -- signed metadata -------------------------------------------------------
 
 
@@ -114,6 +126,7 @@ class Manifest:
     reference: ReferenceMetrics
     created: int
     expires: int
+    max_ram_bytes: int | None = None  # the target profile's RAM limit: the agent's trial stays under it
 
     def __post_init__(self) -> None:
         _check_version(self.v)
@@ -185,6 +198,22 @@ class ActiveModel:
 
 
 @dataclass(frozen=True)
+class DeploymentOutcome:
+    """How the device's last deployment ended, kept in its retained state so that a server
+    that missed the final event still learns it."""
+
+    deployment_id: str
+    state: str  # a final UpdateState value
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        if not UpdateState(self.state).is_final:
+            raise ValueError(f"outcome state {self.state!r} is not final")
+        if len(self.deployment_id) > MAX_ID_LENGTH or len(self.reason) > MAX_REASON_LENGTH:
+            raise ValueError("outcome deployment id or reason too long")
+
+
+@dataclass(frozen=True)
 class DeviceState:
     v: int
     device_id: str
@@ -196,6 +225,7 @@ class DeviceState:
     directive_seq: int
     active: ActiveModel | None
     hello: bool = False
+    outcome: DeploymentOutcome | None = None
 
     def __post_init__(self) -> None:
         _check_version(self.v)
@@ -229,7 +259,14 @@ class Event:
 
     def __post_init__(self) -> None:
         _check_version(self.v)
-        UpdateState(self.state)
+        if self.state != REJECTED:
+            UpdateState(self.state)
+        if len(self.deployment_id) > MAX_ID_LENGTH or len(self.reason) > MAX_REASON_LENGTH:
+            raise ValueError("event deployment id or reason too long")
+
+    @property
+    def is_rejection(self) -> bool:
+        return self.state == REJECTED
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,18 @@
 
 paho callbacks run on its network thread and only hand off: each message
 becomes an immutable ``Inbound`` record, each connection change a
-``LinkUp``/``LinkDown``, put on the owner's queue. The owner's single loop
-does all the work. Subscriptions are remembered and renewed on every
-reconnect; paho reconnects by itself with back-off.
+``LinkUp``/``LinkDown``, each acknowledged publish (when asked for) a
+``Delivered``, put on the owner's queue. The owner's single loop does all the
+work. Subscriptions are remembered and renewed on every reconnect; paho
+reconnects by itself with back-off and re-sends the QoS 1 messages it still
+holds, so a publish's ``mid`` is acknowledged once, whichever connection
+carries it.
+
+Two kinds of owner: an agent connects with a clean session and acknowledges
+on receipt; the server keeps a persistent session (``session_expiry_s``) and
+acknowledges each message only after it committed what the message said
+(``manual_ack``), so a crash between the two makes the broker deliver it
+again instead of losing it.
 """
 
 from __future__ import annotations
@@ -12,7 +21,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -32,11 +40,14 @@ class Inbound:
     topic: str
     payload: bytes
     retain: bool
+    qos: int = 0
+    mid: int = 0
+    connection: int = 0  # which connection delivered it: an acknowledgement only counts on that one
 
 
 @dataclass(frozen=True)
 class LinkUp:
-    pass
+    session_present: bool = False
 
 
 @dataclass(frozen=True)
@@ -44,7 +55,16 @@ class LinkDown:
     reason: str
 
 
+@dataclass(frozen=True)
+class Delivered:
+    """The broker acknowledged the QoS 1 message ``mid``. ``unheard``: it had no subscriber
+    for it (no server session, not even a persistent one), so nobody will read it."""
 
+    mid: int
+    unheard: bool = False
+
+
+NO_MATCHING_SUBSCRIBERS = 0x10
 
 @dataclass(frozen=True)
 class BrokerAddress:
@@ -77,15 +97,30 @@ class Will:
 
 class MqttLink:
     def __init__(
-        self, broker: BrokerAddress, client_id: str, inbox: queue.Queue[Any], *, will: Will | None = None
+        self,
+        broker: BrokerAddress,
+        client_id: str,
+        inbox: queue.Queue[Any],
+        *,
+        will: Will | None = None,
+        session_expiry_s: int = 0,
+        manual_ack: bool = False,
+        report_deliveries: bool = False,
     ) -> None:
         self.broker = broker
         self._inbox = inbox
         self._subscriptions: dict[str, int] = {}
         self._lock = threading.Lock()
         self.connected = threading.Event()
+        self._connection = 0
+        self._session_expiry_s = session_expiry_s
+        self._manual_ack = manual_ack
         self._client = paho.Client(
-            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5, reconnect_on_failure=True
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=paho.MQTTv5,
+            reconnect_on_failure=True,
+            manual_ack=manual_ack,
         )
         self._client.max_queued_messages_set(0)  # keep QoS 1 messages published while offline
         self._client.max_inflight_messages_set(100)
@@ -97,6 +132,8 @@ class MqttLink:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
+        if report_deliveries:
+            self._client.on_publish = self._on_publish
 
     # -- paho thread: hand off only ---------------------------------------
 
@@ -108,23 +145,36 @@ class MqttLink:
             subscriptions = list(self._subscriptions.items())
         for topic_filter, qos in subscriptions:
             client.subscribe(topic_filter, qos=qos)
+        with self._lock:
+            self._connection += 1
         self.connected.set()
-        self._inbox.put(LinkUp())
+        self._inbox.put(LinkUp(session_present=bool(flags.session_present)))
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         self.connected.clear()
         self._inbox.put(LinkDown(str(reason_code)))
 
     def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
-        self._inbox.put(Inbound(message.topic, bytes(message.payload), bool(message.retain)))
+        self._inbox.put(
+            Inbound(message.topic, bytes(message.payload), bool(message.retain), message.qos, message.mid,
+                    self._connection)
+        )
+
+    def _on_publish(self, client: Any, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
+        if reason_code.is_failure:  # refused for good (e.g. not authorised): sending it again would not help
+            logger.warning("the broker refused message %d: %s", mid, reason_code)
+        self._inbox.put(Delivered(mid, unheard=reason_code.value == NO_MATCHING_SUBSCRIBERS))
 
     # -- owner's thread ----------------------------------------------------
 
     def start(self) -> None:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = 0
+        props.SessionExpiryInterval = self._session_expiry_s
+        persistent = self._session_expiry_s > 0  # then every connect resumes the session, the first one too
         try:
-            self._client.connect_async(self.broker.host, self.broker.port, keepalive=15, clean_start=True, properties=props)
+            self._client.connect_async(
+                self.broker.host, self.broker.port, keepalive=15, clean_start=not persistent, properties=props
+            )
         except (OSError, ValueError) as exc:
             raise TransportError(f"cannot reach broker {self.broker.url()}: {exc}") from exc
         self._client.loop_start()
@@ -144,13 +194,44 @@ class MqttLink:
         if known is not None and self.connected.is_set():
             self._client.unsubscribe(topic_filter)
 
-    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> Callable[[], bool]:
-        """Queue a message; returns a check that is true once the broker acknowledged it."""
-        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        when_offline: str = "queue",
+        expiry_s: int | None = None,
+    ) -> int | None:
+        """Hand a message to paho; returns its ``mid`` (a ``Delivered`` names it once acknowledged).
+
+        While disconnected, paho keeps QoS 1 messages and sends them on the next connection
+        (``when_offline="queue"``); a message that is only worth sending now — a state that the
+        next hello repeats, a chunk request the next connection renews — is skipped instead
+        (``"drop"``, returns None). ``expiry_s`` lets the broker discard a message nobody read
+        in time (MQTT 5 message expiry).
+        """
+        if when_offline == "drop" and not self.connected.is_set():
+            return None
+        properties = None
+        if expiry_s is not None:
+            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            properties.MessageExpiryInterval = expiry_s
+        try:
+            info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        except ValueError as exc:  # e.g. a payload over MQTT's size limit
+            raise TransportError(f"publish to {topic} failed: {exc}") from exc
         if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
             # NO_CONN still queues QoS>0 messages for the next connection.
             raise TransportError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
-        return info.is_published
+        return info.mid
+
+    def ack(self, message: Inbound) -> None:
+        """Acknowledge a message handled for good (``manual_ack`` links only). A message from an
+        earlier connection is not acknowledged: the broker delivers it again on this one."""
+        if self._manual_ack and message.qos > 0 and message.connection == self._connection:
+            self._client.ack(message.mid, message.qos)
 
     def stop(self, *, final: tuple[str, bytes] | None = None) -> None:
         """Disconnect cleanly, optionally publishing one last retained message first."""

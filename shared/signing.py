@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from shared.canonical import canonical_digest, canonical_json
 from shared.codec import decode, encode
-from shared.errors import ConfigError, ExpiredError, ProtocolError, ReplayError, SignatureError
+from shared.errors import ConfigError, ExpiredError, ProtocolError, ReplayError, SignatureError, TargetError
 from shared.messages import Directive, Manifest, Signature, SignedEnvelope
 
 
@@ -117,13 +117,25 @@ class TrustedKeys:
 
 
 def verify_manifest(
-    envelope: SignedEnvelope, trusted: TrustedKeys, *, now: float, min_release_counter: int = 0
+    envelope: SignedEnvelope,
+    trusted: TrustedKeys,
+    *,
+    now: float,
+    min_release_counter: int = 0,
+    profile: str | None = None,
 ) -> Manifest:
+    """``profile``: the verifying device's own; a release built for another is refused
+    (Uptane's hardware-identifier check: the director key alone cannot cross profiles)."""
     signed = trusted.verify(envelope, KeyRole.RELEASE)
     try:
         manifest = decode(Manifest, signed)
     except ProtocolError as exc:
         raise SignatureError(f"signed manifest is malformed: {exc}") from exc
+    if profile is not None and manifest.profile != profile:
+        raise TargetError(
+            f"release {manifest.model} v{manifest.version} is built for profile {manifest.profile}, "
+            f"this device is {profile}"
+        )
     if manifest.expires <= now:
         raise ExpiredError(f"manifest for {manifest.model} v{manifest.version} expired at {manifest.expires}")
     if manifest.release_counter < min_release_counter:
@@ -148,7 +160,7 @@ def verify_directive(
     except ProtocolError as exc:
         raise SignatureError(f"signed directive is malformed: {exc}") from exc
     if directive.device_id != device_id:
-        raise SignatureError(f"directive is for device {directive.device_id}, not {device_id}")
+        raise TargetError(f"directive is for device {directive.device_id}, not {device_id}")
     if directive.expires <= now:
         raise ExpiredError(f"directive {directive.deployment_id} expired at {directive.expires}")
     if directive.seq < min_seq:

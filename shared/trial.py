@@ -1,10 +1,21 @@
 """Run a staged model's trial in a child process with a time and memory limit.
 
-A crafted or broken model can crash or hang the interpreter; it must never
-take the agent down. The parent sends a JSON request on stdin, the child
-(``python -m shared.trial``) loads the model, benchmarks it benchmark_model
-style, measures accuracy on the eval set that travelled with it, and prints
-one JSON result line.
+A crafted or broken model can crash or hang the interpreter, or ask for more
+memory than the device has; it must never take the agent down. The parent
+hands the child (``python -m shared.trial``) a JSON request on stdin; the
+child loads the model, benchmarks it benchmark_model style, measures accuracy
+on the eval set that travelled with it, and prints one JSON result line.
+
+``start_trial`` returns at once with a ``TrialProcess`` to poll, so the
+agent's loop keeps answering the broker while a trial runs; ``run_trial``
+waits for it (the server's host evaluation). Output goes to temporary files,
+not pipes, so a chatty child can never block on a full pipe.
+
+The memory limit covers the whole child process. The child measures what the
+runtime itself takes once imported, limits its address space to that plus
+what is left of the limit, and refuses up front a model whose largest tensor
+alone would not fit: such a model reports ``oom`` with the numbers instead of
+meeting the kernel's out-of-memory killer, which might pick the agent.
 """
 
 from __future__ import annotations
@@ -12,14 +23,21 @@ from __future__ import annotations
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import IO, Protocol
 
 from shared.codec import decode, encode
 from shared.errors import ProtocolError
 from shared.messages import BenchmarkResult
+
+MiB = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -32,11 +50,12 @@ class TrialRequest:
     warmup_seconds: float
     min_runs: int
     min_seconds: float
-    memory_limit_mb: int = 4096
+    memory_limit_mb: int = 4096  # the whole trial process, runtime included
     with_predictions: bool = False  # the host evaluation compares them with the float model's
 
 
 LOAD_ERROR = "load_error: "  # how a trial's reason starts when the interpreter cannot load the model
+OOM = "oom: "  # ... and when the model needs more memory than the trial may use
 
 
 @dataclass(frozen=True)
@@ -44,6 +63,7 @@ class TrialResult:
     ok: bool
     error: str = ""
     load_error: bool = False
+    oom: bool = False
     benchmark: BenchmarkResult | None = None
     accuracy: float | None = None
     samples: int | None = None
@@ -53,46 +73,178 @@ class TrialResult:
 
     @property
     def reason(self) -> str:
-        """The error, prefixed with LOAD_ERROR when the model could not be loaded at all."""
-        return (LOAD_ERROR if self.load_error else "") + self.error
+        """The error, prefixed with OOM or LOAD_ERROR when the model could not be loaded at all."""
+        prefix = OOM if self.oom else LOAD_ERROR if self.load_error else ""
+        return prefix + self.error
+
+
+class TrialHandle(Protocol):
+    """A trial under way: ``poll`` returns None until it ended, then its result."""
+
+    def poll(self) -> TrialResult | None: ...
+
+    def cancel(self) -> None: ...
+
+
+# What a child that ran out of memory leaves on stderr (C++, Python, libc).
+_OOM_MARKS = ("std::bad_alloc", "MemoryError", "Cannot allocate memory", "out of memory")
+
+
+class TrialProcess:
+    """One trial child. Every failure comes back from ``poll`` as a TrialResult, never an exception."""
+
+    def __init__(
+        self,
+        request: TrialRequest,
+        *,
+        timeout: float,
+        python: str = sys.executable,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.timeout = timeout
+        self.monotonic = monotonic
+        self._result: TrialResult | None = None
+        self._stdout: IO[bytes] = tempfile.TemporaryFile()
+        self._stderr: IO[bytes] = tempfile.TemporaryFile()
+        self._deadline = monotonic() + timeout
+        env = {
+            **os.environ,
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+            "MALLOC_ARENA_MAX": "2",  # glibc reserves 64 MiB of address space per thread arena otherwise
+            "EDGEFLEET_TRIAL_PARENT": str(os.getpid()),
+        }
+        try:
+            with tempfile.TemporaryFile() as stdin:
+                stdin.write(json.dumps(asdict(request)).encode())
+                stdin.seek(0)
+                self._proc: subprocess.Popen[bytes] | None = subprocess.Popen(
+                    [python, "-m", "shared.trial"], stdin=stdin, stdout=self._stdout, stderr=self._stderr, env=env
+                )
+        except OSError as exc:
+            self._proc = None
+            self._finish(TrialResult(ok=False, error=f"cannot start the trial process: {exc}"))
+
+    def poll(self) -> TrialResult | None:
+        if self._result is not None or self._proc is None:
+            return self._result
+        code = self._proc.poll()
+        if code is None:
+            if self.monotonic() < self._deadline:
+                return None
+            self._kill()
+            return self._finish(TrialResult(ok=False, error=f"trial timed out after {self.timeout:g} s"))
+        return self._finish(self._read_result(code))
+
+    def wait(self, interval: float = 0.05) -> TrialResult:
+        while (result := self.poll()) is None:
+            time.sleep(interval)
+        return result
+
+    def cancel(self) -> None:
+        if self._result is None:
+            self._kill()
+            self._finish(TrialResult(ok=False, error="trial cancelled"))
+
+    def _kill(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+
+    def _finish(self, result: TrialResult) -> TrialResult:
+        self._result = result
+        self._stdout.close()
+        self._stderr.close()
+        return result
+
+    def _read_result(self, code: int) -> TrialResult:
+        self._stdout.seek(0)
+        self._stderr.seek(0)
+        lines = self._stdout.read().decode(errors="replace").strip().splitlines()
+        if code == 0 and lines:
+            try:
+                return decode(TrialResult, json.loads(lines[-1]))
+            except (json.JSONDecodeError, ProtocolError) as exc:
+                return TrialResult(ok=False, error=f"trial process sent an unreadable result: {exc}")
+        stderr = self._stderr.read().decode(errors="replace")
+        tail = " | ".join(stderr.strip().splitlines()[-3:])
+        if code == -signal.SIGKILL:  # not our timeout: the kernel's out-of-memory killer is the usual sender
+            return TrialResult(ok=False, oom=True, error=f"the trial process was killed (SIGKILL), most likely out "
+                               f"of memory: {tail}".rstrip(": "))
+        if any(mark in stderr for mark in _OOM_MARKS):
+            return TrialResult(ok=False, oom=True, error=f"the trial process ran out of memory: {tail}")
+        return TrialResult(ok=False, error=f"trial process died with exit code {code}: {tail}")
+
+
+def start_trial(request: TrialRequest, *, timeout: float, python: str = sys.executable) -> TrialProcess:
+    """Start the trial in a child (``python``: this interpreter unless told otherwise, e.g. a venv
+    with another TFLite runtime) and return at once."""
+    return TrialProcess(request, timeout=timeout, python=python)
 
 
 def run_trial(request: TrialRequest, *, timeout: float, python: str = sys.executable) -> TrialResult:
-    """Run the trial in a child (``python``: this interpreter unless told otherwise, e.g. a venv
-    with another TFLite runtime); every failure comes back as a TrialResult, never an exception."""
-    try:
-        proc = subprocess.run(
-            [python, "-m", "shared.trial"],
-            check=False,
-            input=json.dumps(asdict(request)).encode(),
-            capture_output=True,
-            timeout=timeout,
-            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
-        )
-    except subprocess.TimeoutExpired:
-        return TrialResult(ok=False, error=f"trial timed out after {timeout:g} s")
-    except OSError as exc:
-        return TrialResult(ok=False, error=f"cannot start the trial process: {exc}")
-    lines = proc.stdout.decode(errors="replace").strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        tail = proc.stderr.decode(errors="replace").strip().splitlines()[-3:]
-        return TrialResult(ok=False, error=f"trial process died with exit code {proc.returncode}: {' | '.join(tail)}")
-    try:
-        return decode(TrialResult, json.loads(lines[-1]))
-    except (json.JSONDecodeError, ProtocolError) as exc:
-        return TrialResult(ok=False, error=f"trial process sent an unreadable result: {exc}")
+    """Run the trial in a child and wait for its result."""
+    return start_trial(request, timeout=timeout, python=python).wait()
 
 
-def _child(request: TrialRequest) -> TrialResult:
+# -- the child -------------------------------------------------------------------------------
+
+
+def _process_memory() -> tuple[int, int]:
+    """This process's address space and resident memory in bytes (VmSize, VmRSS)."""
+    sizes = {}
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            key, _, value = line.partition(":")
+            if key in ("VmSize", "VmRSS"):
+                sizes[key] = int(value.split()[0]) * 1024
+    return sizes["VmSize"], sizes["VmRSS"]
+
+
+def _limit_memory(limit_bytes: int) -> int:
+    """Cap this process at ``limit_bytes`` of resident memory in all; returns what the model may use.
+
+    RLIMIT_AS counts address space, which the runtime already holds far more of than it
+    uses, so the cap is today's address space plus what the limit leaves beyond today's RSS.
+    """
+    try:
+        size, rss = _process_memory()
+    except (OSError, KeyError, ValueError):  # not Linux: the plain address-space cap
+        size, rss = 0, 0
+    budget = limit_bytes - rss
+    if budget > 0:
+        resource.setrlimit(resource.RLIMIT_AS, (size + budget, size + budget))
+    return budget
+
+
+def _die_with_parent() -> None:
+    """A trial orphaned by a killed agent must not run on beside its restarted successor."""
+    parent = os.environ.get("EDGEFLEET_TRIAL_PARENT")
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if parent is not None and str(os.getppid()) != parent:
+        os._exit(1)  # the parent died before prctl took effect
+
+
+def _child(request: TrialRequest, budget_bytes: int) -> TrialResult:
     import numpy as np
 
     from shared.benchmark import BenchmarkSettings, benchmark_model
-    from shared.errors import EdgefleetError, ModelLoadError
+    from shared.errors import EdgefleetError, ModelLoadError, OutOfMemoryError
     from shared.interpreter import predict_classes, top1_accuracy
 
+    if budget_bytes <= 0:
+        return TrialResult(ok=False, oom=True, error=f"the runtime alone uses more than the trial's limit of "
+                           f"{request.memory_limit_mb} MiB")
     try:
         with np.load(request.eval_path, allow_pickle=False) as data:
             x, y = data["x"].astype(np.float32), data["y"]
+    except MemoryError:
+        return TrialResult(ok=False, oom=True, error=f"the eval set does not fit in {budget_bytes // MiB} MiB")
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         return TrialResult(ok=False, error=f"eval set unreadable: {exc}")
     if len(x) == 0 or len(x) != len(y):
@@ -105,16 +257,18 @@ def _child(request: TrialRequest) -> TrialResult:
     )
     try:
         result, model = benchmark_model(
-            request.model_path, x[:1], threads=request.threads, settings=settings, runtime=request.runtime or None
+            request.model_path, x[:1], threads=request.threads, settings=settings, runtime=request.runtime or None,
+            memory_budget_bytes=budget_bytes,
         )
+        predicted = predict_classes(model, x)
+    except OutOfMemoryError as exc:
+        return TrialResult(ok=False, error=str(exc), oom=True)
     except ModelLoadError as exc:
         return TrialResult(ok=False, error=str(exc), load_error=True)
     except EdgefleetError as exc:
         return TrialResult(ok=False, error=str(exc))
-    try:
-        predicted = predict_classes(model, x)
-    except EdgefleetError as exc:
-        return TrialResult(ok=False, error=str(exc))
+    except MemoryError:
+        return TrialResult(ok=False, oom=True, error=f"the model ran out of its {budget_bytes // MiB} MiB")
     ops, partitions = model.graph_ops()
     return TrialResult(
         ok=True,
@@ -128,12 +282,21 @@ def _child(request: TrialRequest) -> TrialResult:
 
 
 def main() -> None:
+    _die_with_parent()
     raw = sys.stdin.buffer.read()
     request = decode(TrialRequest, json.loads(raw))
-    # The child limits itself (preexec_fn is unsafe with the agent's MQTT thread running).
-    limit = request.memory_limit_mb * 1024 * 1024
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    result = _child(request)
+    # The runtime is imported before the limit is measured, so its own footprint is not the model's.
+    import numpy  # noqa: F401
+
+    from shared.errors import EdgefleetError
+    from shared.interpreter import runtime_info
+
+    try:
+        runtime_info(request.runtime or None)
+    except EdgefleetError:
+        pass  # the load below reports a missing runtime properly
+    budget = _limit_memory(request.memory_limit_mb * MiB)
+    result = _child(request, budget)
     sys.stdout.write(json.dumps(encode(result)) + "\n")
 
 

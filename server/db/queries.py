@@ -105,6 +105,15 @@ def superseded_deployments(session: Session) -> Sequence[Deployment]:
     ).all()
 
 
+def open_deployments(session: Session, device_id: str) -> Sequence[Deployment]:
+    """The device's deployments that have not reached a final state."""
+    return session.scalars(
+        select(Deployment)
+        .where(Deployment.device_id == device_id, Deployment.state.not_in(FINAL_STATES))
+        .order_by(Deployment.seq)
+    ).all()
+
+
 def latest_deployment(session: Session, device_id: str) -> Deployment | None:
     return session.scalar(
         select(Deployment).where(Deployment.device_id == device_id).order_by(Deployment.seq.desc()).limit(1)

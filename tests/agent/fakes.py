@@ -32,6 +32,7 @@ class RecordingReporter:
 
     def __init__(self) -> None:
         self.events: list[tuple[str, UpdateState, str]] = []
+        self.rejections: list[tuple[str, str]] = []
         self.telemetry_calls: list[tuple[str, BenchmarkResult, float, int]] = []
         self.wants: list[tuple[str, list[tuple[int, int]]]] = []
         self.unanswered: collections.deque[tuple[str, list[tuple[int, int]]]] = collections.deque()
@@ -41,6 +42,9 @@ class RecordingReporter:
 
     def event(self, deployment_id: str, state: UpdateState, reason: str) -> None:
         self.events.append((deployment_id, state, reason))
+
+    def rejected(self, claimed_deployment: str, reason: str) -> None:
+        self.rejections.append((claimed_deployment, reason))
 
     def telemetry(self, deployment_id: str, benchmark: BenchmarkResult, accuracy: float, samples: int) -> None:
         self.telemetry_calls.append((deployment_id, benchmark, accuracy, samples))
@@ -71,6 +75,7 @@ class RecordingReporter:
 
     def clear(self) -> None:
         self.events.clear()
+        self.rejections.clear()
         self.telemetry_calls.clear()
         self.wants.clear()
         self.unanswered.clear()
@@ -81,19 +86,37 @@ class RecordingReporter:
 OK_RESULT = TrialResult(ok=True, benchmark=BENCHMARK, accuracy=0.95, samples=120)
 
 
+class ScriptedHandle:
+    """A trial under way that ends when the script says so (at once, unless ``hold`` is set)."""
+
+    def __init__(self, trial: ScriptedTrial) -> None:
+        self.trial = trial
+        self.cancelled = False
+
+    def poll(self) -> TrialResult | None:
+        return None if self.trial.hold or self.cancelled else self.trial.result
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
 class ScriptedTrial:
-    """A trial runner returning a scripted result; ``during`` runs inside the trial (to look or to crash)."""
+    """A trial starter returning a scripted result; ``during`` runs as the trial starts (to look or
+    to crash); ``hold`` keeps every trial running until cleared, as a slow model would."""
 
     def __init__(self, result: TrialResult = OK_RESULT) -> None:
         self.result = result
         self.requests: list[TrialRequest] = []
         self.during: Callable[[TrialRequest], None] | None = None
+        self.hold = False
+        self.handles: list[ScriptedHandle] = []
 
-    def __call__(self, request: TrialRequest) -> TrialResult:
+    def __call__(self, request: TrialRequest) -> ScriptedHandle:
         self.requests.append(request)
         if self.during is not None:
             self.during(request)
-        return self.result
+        self.handles.append(ScriptedHandle(self))
+        return self.handles[-1]
 
 
 class FakeClock:
@@ -129,9 +152,12 @@ class Harness:
     def __post_init__(self) -> None:
         self.updater = self.new_updater()
 
+    available_memory: int | None = 2048 * 1024 * 1024
+
     def new_updater(self) -> Updater:
         """A fresh Updater on the same data directory: what a restarted agent builds."""
-        return Updater(self.config, self.reporter, trial_runner=self.trial, clock=self.clock, monotonic=self.mono)
+        return Updater(self.config, self.reporter, trial_runner=self.trial, clock=self.clock, monotonic=self.mono,
+                       available_memory=lambda: self.available_memory)
 
     def restart(self) -> Updater:
         self.updater = self.new_updater()
@@ -221,6 +247,20 @@ def install_first(h: Harness, **kwargs: Any) -> Release:
     assert h.updater.slots.active_slot() == "a"
     h.reporter.clear()
     return first
+
+
+def settle_corrupt_download(h: Harness, tamper: Callable[[str, int, bytes], bytes], rounds: int = 10) -> int:
+    """Let the updater re-ask for dropped chunks (its tick, soon after a corrupt copy) and answer every
+    request through ``tamper``, until the download ends; returns how many requests it took."""
+    from agent.updater import CORRUPT_RETRY_S
+
+    for asked in range(rounds):
+        if h.updater.state is not State.DOWNLOADING:
+            return asked
+        h.mono.advance(CORRUPT_RETRY_S)
+        h.updater.tick()
+        h.pump(tamper=tamper)
+    raise AssertionError(f"still downloading after {rounds} requests")
 
 
 def enospc_when(predicate: Callable[[Path], bool], monkeypatch: pytest.MonkeyPatch) -> list[Path]:

@@ -148,6 +148,8 @@ def make_release(
     release_key: Ed25519PrivateKey | None = None,
     director_key: Ed25519PrivateKey | None = None,
     pin_manifest: SignedEnvelope | None = None,
+    profile: str = "rpi5",
+    max_ram_bytes: int | None = None,
 ) -> Release:
     """A signed manifest (model + eval files, 64-byte chunks) and a directive pinning it."""
     model = model if model is not None else payload(f"model-v{version}", 300)  # 5 chunks
@@ -157,12 +159,13 @@ def make_release(
         model="kws",
         version=version,
         release_counter=release_counter if release_counter is not None else version,
-        profile="rpi5",
+        profile=profile,
         quantization="int8",
         files=(file_entry("model.tflite", "model", model), file_entry("eval.npz", "eval", eval_bytes)),
         reference=ReferenceMetrics(accuracy=0.93, host_accuracy=0.92, host_p50_ms=1.0),
         created=NOW - DAY,
         expires=manifest_expires,
+        max_ram_bytes=max_ram_bytes,
     )
     manifest_env = sign_envelope(manifest, release_key or keys.release)
     directive = Directive(

@@ -1,7 +1,9 @@
 """AgentService.handle: malformed input is logged and dropped, never raised; reports survive a dead link.
 
 The service is built against a broker address nothing listens on and is never
-started, so every publish goes to a disconnected paho client.
+started, so every publish goes to a disconnected paho client: reports are
+queued (the outbox keeps them), states and chunk requests are dropped until
+the next connection repeats them.
 """
 
 from __future__ import annotations
@@ -42,10 +44,13 @@ def published(service: AgentService, monkeypatch: pytest.MonkeyPatch) -> list[tu
     calls: list[tuple[str, bytes, bool]] = []
     real = service.link.publish
 
-    def publish(topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
-        calls.append((topic, payload, retain))
-        real(topic, payload, qos=qos, retain=retain)
+    def publish(topic: str, payload: bytes, **options: Any) -> int | None:
+        calls.append((topic, payload, options.get("retain", False)))
+        offline[parse_topic(topic).kind] = options.get("when_offline", "queue")
+        return real(topic, payload, **options)
 
+    offline: dict[TopicKind, str] = {}
+    service.offline_modes = offline  # type: ignore[attr-defined]
     monkeypatch.setattr(service.link, "publish", publish)
     return calls
 
@@ -156,6 +161,10 @@ def test_a_valid_desired_state_while_disconnected_starts_the_download_without_ra
     assert (event.device_id, event.deployment_id, event.state) == (DEVICE, release.deployment_id, "downloading")
     wanted = {parse_topic(t).sha256 for t, _, _ in published if parse_topic(t).kind is TopicKind.WANT}
     assert wanted == {release.model_sha, release.eval_sha}
+    # Offline, the report is queued for the next connection; the state and the requests are not, since the
+    # next connection's hello and chunk requests repeat them.
+    modes = service.offline_modes  # type: ignore[attr-defined]
+    assert modes == {TopicKind.EVENTS: "queue", TopicKind.STATE: "drop", TopicKind.WANT: "drop"}
     # Chunk subscriptions are remembered for the next connection.
     assert set(service.link._subscriptions) >= {f"ef/v1/artifacts/{release.model_sha}/chunks/+"}
 
@@ -171,15 +180,22 @@ def test_a_rejected_desired_state_is_reported_while_disconnected(
     ((topic, body, retain),) = published
     event = decode_payload(TopicKind.EVENTS, body)
     assert parse_topic(topic).kind is TopicKind.EVENTS and not retain
-    assert event.state == "failed" and "no valid signature by a pinned release key" in event.reason
+    # A rejection, never the failure of the deployment the unverified message names.
+    assert event.state == "rejected" and event.is_rejection
+    assert event.deployment_id == "dep-1" and "no valid signature by a pinned release key" in event.reason
     assert any("rejected desired state" in r.getMessage() for r in caplog.records)
+
+    service.handle(Inbound(desired_topic(), payload, retain=True))  # the retained copy on the next connect
+    assert len(published) == 1  # reported once
 
 
 def test_link_up_and_down_while_the_client_is_not_connected(
     service: AgentService, published: list[tuple[str, bytes, bool]], caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="agent.service")
+    service.link.connected.set()  # as paho's thread does before it reports LinkUp
     service.handle(LinkUp())
+    service.link.connected.clear()
     service.handle(LinkDown("connection refused"))
     kinds = [(parse_topic(t).kind, retain) for t, _, retain in published]
     assert kinds == [(TopicKind.AVAILABILITY, True), (TopicKind.STATE, True)]
@@ -189,7 +205,9 @@ def test_link_up_and_down_while_the_client_is_not_connected(
 
 
 def test_ping_publishes_the_state(service: AgentService, published: list[tuple[str, bytes, bool]]) -> None:
+    service.link.connected.set()
     service.handle(Inbound(device_topic(TopicKind.CMD, DEVICE), b'{"v": 1, "name": "ping"}', retain=False))
+    service.link.connected.clear()
     ((topic, _, retain),) = published
     assert parse_topic(topic).kind is TopicKind.STATE and retain
 

@@ -219,7 +219,11 @@ def test_disk_full_on_the_first_chunk_fails_cleanly(harness: Harness, monkeypatc
     release = h.release(version=2)
     before = h.snapshot("slots", "active.json")
     h.updater.offer(release.desired)
-    enospc_when(lambda p: p.name.endswith(".chunks.json"), monkeypatch)
+
+    def pwrite(fd: int, data: bytes, offset: int) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
     h.pump()
     assert h.reporter.states() == ["downloading", "failed"]
     assert "disk full" in h.reporter.final()[2]

@@ -30,6 +30,7 @@ from tests.agent.fakes import (
     assert_idle,
     enospc_when,
     install_first,
+    settle_corrupt_download,
 )
 from tests.agent.material import BENCHMARK, NOW, REQUEST_INTERVAL, Release, make_config, trusted_bytes
 
@@ -98,9 +99,9 @@ SCENARIOS = [
         telemetry=0,
     ),
     Scenario(
-        "tampered chunk",
+        "a chunk corrupt in every copy",
         ["downloading", "failed"],
-        reason=("model.tflite", "chunk 2", "sha256"),
+        reason=("model.tflite chunk 2 did not match its signed sha256 in 3 requests in a row",),
         tamper=True,
         telemetry=0,
     ),
@@ -141,6 +142,8 @@ def test_update_scenario(sc: Scenario, harness: Harness, monkeypatch: pytest.Mon
 
     h.updater.offer(second.desired)
     h.pump(tamper=tamper if sc.tamper else None)
+    if sc.tamper:  # the bad copy is dropped and asked for again, until the rounds run out
+        settle_corrupt_download(h, tamper)
 
     # The reported lifecycle, and nothing about other deployments.
     assert h.reporter.states() == sc.events
@@ -323,6 +326,11 @@ ATTACKS = [
     Attack("expired manifest", {"manifest_expires": NOW}, "manifest for kws v7 expired at"),
     Attack("expired directive", {"directive_expires": NOW - 1}, "directive dep-7 expired at"),
     Attack("directive for another device", {"device_id": "pi-garage-02"}, "directive is for device pi-garage-02, not"),
+    Attack(
+        "release built for another profile",
+        {"profile": "jetson-orin"},
+        "release kws v7 is built for profile jetson-orin, this device is rpi5",
+    ),
     Attack("lower directive sequence", {"seq": FIRST_COUNTER - 1}, "directive sequence 4 is lower than the trusted 5"),
     Attack(
         "same sequence, other deployment",
@@ -359,8 +367,10 @@ def test_attack_is_rejected_and_nothing_moves(attack: Attack, harness: Harness) 
     desired = attack.mangle(release, h) if attack.mangle else release.desired
     h.updater.offer(desired)
 
-    assert h.reporter.events == [(release.deployment_id, UpdateState.FAILED, h.reporter.events[0][2])]
-    reason = h.reporter.events[0][2]
+    # Reported as a rejection naming the deployment it claims, never as that deployment's failure.
+    assert h.reporter.events == []
+    ((claimed, reason),) = h.reporter.rejections
+    assert claimed == release.deployment_id
     assert reason.startswith("rejected: ")
     assert attack.reason in reason
     # No transition at all: no state report, no download, still idle.
@@ -389,8 +399,9 @@ def test_no_pinned_key_refuses_everything(role: str, harness: Harness) -> None:
     release = h.release(version=1)
     h.updater.offer(release.desired)
 
-    ((deployment, state, reason),) = h.reporter.events
-    assert (deployment, state) == (release.deployment_id, UpdateState.FAILED)
+    assert h.reporter.events == []
+    ((claimed, reason),) = h.reporter.rejections
+    assert claimed == release.deployment_id
     assert f"no {role} key is pinned" in reason
     assert h.updater.state is State.IDLE
     assert h.snapshot() == {}
@@ -497,16 +508,17 @@ def test_a_pending_directive_is_installed_after_the_current_one(harness: Harness
     assert h.active_model_bytes() == second.model
 
 
-def test_a_pending_directive_that_fails_verification_is_reported_after(harness: Harness) -> None:
+def test_a_directive_that_fails_verification_while_busy_never_becomes_pending(harness: Harness) -> None:
     h = harness
     first = h.release(version=1)
     bad = h.release(version=2, device_id="pi-garage-02")
     h.updater.offer(first.desired)
     h.updater.offer(bad.desired)
+    assert h.updater.pending is None  # refused at once, not kept for later
+    ((claimed, reason),) = h.reporter.rejections
+    assert claimed == bad.deployment_id and "directive is for device pi-garage-02" in reason
     h.pump()
     assert h.reporter.states(first.deployment_id) == HAPPY
-    ((_, state, reason),) = [e for e in h.reporter.events if e[0] == bad.deployment_id]
-    assert state is UpdateState.FAILED
-    assert "directive is for device pi-garage-02" in reason
+    assert h.reporter.states(bad.deployment_id) == []  # no deployment event for what was never trusted
     assert_idle(h)
     assert h.active_model_bytes() == first.model

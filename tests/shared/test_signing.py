@@ -24,6 +24,7 @@ from shared.errors import (
     ProtocolError,
     ReplayError,
     SignatureError,
+    TargetError,
     TrustError,
 )
 from shared.messages import DesiredState, Signature, SignedEnvelope, decode_payload, encode_payload
@@ -387,9 +388,9 @@ def test_release_counter_replay_property(counter: int, trusted_counter: int) -> 
         )
 
 
-def test_directive_for_another_device_is_a_signature_error() -> None:
+def test_directive_for_another_device_is_a_target_error() -> None:
     manifest_env, directive_env = signed_pair(directive={"device_id": "pi-garage-02"})
-    with pytest.raises(SignatureError):
+    with pytest.raises(TargetError, match="directive is for device pi-garage-02"):
         check_directive(directive_env, manifest_env)
     assert check_directive(directive_env, manifest_env, device_id="pi-garage-02").device_id == "pi-garage-02"
 
