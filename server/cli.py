@@ -13,6 +13,7 @@ import click
 
 from server.cli_options import DATA_DIR, JSON
 from server.compression import ProfileReport
+from server.load_errors import CONFIRMATIONS, KnownLoadErrors, LoadErrorReport, by_pair
 from server.render import cell, human_bytes, table
 from server.rollouts import RolloutStatus
 from server.setup import init_data_dir, open_workspace
@@ -222,6 +223,7 @@ def _print_reports(reports: list[ProfileReport], as_json: bool) -> None:
 
 
 def report_json(report: ProfileReport) -> dict[str, object]:
+    known = by_pair(report.load_errors)
     return {
         "model": report.model,
         "version": report.version,
@@ -231,9 +233,18 @@ def report_json(report: ProfileReport) -> dict[str, object]:
         "reference_accuracy": report.reference_accuracy,
         "eval_labelled": report.eval_labelled,
         "variants": [
-            {**{k: value for k, value in asdict(v).items() if k != "tflite"}, "chosen": v.chosen}
+            {**{k: value for k, value in asdict(v).items() if k != "tflite"}, "chosen": v.chosen,
+             "load_errors": [load_error_json(e, known) for e in report.load_errors_of(v)]}
             for v in report.variants
         ],
+    }
+
+
+def load_error_json(error: LoadErrorReport, known: dict[tuple[str, str], KnownLoadErrors]) -> dict[str, object]:
+    return {
+        "runtime": error.runtime, "device": error.device, "deployment": error.deployment_id, "reason": error.reason,
+        "reported_at": error.reported_at.isoformat(),
+        "confirmed": known[error.model_sha256, error.runtime].confirmed,  # for this file on this runtime
     }
 
 
@@ -262,7 +273,22 @@ def report_table(report: ProfileReport) -> str:
     return header + "\n" + table(
         ["RECIPE", "BYTES", "VS F32", "GZIP", "ACCURACY", "DELTA", "P50 MS", "VS F32", "P95 MS", "RSS", "VERDICT",
          "WHY"], rows,
-    )
+    ) + load_errors_table(report)
+
+
+def load_errors_table(report: ProfileReport) -> str:
+    """Who reported that their runtime could not load a variant; empty when nobody did."""
+    known = by_pair(report.load_errors)
+    rows = [
+        [v.recipe, e.runtime, "confirmed" if known[e.model_sha256, e.runtime].confirmed else "unconfirmed", e.device,
+         cell(e.deployment_id), e.reported_at.strftime("%Y-%m-%d %H:%MZ"), e.reason]
+        for v in report.variants for e in report.load_errors_of(v)
+    ]
+    if not rows:
+        return ""
+    return (f"\n\nload errors reported by devices (a runtime with {CONFIRMATIONS}+ reports is refused at rollout "
+            "unless --ignore-load-errors):\n"
+            + table(["RECIPE", "RUNTIME", "STATUS", "DEVICE", "DEPLOYMENT", "REPORTED", "REASON"], rows))
 
 
 # -- rollouts ----------------------------------------------------------------------
@@ -281,9 +307,11 @@ def rollout_group() -> None:
 @click.option("--max-accuracy-drop", type=float, default=0.02, show_default=True,
               help="Allowed on-device accuracy drop below the float model's host reference.")
 @click.option("--min-accuracy", type=float, default=0.0, show_default=True, help="Absolute on-device accuracy floor.")
+@click.option("--ignore-load-errors", is_flag=True,
+              help="Send a variant even to runtimes that devices confirmed cannot load it (still warns).")
 def rollout_start(
     model_ref: str, data_dir: Path, profiles: tuple[str, ...], devices: tuple[str, ...],
-    max_accuracy_drop: float, min_accuracy: float,
+    max_accuracy_drop: float, min_accuracy: float, ignore_load_errors: bool,
 ) -> None:
     """Roll NAME[:VERSION] out; prints the rollout id. The server must be running to deliver it."""
     from server.rollouts import start_rollout
@@ -292,7 +320,8 @@ def rollout_start(
     rollout_id = start_rollout(
         workspace.db, workspace.blobs, workspace.keys(), model_ref,
         profiles=profiles, device_names=devices, max_accuracy_drop=max_accuracy_drop, min_accuracy=min_accuracy,
-        progress=lambda line: click.echo(line, err=True),
+        progress=lambda line: click.echo(line, err=True), ignore_load_errors=ignore_load_errors,
+        warn=lambda message: click.echo(f"warning: {message}", err=True),
     )
     click.echo(rollout_id)
 

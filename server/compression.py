@@ -24,6 +24,7 @@ from server.compress.sources import ModelSource, open_source, unpack_source
 from server.db import Database, queries
 from server.db.models import Artifact, ModelVersion, Profile, Variant
 from server.devices import get_profile
+from server.load_errors import LoadErrorReport, reports_on
 from server.native_output import native_stderr_to_log
 from shared.benchmark import BenchmarkSettings
 from shared.errors import UserInputError
@@ -43,10 +44,14 @@ class ProfileReport:
     reference_accuracy: float
     variants: tuple[VariantReport, ...]  # as stored: sha256 set, tflite not loaded
     eval_labelled: bool = True  # False: "accuracy" is top-1 agreement with the float model
+    load_errors: tuple[LoadErrorReport, ...] = ()  # devices' reports on these variants' files, oldest first
 
     @property
     def chosen(self) -> VariantReport | None:
         return next((v for v in self.variants if v.chosen), None)
+
+    def load_errors_of(self, variant: VariantReport) -> tuple[LoadErrorReport, ...]:
+        return tuple(r for r in self.load_errors if variant.sha256 is not None and r.model_sha256 == variant.sha256)
 
 
 def goal_of(profile: Profile) -> ProfileGoal:
@@ -213,6 +218,7 @@ def compression_report(db: Database, model_ref: str, profile: str | None = None)
                     float(variants[0].details.get("reference_accuracy", version.reference_accuracy)),
                     tuple(_row(v) for v in variants),
                     version.eval_labelled,
+                    reports_on(session, {v.sha256 for v in variants if v.sha256 is not None}),
                 )
             )
     if profile is not None and not reports:

@@ -20,7 +20,8 @@ import logging
 from datetime import datetime, timezone
 
 from server.db import Session, queries
-from server.db.models import Deployment, Device, EventRecord, RuntimeIncompatibility, TelemetryRecord
+from server.db.models import Deployment, Device, EventRecord, LoadErrorRecord, TelemetryRecord
+from server.load_errors import known_load_errors
 from shared.codec import encode
 from shared.messages import Availability, DeviceState, Event, Telemetry, UpdateState
 from shared.trial import LOAD_ERROR
@@ -136,14 +137,19 @@ def apply_event(session: Session, message: Event) -> None:
 
 
 def _remember_incompatibility(session: Session, device: Device, deployment: Deployment, reason: str) -> None:
+    """Keep the device's load_error report on the deployment's model file, once per deployment."""
     model_sha256 = deployment.release.model_sha256
     if model_sha256 is None or device.runtime is None:
         return
-    if queries.runtime_incompatibility(session, model_sha256, device.runtime) is None:
-        session.add(RuntimeIncompatibility(model_sha256=model_sha256, runtime=device.runtime, reason=reason,
-                                           device_id=device.id))
-        logger.warning("%s cannot load %s: later rollouts to that runtime will be refused", device.runtime,
-                       model_sha256[:12])
+    if queries.load_error_recorded(session, model_sha256, device.runtime, deployment.id):
+        return  # a redelivery, or the same outcome seen again through the device's state
+    session.add(LoadErrorRecord(model_sha256=model_sha256, runtime=device.runtime, device_id=device.id,
+                                deployment_id=deployment.id, reason=reason))
+    known = known_load_errors(session, model_sha256, device.runtime)
+    assert known is not None  # the report just added
+    logger.warning("%s on %s cannot load %s (%d report(s) from %s): later rollouts of it to that runtime %s",
+                   device.name, device.runtime, model_sha256[:12], len(known.reports), known.reporters(),
+                   "are refused unless overridden" if known.confirmed else "warn until another report confirms it")
 
 
 def apply_telemetry(session: Session, message: Telemetry) -> None:

@@ -20,9 +20,10 @@ from server.blobs import BlobStore
 from server.catalog import resolve_version
 from server.compression import build_profiles
 from server.db import Database, Session, queries
-from server.db.models import Deployment, Device, Rollout
+from server.db.models import Deployment, Device, Release, Rollout
 from server.devices import find_device, get_profile
 from server.keys import SigningKeys
+from server.load_errors import Shipment, vet_shipments
 from server.releases import sign_release
 from shared import PROTOCOL_VERSION
 from shared.codec import decode, encode
@@ -104,13 +105,18 @@ def start_rollout(
     max_accuracy_drop: float = 0.02,
     min_accuracy: float = 0.0,
     progress: Callable[[str], None] = lambda _: None,
+    ignore_load_errors: bool = False,
+    warn: Callable[[str], None] = logger.warning,
 ) -> str:
     """Create a rollout of ``model_ref`` to the selected devices; returns its id.
 
     Each target profile ships the variant its compression report chose; a
     profile not built yet is built first (``model build``), without holding the
     database. A profile whose every variant failed, missed the accuracy budget
-    or exceeded its limits is refused here, before anything is sent.
+    or exceeded its limits is refused here, before anything is sent. So is a
+    variant that devices confirmed their runtime cannot load (see
+    ``server.load_errors``), unless ``ignore_load_errors``; an unconfirmed
+    report, or an overridden one, is passed to ``warn``.
     """
     if not profiles and not device_names:
         raise UserInputError("select the target devices with --profile or --device")
@@ -136,7 +142,8 @@ def start_rollout(
             min_accuracy=min_accuracy,
         )
         session.add(rollout)
-        releases = {}
+        releases: dict[str, Release] = {}
+        shipments: dict[tuple[str, str], list[str]] = {}  # (profile, runtime): target device names
         for device in sorted(targets.values(), key=lambda d: d.name):
             if device.profile_name not in releases:
                 artifact = queries.artifact_for_ids(session, version.id, device.profile_name)
@@ -150,14 +157,8 @@ def start_rollout(
                         f"'edgefleet model build {ref} --profile {device.profile_name}'"
                     )
                 releases[device.profile_name] = sign_release(session, blobs, keys, artifact)
-            known = device.runtime and queries.runtime_incompatibility(
-                session, releases[device.profile_name].artifact.sha256, device.runtime
-            )
-            if known:
-                raise UserInputError(
-                    f"{device.name} runs {device.runtime}, which could not load this variant of {ref} "
-                    f"({known.reason}); build another recipe for profile {device.profile_name} or leave it out"
-                )
+            if device.runtime:
+                shipments.setdefault((device.profile_name, device.runtime), []).append(device.name)
             device.directive_seq += 1
             session.add(
                 Deployment(
@@ -169,8 +170,19 @@ def start_rollout(
                     min_accuracy_gate=round(gate, 6),
                 )
             )
+        planned = [_shipment(ref, releases[profile], runtime, names) for (profile, runtime), names in shipments.items()]
+        warnings = vet_shipments(session, planned, ignore_load_errors=ignore_load_errors)  # a refusal rolls back
         session.flush()
-        return rollout.id
+        rollout_id = rollout.id
+    for warning in warnings:  # once the rollout exists
+        warn(warning)
+    return rollout_id
+
+
+def _shipment(model_ref: str, release: Release, runtime: str, device_names: list[str]) -> Shipment:
+    artifact = release.artifact
+    return Shipment(model_ref, artifact.profile_name, artifact.recipe or artifact.quantization, artifact.sha256,
+                    runtime, tuple(device_names))
 
 
 def rollout_status(db: Database, rollout_id: str) -> RolloutStatus:

@@ -152,17 +152,19 @@ class Variant(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
-class RuntimeIncompatibility(Base):
-    """A model file some device's interpreter could not load: never ship it to that runtime again."""
+class LoadErrorRecord(Base):
+    """One device's report that its interpreter could not load a model file (the rule: server/load_errors.py)."""
 
-    __tablename__ = "runtime_incompatibilities"
-    __table_args__ = (UniqueConstraint("model_sha256", "runtime"),)
+    __tablename__ = "load_error_reports"
+    # one report per deployment: a redelivered or reconciled outcome counts once
+    __table_args__ = (UniqueConstraint("model_sha256", "runtime", "deployment_id"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     model_sha256: Mapped[str] = mapped_column(String(64))
     runtime: Mapped[str] = mapped_column(String(64))  # "<name> <version>", as devices report it
+    device_id: Mapped[str] = mapped_column(String(64))
+    deployment_id: Mapped[str | None] = mapped_column(String(64), default=None)  # None only if migrated from 0002
     reason: Mapped[str] = mapped_column(Text, default="")
-    device_id: Mapped[str] = mapped_column(String(64))  # the first device that hit it
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from sqlalchemy import exists, func, or_, select
 from sqlalchemy.orm import Session
@@ -12,12 +12,12 @@ from server.db.models import (
     Deployment,
     Device,
     EventRecord,
+    LoadErrorRecord,
     Model,
     ModelVersion,
     Profile,
     Release,
     Rollout,
-    RuntimeIncompatibility,
     TelemetryRecord,
     Variant,
 )
@@ -161,9 +161,31 @@ def recent_trials(session: Session, device_id: str, limit: int = 20) -> Sequence
     ).all()
 
 
-def runtime_incompatibility(session: Session, model_sha256: str, runtime: str) -> RuntimeIncompatibility | None:
-    return session.scalar(
-        select(RuntimeIncompatibility).where(
-            RuntimeIncompatibility.model_sha256 == model_sha256, RuntimeIncompatibility.runtime == runtime
+def load_error_recorded(session: Session, model_sha256: str, runtime: str, deployment_id: str) -> bool:
+    return bool(
+        session.scalar(
+            select(
+                exists().where(
+                    LoadErrorRecord.model_sha256 == model_sha256,
+                    LoadErrorRecord.runtime == runtime,
+                    LoadErrorRecord.deployment_id == deployment_id,
+                )
+            )
         )
     )
+
+
+def load_error_reports(
+    session: Session, model_sha256s: Collection[str], runtime: str | None = None
+) -> list[tuple[LoadErrorRecord, str]]:
+    """Reports on these model files (and runtime), oldest first, each with the reporting device's name
+    (its id if the device is gone)."""
+    query = (
+        select(LoadErrorRecord, func.coalesce(Device.name, LoadErrorRecord.device_id))
+        .outerjoin(Device, Device.id == LoadErrorRecord.device_id)
+        .where(LoadErrorRecord.model_sha256.in_(model_sha256s))
+    )
+    if runtime is not None:
+        query = query.where(LoadErrorRecord.runtime == runtime)
+    rows = session.execute(query.order_by(LoadErrorRecord.created_at, LoadErrorRecord.id))
+    return [(record, name) for record, name in rows]
