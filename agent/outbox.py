@@ -26,6 +26,7 @@ from pathlib import Path
 
 from agent.files import atomic_write_bytes
 from shared.errors import EdgefleetError, StorageError
+from shared.failpoints import failpoint
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +90,7 @@ class Outbox:
             atomic_write_bytes(entry.path, json.dumps({"topic": topic, "payload": payload.decode()}).encode())
         except (StorageError, OSError) as exc:
             logger.warning("outbox not writable (%s): sending %s without a durable copy", exc, topic)
+        failpoint("agent.report.written")
         self._hand_over(entry)
 
     def replay(self) -> int:

@@ -31,6 +31,7 @@ from agent.states import REPORTED, RESUME_FROM, Event, State, next_state
 from shared.canonical import canonical_digest
 from shared.codec import decode, encode
 from shared.errors import EdgefleetError, ReplayError, StorageError, TrustError
+from shared.failpoints import failpoint
 from shared.messages import (
     MAX_ID_LENGTH,
     BenchmarkResult,
@@ -200,6 +201,7 @@ class Updater:
             return
         if verdict is not ChunkVerdict.STORED:
             return
+        failpoint("agent.chunk.stored")
         download.stored_this_round = True
         download.last_progress = self.monotonic()
         if assembler.complete:
@@ -272,6 +274,7 @@ class Updater:
     def _save(self, record: UpdateRecord) -> None:
         self.records.save_record(record)
         self.record = record
+        failpoint(f"agent.saved.{record.state}")
 
     def _fire(self, event: Event, **changes: object) -> None:
         target = next_state(self.state, event)
@@ -437,6 +440,7 @@ class Updater:
                 manifest.max_ram_bytes, self.config.trial.memory_limit_mb, self.available_memory()
             )
             self._trial = self.start_trial(self._trial_request(manifest, slot, self._budget))
+            failpoint("agent.trial.started")
         result = self._trial.poll()
         if result is None:
             return None

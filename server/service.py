@@ -35,6 +35,7 @@ from server.keys import load_keys
 from server.paths import DataDir
 from server.rollouts import RolloutEngine
 from shared.errors import EdgefleetError, ProtocolError, StorageError
+from shared.failpoints import failpoint
 from shared.messages import Availability, ChunkRequest, DeviceState, Event, Telemetry, decode_payload
 from shared.mqtt import BrokerAddress, Inbound, LinkDown, LinkUp, MqttLink
 from shared.topics import Topic, TopicKind, all_devices_filter, all_wants_filter, parse_topic
@@ -137,6 +138,7 @@ class ServerService:
 
     def handle_batch(self, items: list[Any]) -> None:
         """Apply a batch in one transaction, then acknowledge its messages to the broker."""
+        kinds: set[str] = set()  # for the crash tests' failpoints
         with self.db.session() as session:
             for item in items:
                 if isinstance(item, LinkUp):
@@ -157,12 +159,17 @@ class ServerService:
                     message = decode_payload(topic.kind, item.payload)
                     with session.begin_nested():
                         handler(session, topic, message)
+                    kinds.add(topic.kind.value)
                 except ProtocolError as exc:
                     logger.warning("dropped a malformed message on %s: %s", item.topic, exc)
                 except EdgefleetError as exc:
                     logger.error("could not apply the message on %s: %s", item.topic, exc)
                 except Exception:  # a bug; one device's message must still not stop the fleet's server
                     logger.exception("unexpected error applying the message on %s; dropped", item.topic)
+            for kind in sorted(kinds):
+                failpoint(f"server.applied.{kind}")  # applied, not committed
+        for kind in sorted(kinds):
+            failpoint(f"server.committed.{kind}")  # committed, not acknowledged
         for item in items:  # committed: now the broker may forget them
             if isinstance(item, Inbound):
                 self.link.ack(item)

@@ -104,8 +104,9 @@ class TrialProcess:
         self.timeout = timeout
         self.monotonic = monotonic
         self._result: TrialResult | None = None
-        self._stdout: IO[bytes] = tempfile.TemporaryFile()
-        self._stderr: IO[bytes] = tempfile.TemporaryFile()
+        # They outlive this call (the child writes to them until it ends); _finish closes them.
+        self._stdout: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115
+        self._stderr: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115
         self._deadline = monotonic() + timeout
         env = {
             **os.environ,
