@@ -1,24 +1,53 @@
-"""Serving artifact chunks: agents ask for ranges, the server broadcasts each chunk once.
+"""Serving artifact chunks: agents ask for ranges, the server broadcasts each chunk once per window.
 
 Chunks go to ``ef/v1/artifacts/{sha256}/chunks/{i}``, where every agent that
-downloads the same file listens; a chunk sent moments ago is not sent again
-for the next device that asks, so a wave costs about one artifact of egress.
+downloads the same file listens. An agent subscribes to that filter before it
+publishes its request, on the same connection, so the broker routes to it any
+chunk published after the server received the request. Hence the first request
+for a chunk opens a short window, every request for that chunk that arrives
+before the window closes is served by the one publish at its close, and a
+request after that opens a new window. No request is ever dropped as a
+duplicate (the agent would wait for its next re-ask, seconds later), and a
+wave whose devices ask within a window or two costs one or two copies of the
+artifact instead of one per device.
+
+The service registers requests with ``serve``, and its loop wakes at
+``next_due`` to ``flush``. Open windows are bounded by the chunks of the blobs
+the service lets through (only files a release names) and each request by
+``MAX_CHUNKS_PER_REQUEST``.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
 
 from server.blobs import BlobStore
-from shared.errors import NotFoundError, StorageError
+from shared.errors import EdgefleetError
 from shared.messages import DEFAULT_CHUNK_SIZE, ChunkRequest
 from shared.topics import chunk_topic
 
 logger = logging.getLogger(__name__)
 
 MAX_CHUNKS_PER_REQUEST = 4096
+# Long enough to gather a wave's devices (they ask within a fraction of a second of
+# each other), short enough that a lone device barely notices.
+DEFAULT_WINDOW_S = 0.3
+
+
+def requested_indices(ranges: tuple[tuple[int, int], ...], count: int, limit: int) -> Iterator[int]:
+    """The chunk indices ``ranges`` name within a blob of ``count`` chunks, at most ``limit`` of them."""
+    remaining = limit
+    for start, end in ranges:
+        stop = min(end, count, start + remaining)
+        if stop <= start:
+            continue
+        yield from range(start, stop)
+        remaining -= stop - start
+        if remaining == 0:
+            return
 
 
 class ChunkServer:
@@ -27,37 +56,70 @@ class ChunkServer:
         blobs: BlobStore,
         publish: Callable[[str, bytes, bool], None],
         *,
-        resend_after_s: float = 2.0,
+        window_s: float = DEFAULT_WINDOW_S,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.blobs = blobs
         self.publish = publish
-        self.resend_after_s = resend_after_s
+        self.window_s = window_s
         self.monotonic = monotonic
-        self._sent: dict[tuple[str, int], float] = {}
+        # Every window lasts window_s on a monotonic clock, so opening order is closing
+        # order: a FIFO of (due, sha256, index), and the set of chunks it holds.
+        self._windows: deque[tuple[float, str, int]] = deque()
+        self._open: set[tuple[str, int]] = set()
+
+    @property
+    def pending(self) -> int:
+        """How many chunk windows are open (requested, not yet published)."""
+        return len(self._open)
 
     def serve(self, sha256: str, request: ChunkRequest) -> int:
-        """Publish the requested chunks of a servable blob; returns how many were sent."""
+        """Register a request for chunks of a servable blob; returns how many windows it opened.
+
+        Chunks whose window is already open need nothing: its publish will reach
+        this requester too.
+        """
+        count = self._chunk_count(sha256, request.device_id)
+        if count is None:
+            return 0
+        due = self.monotonic() + self.window_s
+        opened = 0
+        for index in requested_indices(request.ranges, count, MAX_CHUNKS_PER_REQUEST):
+            if (sha256, index) not in self._open:
+                self._open.add((sha256, index))
+                self._windows.append((due, sha256, index))
+                opened += 1
+        return opened
+
+    def next_due(self) -> float | None:
+        """When the earliest open window closes (on ``monotonic``'s clock), or None."""
+        return self._windows[0][0] if self._windows else None
+
+    def flush(self, now: float | None = None) -> int:
+        """Publish every chunk whose window has closed; returns how many were published."""
+        now = self.monotonic() if now is None else now
+        published = 0
+        while self._windows and self._windows[0][0] <= now:
+            _, sha256, index = self._windows.popleft()
+            self._open.discard((sha256, index))
+            published += self._publish_chunk(sha256, index)
+        return published
+
+    def _chunk_count(self, sha256: str, device_id: str) -> int | None:
         try:
             size = self.blobs.size(sha256)
         except FileNotFoundError:
-            logger.warning("device %s asked for blob %s which is not in the store", request.device_id, sha256)
+            logger.warning("device %s asked for blob %s which is not in the store", device_id, sha256)
+            return None
+        return max(1, -(-size // DEFAULT_CHUNK_SIZE))
+
+    def _publish_chunk(self, sha256: str, index: int) -> int:
+        # One unreadable blob or failed publish must not hold back the other due chunks;
+        # the agents that asked re-ask for what they still miss.
+        try:
+            data = self.blobs.read_chunk(sha256, index, DEFAULT_CHUNK_SIZE)
+            self.publish(chunk_topic(sha256, index), data, False)
+        except (EdgefleetError, OSError) as exc:
+            logger.error("could not send chunk %d of %s: %s", index, sha256, exc)
             return 0
-        count = max(1, -(-size // DEFAULT_CHUNK_SIZE))
-        now = self.monotonic()
-        sent = 0
-        for start, end in request.ranges:
-            for index in range(start, min(end, count, start + MAX_CHUNKS_PER_REQUEST)):
-                key = (sha256, index)
-                if now - self._sent.get(key, -1e9) < self.resend_after_s:
-                    continue
-                try:
-                    data = self.blobs.read_chunk(sha256, index, DEFAULT_CHUNK_SIZE)
-                except (NotFoundError, OSError) as exc:
-                    raise StorageError(f"cannot read chunk {index} of {sha256}: {exc}") from exc
-                self.publish(chunk_topic(sha256, index), data, False)
-                self._sent[key] = now
-                sent += 1
-        if len(self._sent) > 100_000:
-            self._sent = {k: t for k, t in self._sent.items() if now - t < self.resend_after_s}
-        return sent
+        return 1

@@ -132,7 +132,7 @@ class ServerService:
         assert topic.sha256 is not None
         if not queries.servable_blob(session, topic.sha256):
             raise ProtocolError(f"device {message.device_id} asked for {topic.sha256}, which no release names")
-        self.chunks.serve(topic.sha256, message)
+        self.chunks.serve(topic.sha256, message)  # published by the loop's flush when its window closes
 
     # -- loop ------------------------------------------------------------------
 
@@ -186,6 +186,12 @@ class ServerService:
                 break
         return items
 
+    def _wait_s(self, next_tick: float) -> float:
+        """How long the loop may wait for messages: until the next tick or chunk window closes."""
+        due = self.chunks.next_due()
+        wake = next_tick if due is None else min(next_tick, due)
+        return min(self.tick_interval, max(0.0, wake - time.monotonic()))
+
     def run(self) -> None:
         for kind in (TopicKind.STATE, TopicKind.AVAILABILITY):
             self.link.subscribe(all_devices_filter(kind))
@@ -198,9 +204,7 @@ class ServerService:
         unstored: list[Any] = []
         try:
             while not self.stopping.is_set():
-                items = unstored or self._drain(
-                    timeout=min(self.tick_interval, max(0.0, next_tick - time.monotonic())) or 0.01
-                )
+                items = unstored or self._drain(timeout=self._wait_s(next_tick))
                 unstored = []
                 if items:
                     try:
@@ -209,6 +213,7 @@ class ServerService:
                         logger.error("could not store a batch of %d messages (retrying): %s", len(items), exc)
                         unstored = items
                         self.stopping.wait(RETRY_BATCH_S)
+                self.chunks.flush()
                 if time.monotonic() >= next_tick:
                     try:
                         self.engine.tick()

@@ -1,19 +1,13 @@
-"""The rollout engine's ``tick(now)`` and the chunk server, driven with a recording publisher and fake clocks."""
+"""The rollout engine's ``tick(now)``, driven with a recording publisher."""
 
 from __future__ import annotations
 
 import hashlib
-import logging
 import time
-from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
-from server import chunks as chunks_module
-from server.blobs import BlobStore
-from server.chunks import ChunkServer
 from server.db import Database
 from server.db.models import Deployment, Rollout
 from server.devices import register_device
@@ -22,9 +16,9 @@ from server.rollouts import DIRECTIVE_LIFETIME_S, RolloutEngine, start_rollout
 from server.setup import Workspace
 from shared import PROTOCOL_VERSION
 from shared.errors import SignatureError
-from shared.messages import DEFAULT_CHUNK_SIZE, ChunkRequest, DesiredState, Event, decode_payload
+from shared.messages import DesiredState, Event, decode_payload
 from shared.signing import KeyRole, TrustedKeys, verify_directive, verify_manifest
-from shared.topics import TopicKind, chunk_topic, device_topic
+from shared.topics import TopicKind, device_topic
 
 Published = list[tuple[str, bytes, bool]]
 
@@ -329,139 +323,3 @@ def test_a_published_deployment_superseded_by_a_newer_rollout_is_settled(
     assert rollout_state(workspace.db, newer) == "succeeded"
     assert deployments_of(workspace.db, older)[devices["cam-1"]].state == "failed"
     assert rollout_state(workspace.db, older) == "failed"
-
-
-# -- chunk server -------------------------------------------------------------------------------
-
-BLOB = bytes(range(256)) * 2560  # 655,360 bytes: chunks of 262,144 + 262,144 + 131,072
-CHUNKS = [BLOB[i : i + DEFAULT_CHUNK_SIZE] for i in range(0, len(BLOB), DEFAULT_CHUNK_SIZE)]
-
-
-class FakeMonotonic:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def blob_store(tmp_path: Path) -> tuple[BlobStore, str]:
-    store = BlobStore(tmp_path / "artifacts")
-    return store, store.put(BLOB)
-
-
-@pytest.fixture
-def clock() -> FakeMonotonic:
-    return FakeMonotonic()
-
-
-@pytest.fixture
-def chunk_server(blob_store: tuple[BlobStore, str], recorder: Recorder, clock: FakeMonotonic) -> ChunkServer:
-    return ChunkServer(blob_store[0], recorder, resend_after_s=2.0, monotonic=clock)
-
-
-def want(*ranges: tuple[int, int], device: str = "d-1") -> ChunkRequest:
-    return ChunkRequest(v=PROTOCOL_VERSION, device_id=device, ranges=ranges)
-
-
-def sent_indices(recorder: Recorder, sha256: str) -> list[int]:
-    prefix = chunk_topic(sha256, 0)[: -len("0")]
-    return [int(topic[len(prefix):]) for topic, _, _ in recorder.calls]
-
-
-def test_serve_publishes_the_requested_chunks(
-    chunk_server: ChunkServer, blob_store: tuple[BlobStore, str], recorder: Recorder
-) -> None:
-    _, sha = blob_store
-    assert len(CHUNKS) == 3
-
-    assert chunk_server.serve(sha, want((0, 3))) == 3
-
-    assert recorder.calls == [(chunk_topic(sha, i), CHUNKS[i], False) for i in range(3)]
-    assert b"".join(payload for _, payload, _ in recorder.calls) == BLOB
-
-
-def test_serve_publishes_several_ranges(
-    chunk_server: ChunkServer, blob_store: tuple[BlobStore, str], recorder: Recorder
-) -> None:
-    _, sha = blob_store
-    assert chunk_server.serve(sha, want((2, 3), (0, 1))) == 2
-    assert sent_indices(recorder, sha) == [2, 0]
-
-
-def test_a_repeat_request_within_the_resend_window_is_deduplicated(
-    chunk_server: ChunkServer, blob_store: tuple[BlobStore, str], recorder: Recorder, clock: FakeMonotonic
-) -> None:
-    _, sha = blob_store
-    chunk_server.serve(sha, want((0, 3), device="d-1"))
-
-    clock.now += 1.9
-    assert chunk_server.serve(sha, want((0, 3), device="d-2")) == 0  # another device in the same wave
-    assert len(recorder.calls) == 3
-
-    clock.now += 0.1  # 2.0 s after the first send: the window has passed
-    assert chunk_server.serve(sha, want((1, 2), device="d-2")) == 1
-    assert sent_indices(recorder, sha) == [0, 1, 2, 1]
-
-
-def test_only_the_chunks_not_sent_recently_go_out(
-    chunk_server: ChunkServer, blob_store: tuple[BlobStore, str], recorder: Recorder
-) -> None:
-    _, sha = blob_store
-    chunk_server.serve(sha, want((0, 1)))
-    assert chunk_server.serve(sha, want((0, 3))) == 2
-    assert sent_indices(recorder, sha) == [0, 1, 2]
-
-
-@pytest.mark.parametrize(
-    ("ranges", "expected"),
-    [(((1, 100),), [1, 2]), (((3, 10),), []), (((2, 2_000_000_000),), [2]), (((0, 1), (5, 9)), [0])],
-)
-def test_ranges_past_the_end_are_clamped(
-    chunk_server: ChunkServer, blob_store: tuple[BlobStore, str], recorder: Recorder,
-    ranges: tuple[tuple[int, int], ...], expected: list[int],
-) -> None:
-    _, sha = blob_store
-    assert chunk_server.serve(sha, want(*ranges)) == len(expected)
-    assert sent_indices(recorder, sha) == expected
-
-
-def test_a_request_is_capped_per_range(
-    chunk_server: ChunkServer, blob_store: tuple[BlobStore, str], recorder: Recorder, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    _, sha = blob_store
-    monkeypatch.setattr(chunks_module, "MAX_CHUNKS_PER_REQUEST", 2)
-    assert chunk_server.serve(sha, want((0, 3))) == 2
-    assert sent_indices(recorder, sha) == [0, 1]
-
-
-def test_an_empty_blob_is_one_empty_chunk(tmp_path: Path, recorder: Recorder, clock: FakeMonotonic) -> None:
-    store = BlobStore(tmp_path / "artifacts")
-    sha = store.put(b"")
-    server = ChunkServer(store, recorder, monotonic=clock)
-
-    assert server.serve(sha, want((0, 5))) == 1
-    assert recorder.calls == [(chunk_topic(sha, 0), b"", False)]
-
-
-def test_a_blob_not_in_the_store_is_not_served(
-    tmp_path: Path, recorder: Recorder, clock: FakeMonotonic, caplog: pytest.LogCaptureFixture
-) -> None:
-    server = ChunkServer(BlobStore(tmp_path / "artifacts"), recorder, monotonic=clock)
-    missing = hashlib.sha256(b"never stored").hexdigest()
-
-    with caplog.at_level(logging.WARNING, logger="server.chunks"):
-        assert server.serve(missing, want((0, 1))) == 0
-
-    assert recorder.calls == []
-    assert missing in caplog.text
-
-
-def test_the_default_clock_is_monotonic(blob_store: tuple[BlobStore, str], recorder: Recorder) -> None:
-    store, sha = blob_store
-    server = ChunkServer(store, recorder)
-    default: Callable[[], float] = server.monotonic
-    assert default is time.monotonic
-    assert server.serve(sha, want((0, 1))) == 1
-    assert server.serve(sha, want((0, 1))) == 0

@@ -229,11 +229,18 @@ def test_telemetry_and_availability_apply(setup: Setup) -> None:
         assert session.scalar(select(func.count()).select_from(TelemetryRecord)) == 1
 
 
-def test_a_want_for_a_released_artifact_publishes_its_chunks(setup: Setup) -> None:
+def test_a_want_for_a_released_artifact_publishes_its_chunks_when_the_window_closes(setup: Setup) -> None:
     sha = artifact_sha(setup)
     request = encode(ChunkRequest(v=1, device_id=setup.cam, ranges=((0, 1),)))
+    chunks = setup.service.chunks
 
     setup.service.handle_batch([inbound(want_topic(sha), request)])
+    assert setup.published.calls == []  # other devices of the wave may still ask
+    due = chunks.next_due()
+    assert due is not None
+    assert setup.service._wait_s(next_tick=due + 10) <= chunks.window_s  # the loop wakes for it, not for the tick
+
+    chunks.flush(due)
 
     assert setup.published.calls == [(chunk_topic(sha, 0), setup.workspace.blobs.read(sha)[: 256 * 1024], False)]
 
