@@ -1,18 +1,18 @@
 """A bounded on-disk outbox for the reports that must not be lost.
 
-Events and telemetry are written here before they are published and deleted
-once the broker acknowledged them to a listener; after a disconnect *and* a
-restart the agent publishes what is left. Each message keeps its original
-``(boot_id, seq)``, so the server's idempotent ingest ignores any copy it
-already has.
+Events and telemetry are written here before they are published, and deleted
+only when the *server* acknowledges that it stored them (a ``ReportAck``
+naming their ``(boot_id, seq)``), not when the broker took them: a broker's
+acknowledgement only says the message reached the broker, which may then
+queue it for a server session nobody reads any more, route it to no one, or
+lose it in a crash. Until the server's acknowledgement arrives, a report is
+sent again now and then, with back-off; the server's ingest is idempotent by
+``(device, boot_id, seq)``, so the copies cost nothing but bytes. After a
+restart the agent sends whatever is left.
 
-Within one run, paho holds every handed-over message and re-sends it on each
-new connection until the broker acknowledges it; the outbox only waits for
-that acknowledgement (``delivered``). Two cases send a message again: a
-publish the link refused outright, and a message the broker acknowledged
-with "no matching subscribers" — no server session (not even a persistent
-one) was there to receive it, so it is offered again later instead of being
-forgotten.
+While the link is down paho keeps what was handed to it and sends it on the
+next connection, so nothing is re-sent while offline, and the timers start
+again when the link comes back.
 """
 
 from __future__ import annotations
@@ -30,10 +30,12 @@ from shared.failpoints import failpoint
 
 logger = logging.getLogger(__name__)
 
-Publish = Callable[[str, bytes], "int | None"]  # returns the message id, or None if nothing was queued
+Publish = Callable[[str, bytes], object]
 
-UNHEARD_RETRY_S = 30.0
-REFUSED_RETRY_S = 5.0
+ACK_TIMEOUT_S = 30.0  # the first wait for the server's acknowledgement
+MAX_WAIT_S = 600.0  # back-off doubles up to this
+
+ReportKey = tuple[str, int]  # (boot_id, seq)
 
 
 @dataclass
@@ -41,7 +43,14 @@ class _Entry:
     path: Path
     topic: str
     payload: bytes
-    retry_at: float = 0.0  # when an unsent or unheard entry is offered again
+    wait_s: float
+    resend_at: float = 0.0
+
+
+def report_key(payload: bytes) -> ReportKey:
+    """The ``(boot_id, seq)`` every report carries; the server acknowledges it by that."""
+    body = json.loads(payload)
+    return str(body["boot_id"]), int(body["seq"])
 
 
 class Outbox:
@@ -51,92 +60,102 @@ class Outbox:
         publish: Publish,
         *,
         limit: int = 1000,
-        unheard_retry_s: float = UNHEARD_RETRY_S,
+        ack_timeout_s: float = ACK_TIMEOUT_S,
+        max_wait_s: float = MAX_WAIT_S,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.directory = directory
         self.publish = publish
         self.limit = limit
-        self.unheard_retry_s = unheard_retry_s
+        self.ack_timeout_s = ack_timeout_s
+        self.max_wait_s = max_wait_s
         self.monotonic = monotonic
-        self._in_flight: dict[int, _Entry] = {}  # mid -> entry paho holds until acknowledged
-        self._waiting: dict[Path, _Entry] = {}  # entries to offer again at retry_at
+        self._entries: dict[ReportKey, _Entry] = {}
         self._counter = 0
 
     def _files(self) -> list[Path]:
         return sorted(self.directory.glob("*.msg")) if self.directory.exists() else []
 
     def _hand_over(self, entry: _Entry) -> None:
+        entry.resend_at = self.monotonic() + entry.wait_s
         try:
-            mid = self.publish(entry.topic, entry.payload)
+            self.publish(entry.topic, entry.payload)
         except EdgefleetError as exc:
             logger.warning("could not publish %s yet (kept in the outbox): %s", entry.topic, exc)
-            mid = None
-        if mid is None:
-            entry.retry_at = self.monotonic() + REFUSED_RETRY_S
-            self._waiting[entry.path] = entry
-        else:
-            self._waiting.pop(entry.path, None)
-            self._in_flight[mid] = entry
 
     def send(self, topic: str, payload: bytes) -> None:
+        """Keep a report (it must carry boot_id and seq) and publish it."""
+        key = report_key(payload)
         self._counter += 1
-        entry = _Entry(self.directory / f"{time.time_ns():020d}-{self._counter:06d}.msg", topic, payload)
+        entry = _Entry(self.directory / f"{time.time_ns():020d}-{self._counter:06d}.msg", topic, payload,
+                       self.ack_timeout_s)
         try:
             files = self._files()
             for old in files[: max(0, len(files) - self.limit + 1)]:
                 logger.warning("outbox full: dropping the oldest report %s", old.name)
-                self._forget(old)
+                self._drop(old)
             atomic_write_bytes(entry.path, json.dumps({"topic": topic, "payload": payload.decode()}).encode())
         except (StorageError, OSError) as exc:
             logger.warning("outbox not writable (%s): sending %s without a durable copy", exc, topic)
         failpoint("agent.report.written")
+        self._entries[key] = entry
         self._hand_over(entry)
 
     def replay(self) -> int:
         """Publish everything a previous run left unacknowledged; returns how many."""
-        held = {entry.path for entry in self._in_flight.values()} | set(self._waiting)
+        held = {entry.path for entry in self._entries.values()}
         count = 0
         for path in self._files():
             if path in held:
                 continue
             try:
                 message = json.loads(path.read_text())
-                entry = _Entry(path, str(message["topic"]), str(message["payload"]).encode())
+                payload = str(message["payload"]).encode()
+                entry = _Entry(path, str(message["topic"]), payload, self.ack_timeout_s)
+                key = report_key(payload)
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 logger.warning("dropping unreadable outbox entry %s: %s", path.name, exc)
                 path.unlink(missing_ok=True)
                 continue
+            self._entries[key] = entry
             self._hand_over(entry)
             count += 1
         return count
 
-    def delivered(self, mid: int, *, unheard: bool = False) -> None:
-        """The broker acknowledged ``mid``; ``unheard``: it had no subscriber, so keep it for later."""
-        entry = self._in_flight.pop(mid, None)
-        if entry is None:
-            return  # not an outbox message (state, chunk request) or a dropped one
-        if unheard:
-            logger.info("no server listened for %s: offering it again in %.0f s", entry.topic, self.unheard_retry_s)
-            entry.retry_at = self.monotonic() + self.unheard_retry_s
-            self._waiting[entry.path] = entry
-            return
-        try:
-            entry.path.unlink(missing_ok=True)
-        except OSError as exc:  # an outbox that was never writable holds no copy to remove
-            logger.warning("could not remove %s from the outbox: %s", entry.path.name, exc)
+    def acknowledge(self, boot_id: str, seqs: tuple[int, ...]) -> None:
+        """The server stored these reports: forget them."""
+        for seq in seqs:
+            entry = self._entries.pop((boot_id, seq), None)
+            if entry is not None:
+                self._remove(entry.path)
 
-    def retry_due(self) -> None:
-        """Offer again what could not be handed over, or was heard by nobody, once its time came."""
+    def link_up(self) -> None:
+        """A new connection: paho sends what it held, so every timer starts again from now."""
         now = self.monotonic()
-        for entry in [e for e in self._waiting.values() if e.retry_at <= now]:
+        for entry in self._entries.values():
+            entry.resend_at = now + entry.wait_s
+
+    def retry_due(self, *, connected: bool) -> None:
+        """Send again what the server has not acknowledged in time, waiting longer each time."""
+        if not connected:
+            return  # paho holds what was handed over, and the link coming back restarts the timers
+        now = self.monotonic()
+        for entry in [e for e in self._entries.values() if e.resend_at <= now]:
+            logger.info("no acknowledgement for a report on %s after %.0f s: sending it again", entry.topic,
+                        entry.wait_s)
+            entry.wait_s = min(entry.wait_s * 2, self.max_wait_s)
             self._hand_over(entry)
 
-    def _forget(self, path: Path) -> None:
-        path.unlink(missing_ok=True)
-        self._waiting.pop(path, None)
-        for mid in [mid for mid, entry in self._in_flight.items() if entry.path == path]:
-            del self._in_flight[mid]
+    def _drop(self, path: Path) -> None:
+        self._remove(path)
+        for key in [key for key, entry in self._entries.items() if entry.path == path]:
+            del self._entries[key]
+
+    def _remove(self, path: Path) -> None:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:  # an outbox that was never writable holds no copy to remove
+            logger.warning("could not remove %s from the outbox: %s", path.name, exc)
 
     def __len__(self) -> int:
         return len(self._files())

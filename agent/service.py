@@ -33,12 +33,13 @@ from shared.messages import (
     DesiredState,
     DeviceState,
     Event,
+    ReportAck,
     Telemetry,
     UpdateState,
     decode_payload,
     encode_payload,
 )
-from shared.mqtt import Delivered, Inbound, LinkDown, LinkUp, MqttLink, Will
+from shared.mqtt import Inbound, LinkDown, LinkUp, MqttLink, Will
 from shared.topics import Topic, TopicKind, chunk_filter, device_topic, parse_topic, want_topic
 
 logger = logging.getLogger(__name__)
@@ -59,7 +60,6 @@ class AgentService:
             client_id=f"ef-agent-{self.device_id}",
             inbox=self.inbox,
             will=Will(device_topic(TopicKind.AVAILABILITY, self.device_id), offline),
-            report_deliveries=True,
         )
         self.runtime = self._runtime()
         self.outbox = Outbox(config.data_dir / "outbox", lambda topic, payload: self.link.publish(topic, payload))
@@ -67,6 +67,7 @@ class AgentService:
         self._handlers: dict[TopicKind, Callable[[Topic, Inbound], None]] = {
             TopicKind.DESIRED: self._on_desired,
             TopicKind.CMD: self._on_command,
+            TopicKind.ACK: self._on_ack,
             TopicKind.CHUNK: self._on_chunk,
         }
 
@@ -92,7 +93,7 @@ class AgentService:
             logger.warning("could not publish %s: %s", kind.value, exc)
 
     def _report(self, kind: TopicKind, message: Any) -> None:
-        """Events and telemetry go through the outbox: a disconnect or restart loses none."""
+        """Events and telemetry go through the outbox, until the server says it stored them."""
         self.outbox.send(device_topic(kind, self.device_id), encode_payload(message))
 
     def event(self, deployment_id: str, state: UpdateState, reason: str) -> None:
@@ -198,15 +199,17 @@ class AgentService:
         if command.name == "ping":
             self.state_changed()
 
+    def _on_ack(self, topic: Topic, message: Inbound) -> None:
+        ack = decode_payload(TopicKind.ACK, message.payload)
+        assert isinstance(ack, ReportAck)
+        self.outbox.acknowledge(ack.boot_id, ack.seqs)
+
     def _on_chunk(self, topic: Topic, message: Inbound) -> None:
         assert topic.sha256 is not None and topic.chunk_index is not None
         self.updater.on_chunk(topic.sha256, topic.chunk_index, message.payload)
 
     def handle(self, item: Any) -> None:
         """Dispatch one inbox record; malformed input is logged and dropped."""
-        if isinstance(item, Delivered):
-            self.outbox.delivered(item.mid, unheard=item.unheard)
-            return
         if isinstance(item, LinkUp):
             logger.info("connected to %s", self.link.broker.url())
             self._publish(
@@ -214,6 +217,7 @@ class AgentService:
             )
             self.state_changed(hello=True)
             self.updater.request_missing()
+            self.outbox.link_up()
             return
         if isinstance(item, LinkDown):
             logger.warning("disconnected from broker: %s", item.reason)
@@ -238,6 +242,7 @@ class AgentService:
     def run(self) -> None:
         self.link.subscribe(device_topic(TopicKind.DESIRED, self.device_id))
         self.link.subscribe(device_topic(TopicKind.CMD, self.device_id))
+        self.link.subscribe(device_topic(TopicKind.ACK, self.device_id))
         replayed = self.outbox.replay()
         if replayed:
             logger.info("re-sending %d reports a previous run could not deliver", replayed)
@@ -257,7 +262,7 @@ class AgentService:
                     self.updater.tick()
                 except EdgefleetError as exc:
                     logger.error("update step failed: %s", exc)
-                self.outbox.retry_due()
+                self.outbox.retry_due(connected=self.link.connected.is_set())
         finally:
             self.updater.stop()
             offline = encode_payload(Availability(v=PROTOCOL_VERSION, online=False, boot_id=self.boot_id))

@@ -22,6 +22,7 @@ from agent.download import verify_file
 from agent.files import atomic_write_json, read_json, storage_error
 from shared.codec import decode, encode
 from shared.errors import StorageError
+from shared.failpoints import failpoint
 from shared.messages import FileEntry, Manifest
 
 SLOTS = ("a", "b")
@@ -94,6 +95,7 @@ class SlotStore:
                     verify_file(staged, entry)
             for leftover in set(target.iterdir()) - {target / e.name for e in manifest.files}:
                 leftover.unlink()
+            failpoint("agent.staged.files_moved")
             atomic_write_json(target / "manifest.json", encode(manifest))
         except OSError as exc:
             raise storage_error(exc, f"slot {spare}") from exc

@@ -381,6 +381,8 @@ class Updater:
             except (StorageError, OSError) as exc:
                 return self._fail(exc)
             self._download = _Download(assemblers, last_progress=self.monotonic())
+            if not all(a.complete for a in assemblers.values()):
+                self.request_missing()  # later asks come from tick() (resume, corrupt copies) and reconnects
         if all(a.complete for a in self._download.assemblers.values()):
             try:
                 for assembler in self._download.assemblers.values():
@@ -389,7 +391,6 @@ class Updater:
                 return self._fail(exc)
             self._download = None
             return Event.DOWNLOADED
-        self.request_missing()
         return None
 
     def _fail(self, exc: Exception) -> Event:
@@ -400,6 +401,7 @@ class Updater:
         try:
             for entry in self._manifest().files:
                 verify_file(self._staging_path(entry.sha256), entry)
+                failpoint("agent.verified.file")
         except TrustError as exc:
             return self._fail(exc)
         return Event.VERIFIED
@@ -475,6 +477,7 @@ class Updater:
             if self.slots.active_slot() != slot:
                 return self._fail(exc)
             logger.warning("the active pointer switched, but not durably: %s", exc)
+        failpoint("agent.committed.switched")
         self._discard_downloads()
         return self._finish(UpdateState.COMMITTED)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import os
 import shutil
 import socket
@@ -13,9 +14,12 @@ from shared.errors import ConfigError, TransportError
 
 # Mosquitto's default max_queued_messages (1000) silently drops QoS 1 messages under load.
 # Persistence keeps retained states and the server's queued session across a broker restart;
-# autosave bounds what a killed broker loses.
+# autosave bounds what a killed broker loses. Started as root, Mosquitto switches to the user
+# "mosquitto", which cannot write to our directory; "user" names the one running it instead
+# (ignored when not started as root).
 CONFIG = """\
 listener {port} 127.0.0.1
+user {user}
 allow_anonymous true
 persistence true
 persistence_location {workdir}/
@@ -62,7 +66,7 @@ class Mosquitto:
         binary = find_mosquitto()
         self.workdir.mkdir(parents=True, exist_ok=True)
         conf = self.workdir / "mosquitto.conf"
-        conf.write_text(CONFIG.format(port=self.port, log=self.log, workdir=self.workdir))
+        conf.write_text(CONFIG.format(port=self.port, log=self.log, workdir=self.workdir, user=getpass.getuser()))
         stderr = self.workdir / "mosquitto.stderr"
         with open(stderr, "wb") as err:
             self.process = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=err)

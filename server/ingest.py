@@ -112,10 +112,13 @@ def apply_state(session: Session, message: DeviceState) -> Device | None:
     return device
 
 
-def apply_event(session: Session, message: Event) -> None:
+def apply_event(session: Session, message: Event) -> bool:
+    """Store and apply an event; True when it is stored (now or before), so the agent may forget it."""
     device = _device(session, message.device_id)
-    if device is None or queries.event_seen(session, device.id, message.boot_id, message.seq):
-        return
+    if device is None:
+        return False
+    if queries.event_seen(session, device.id, message.boot_id, message.seq):
+        return True
     session.add(
         EventRecord(
             device_id=device.id,
@@ -130,10 +133,11 @@ def apply_event(session: Session, message: Event) -> None:
     if message.is_rejection:
         logger.warning("%s rejected a desired state (it claimed deployment %s): %s", device.name,
                        message.deployment_id or "-", message.reason)
-        return
+        return True
     deployment = _deployment(session, device, message.deployment_id)
     if deployment is not None:
         advance_deployment(session, device, deployment, message.state, message.reason)
+    return True
 
 
 def _remember_incompatibility(session: Session, device: Device, deployment: Deployment, reason: str) -> None:
@@ -152,10 +156,13 @@ def _remember_incompatibility(session: Session, device: Device, deployment: Depl
                    "are refused unless overridden" if known.confirmed else "warn until another report confirms it")
 
 
-def apply_telemetry(session: Session, message: Telemetry) -> None:
+def apply_telemetry(session: Session, message: Telemetry) -> bool:
+    """Store telemetry; True when it is stored (now or before), so the agent may forget it."""
     device = _device(session, message.device_id)
-    if device is None or queries.telemetry_seen(session, device.id, message.boot_id, message.seq):
-        return
+    if device is None:
+        return False
+    if queries.telemetry_seen(session, device.id, message.boot_id, message.seq):
+        return True
     bench = message.benchmark
     session.add(
         TelemetryRecord(
@@ -177,3 +184,4 @@ def apply_telemetry(session: Session, message: Telemetry) -> None:
         deployment.p95_ms = bench.p95_ms
         deployment.accuracy = message.accuracy
         deployment.updated_at = _now()
+    return True

@@ -1,7 +1,8 @@
 """Signed releases: the manifest agents verify for one artifact.
 
-Files with size, sha256 and per-chunk sha256, reference metrics, and a fresh
-monotonic release counter (the release's id), signed with the release key.
+Files with size, sha256 and per-chunk sha256, reference metrics, the target
+profile's RAM limit (the agent's trial stays under it), and a fresh monotonic
+release counter (the release's id), signed with the release key.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import time
 
 from server.blobs import BlobStore
 from server.db import Session
-from server.db.models import Artifact, Release
+from server.db.models import Artifact, Profile, Release
 from server.keys import SigningKeys
 from shared import PROTOCOL_VERSION
 from shared.codec import encode
@@ -30,6 +31,7 @@ def sign_release(session: Session, blobs: BlobStore, keys: SigningKeys, artifact
     session.add(release)
     session.flush()  # assigns the id, which is the release counter
     now = int(time.time())
+    profile = session.get(Profile, artifact.profile_name)
     manifest = Manifest(
         v=PROTOCOL_VERSION,
         model=version.model.name,
@@ -46,6 +48,7 @@ def sign_release(session: Session, blobs: BlobStore, keys: SigningKeys, artifact
         ),
         created=now,
         expires=now + MANIFEST_LIFETIME_S,
+        max_ram_bytes=profile.max_ram_bytes if profile is not None else None,
     )
     envelope = sign_envelope(manifest, keys.release)
     release.manifest = encode(envelope)

@@ -3,17 +3,19 @@
 paho hands every message to ``inbox``; this loop drains it in batches, decodes
 each payload in one place, dispatches by topic kind, and commits once per
 batch (a savepoint per message, so one bad message never spoils the batch).
-Retained topics (state, availability) use plain subscriptions, because MQTT 5
-does not deliver retained messages to shared subscriptions; the high-volume
-ones (events, telemetry, chunk requests) are shared across server replicas.
+Every subscription is a plain one (see ``run`` for why not MQTT 5 shared
+subscriptions yet).
 
 No report is lost to a server restart: the server keeps a persistent MQTT
 session under a stable client id, so the broker queues what agents publish
-while it is down, and it acknowledges each message only after the batch that
-applied it committed, so a crash in between has the broker deliver it again
-(ingest is idempotent). Should a queue be lost all the same (an expired
-session, a broker restarted without persistence), every device's retained
-state, re-sent on each subscribe, and its hello settle the open deployments.
+while it is down, and it acknowledges each message to the broker only after
+the batch that applied it committed, so a crash in between has the broker
+deliver it again (ingest is idempotent). After the commit it also tells each
+agent which of its reports it stored (``ReportAck``): agents keep every
+report until then and send it again otherwise, so even a queue the broker
+lost (an expired session, a broker restarted without its data) loses no
+report, and every device's retained state, re-sent on each subscribe, and
+its hello settle the open deployments at once.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import queue
 import secrets
 import threading
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
@@ -34,16 +37,28 @@ from server.ingest import apply_availability, apply_event, apply_state, apply_te
 from server.keys import load_keys
 from server.paths import DataDir
 from server.rollouts import RolloutEngine
+from shared import PROTOCOL_VERSION
 from shared.errors import EdgefleetError, ProtocolError, StorageError
 from shared.failpoints import failpoint
-from shared.messages import Availability, ChunkRequest, DeviceState, Event, Telemetry, decode_payload
+from shared.messages import (
+    MAX_ACK_SEQS,
+    Availability,
+    ChunkRequest,
+    DeviceState,
+    Event,
+    ReportAck,
+    Telemetry,
+    decode_payload,
+    encode_payload,
+)
 from shared.mqtt import BrokerAddress, Inbound, LinkDown, LinkUp, MqttLink
-from shared.topics import Topic, TopicKind, all_devices_filter, all_wants_filter, parse_topic
+from shared.topics import Topic, TopicKind, all_devices_filter, all_wants_filter, device_topic, parse_topic
 
 logger = logging.getLogger(__name__)
 
 BATCH = 500
-SESSION_EXPIRY_S = 7 * 24 * 3600  # how long the broker queues reports for a server that is down
+StoredReport = tuple[str, str, int]  # (device_id, boot_id, seq)
+SESSION_EXPIRY_S = 24 * 3600  # how long the broker queues reports for a server that is down (agents resend after)
 RETRY_BATCH_S = 2.0  # after the database refused a batch (locked, disk full)
 
 
@@ -84,7 +99,9 @@ class ServerService:
         )
         self.engine = RolloutEngine(self.db, self.keys, self._publish)
         self.chunks = ChunkServer(self.blobs, self._publish)
-        self._handlers: dict[TopicKind, Callable[[Session, Topic, Any], None]] = {
+        # Each handler returns the (device, boot, seq) of a report it holds for good, if any: the
+        # agent keeps a report until the server acknowledges it, after the commit.
+        self._handlers: dict[TopicKind, Callable[[Session, Topic, Any], StoredReport | None]] = {
             TopicKind.STATE: self._on_state,
             TopicKind.AVAILABILITY: self._on_availability,
             TopicKind.EVENTS: self._on_event,
@@ -118,15 +135,15 @@ class ServerService:
         assert topic.device_id is not None
         apply_availability(session, topic.device_id, message)
 
-    def _on_event(self, session: Session, topic: Topic, message: Event) -> None:
+    def _on_event(self, session: Session, topic: Topic, message: Event) -> StoredReport | None:
         if message.device_id != topic.device_id:
             raise ProtocolError(f"event of {message.device_id} published on {topic.device_id}'s topic")
-        apply_event(session, message)
+        return (message.device_id, message.boot_id, message.seq) if apply_event(session, message) else None
 
-    def _on_telemetry(self, session: Session, topic: Topic, message: Telemetry) -> None:
+    def _on_telemetry(self, session: Session, topic: Topic, message: Telemetry) -> StoredReport | None:
         if message.device_id != topic.device_id:
             raise ProtocolError(f"telemetry of {message.device_id} published on {topic.device_id}'s topic")
-        apply_telemetry(session, message)
+        return (message.device_id, message.boot_id, message.seq) if apply_telemetry(session, message) else None
 
     def _on_want(self, session: Session, topic: Topic, message: ChunkRequest) -> None:
         assert topic.sha256 is not None
@@ -139,6 +156,7 @@ class ServerService:
     def handle_batch(self, items: list[Any]) -> None:
         """Apply a batch in one transaction, then acknowledge its messages to the broker."""
         kinds: set[str] = set()  # for the crash tests' failpoints
+        stored: list[StoredReport] = []
         with self.db.session() as session:
             for item in items:
                 if isinstance(item, LinkUp):
@@ -158,8 +176,10 @@ class ServerService:
                         continue  # a cleared retained message
                     message = decode_payload(topic.kind, item.payload)
                     with session.begin_nested():
-                        handler(session, topic, message)
+                        report = handler(session, topic, message)
                     kinds.add(topic.kind.value)
+                    if report is not None:
+                        stored.append(report)
                 except ProtocolError as exc:
                     logger.warning("dropped a malformed message on %s: %s", item.topic, exc)
                 except EdgefleetError as exc:
@@ -170,9 +190,23 @@ class ServerService:
                 failpoint(f"server.applied.{kind}")  # applied, not committed
         for kind in sorted(kinds):
             failpoint(f"server.committed.{kind}")  # committed, not acknowledged
+        self._acknowledge_reports(stored)
         for item in items:  # committed: now the broker may forget them
             if isinstance(item, Inbound):
                 self.link.ack(item)
+
+    def _acknowledge_reports(self, stored: list[StoredReport]) -> None:
+        """Tell each agent which of its reports are stored: one message per device and boot."""
+        by_boot: dict[tuple[str, str], list[int]] = defaultdict(list)
+        for device_id, boot_id, seq in stored:
+            by_boot[(device_id, boot_id)].append(seq)
+        for (device_id, boot_id), seqs in by_boot.items():
+            for start in range(0, len(seqs), MAX_ACK_SEQS):
+                ack = ReportAck(v=PROTOCOL_VERSION, boot_id=boot_id, seqs=tuple(seqs[start : start + MAX_ACK_SEQS]))
+                try:
+                    self.link.publish(device_topic(TopicKind.ACK, device_id), encode_payload(ack))
+                except EdgefleetError as exc:  # the agent sends the reports again and asks for this anew
+                    logger.warning("could not acknowledge reports of %s: %s", device_id, exc)
 
     def _drain(self, timeout: float) -> list[Any]:
         try:
@@ -193,11 +227,14 @@ class ServerService:
         return min(self.tick_interval, max(0.0, wake - time.monotonic()))
 
     def run(self) -> None:
-        for kind in (TopicKind.STATE, TopicKind.AVAILABILITY):
+        # Plain subscriptions, not MQTT 5 shared ones, while one server consumes everything: Mosquitto
+        # keeps routing a shared group's share to a member's offline session (so a session left behind
+        # by an old data directory would swallow half the reports until it expires), and it does not
+        # restore a persistent session's shared subscriptions after a broker restart (reports published
+        # before the server reconnects would find no subscriber). Several replicas need both solved.
+        for kind in (TopicKind.STATE, TopicKind.AVAILABILITY, TopicKind.EVENTS, TopicKind.TELEMETRY):
             self.link.subscribe(all_devices_filter(kind))
-        for kind in (TopicKind.EVENTS, TopicKind.TELEMETRY):
-            self.link.subscribe(all_devices_filter(kind, shared=True))
-        self.link.subscribe(all_wants_filter(shared=True))
+        self.link.subscribe(all_wants_filter())
         self.link.start()
         logger.info("server running against %s", self.link.broker.url())
         next_tick = 0.0

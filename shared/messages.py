@@ -327,6 +327,24 @@ class ChunkRequest:
                 raise ValueError(f"bad range [{start}, {end})")
 
 
+MAX_ACK_SEQS = 1024
+
+
+@dataclass(frozen=True)
+class ReportAck:
+    """The server stored these reports (events and telemetry) of one agent boot: the agent may
+    forget them. Until then it keeps them and sends them again, whatever the broker said."""
+
+    v: int
+    boot_id: str
+    seqs: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        _check_version(self.v)
+        if not 0 < len(self.seqs) <= MAX_ACK_SEQS or len(self.boot_id) > MAX_ID_LENGTH:
+            raise ValueError(f"an acknowledgement names 1..{MAX_ACK_SEQS} reports of one boot")
+
+
 M = TypeVar("M")
 
 PAYLOAD_TYPES: dict[TopicKind, type] = {
@@ -336,6 +354,7 @@ PAYLOAD_TYPES: dict[TopicKind, type] = {
     TopicKind.AVAILABILITY: Availability,
     TopicKind.EVENTS: Event,
     TopicKind.TELEMETRY: Telemetry,
+    TopicKind.ACK: ReportAck,
     TopicKind.WANT: ChunkRequest,
 }
 

@@ -2,12 +2,10 @@
 
 paho callbacks run on its network thread and only hand off: each message
 becomes an immutable ``Inbound`` record, each connection change a
-``LinkUp``/``LinkDown``, each acknowledged publish (when asked for) a
-``Delivered``, put on the owner's queue. The owner's single loop does all the
-work. Subscriptions are remembered and renewed on every reconnect; paho
-reconnects by itself with back-off and re-sends the QoS 1 messages it still
-holds, so a publish's ``mid`` is acknowledged once, whichever connection
-carries it.
+``LinkUp``/``LinkDown``, put on the owner's queue. The owner's single loop
+does all the work. Subscriptions are remembered and renewed on every
+reconnect; paho reconnects by itself with back-off and re-sends the QoS 1
+messages it still holds.
 
 Two kinds of owner: an agent connects with a clean session and acknowledges
 on receipt; the server keeps a persistent session (``session_expiry_s``) and
@@ -55,16 +53,6 @@ class LinkDown:
     reason: str
 
 
-@dataclass(frozen=True)
-class Delivered:
-    """The broker acknowledged the QoS 1 message ``mid``. ``unheard``: it had no subscriber
-    for it (no server session, not even a persistent one), so nobody will read it."""
-
-    mid: int
-    unheard: bool = False
-
-
-NO_MATCHING_SUBSCRIBERS = 0x10
 
 @dataclass(frozen=True)
 class BrokerAddress:
@@ -105,7 +93,6 @@ class MqttLink:
         will: Will | None = None,
         session_expiry_s: int = 0,
         manual_ack: bool = False,
-        report_deliveries: bool = False,
     ) -> None:
         self.broker = broker
         self._inbox = inbox
@@ -132,8 +119,6 @@ class MqttLink:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
-        if report_deliveries:
-            self._client.on_publish = self._on_publish
 
     # -- paho thread: hand off only ---------------------------------------
 
@@ -159,11 +144,6 @@ class MqttLink:
             Inbound(message.topic, bytes(message.payload), bool(message.retain), message.qos, message.mid,
                     self._connection)
         )
-
-    def _on_publish(self, client: Any, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
-        if reason_code.is_failure:  # refused for good (e.g. not authorised): sending it again would not help
-            logger.warning("the broker refused message %d: %s", mid, reason_code)
-        self._inbox.put(Delivered(mid, unheard=reason_code.value == NO_MATCHING_SUBSCRIBERS))
 
     # -- owner's thread ----------------------------------------------------
 
@@ -204,7 +184,7 @@ class MqttLink:
         when_offline: str = "queue",
         expiry_s: int | None = None,
     ) -> int | None:
-        """Hand a message to paho; returns its ``mid`` (a ``Delivered`` names it once acknowledged).
+        """Hand a message to paho; returns its message id, or None when it was not sent.
 
         While disconnected, paho keeps QoS 1 messages and sends them on the next connection
         (``when_offline="queue"``); a message that is only worth sending now — a state that the

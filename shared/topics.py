@@ -27,6 +27,7 @@ class TopicKind(enum.Enum):
     AVAILABILITY = "availability"
     EVENTS = "events"
     TELEMETRY = "telemetry"
+    ACK = "ack"
     WANT = "want"
     CHUNK = "chunks"
 
@@ -46,12 +47,16 @@ TOPIC_TABLE: dict[TopicKind, TopicSpec] = {
     TopicKind.AVAILABILITY: TopicSpec(f"{PREFIX}/devices/{{id}}/availability", "agent→server", 1, True),
     TopicKind.EVENTS: TopicSpec(f"{PREFIX}/devices/{{id}}/events", "agent→server", 1, False),
     TopicKind.TELEMETRY: TopicSpec(f"{PREFIX}/devices/{{id}}/telemetry", "agent→server", 1, False),
+    TopicKind.ACK: TopicSpec(f"{PREFIX}/devices/{{id}}/ack", "server→agent", 1, False),
     TopicKind.WANT: TopicSpec(f"{PREFIX}/artifacts/{{sha256}}/want", "agent→server", 1, False),
     TopicKind.CHUNK: TopicSpec(f"{PREFIX}/artifacts/{{sha256}}/chunks/{{i}}", "server→agents", 1, False),
 }
 
 DEVICE_KINDS = frozenset(
-    {TopicKind.DESIRED, TopicKind.CMD, TopicKind.STATE, TopicKind.AVAILABILITY, TopicKind.EVENTS, TopicKind.TELEMETRY}
+    {
+        TopicKind.DESIRED, TopicKind.CMD, TopicKind.STATE, TopicKind.AVAILABILITY, TopicKind.EVENTS,
+        TopicKind.TELEMETRY, TopicKind.ACK,
+    }
 )
 
 

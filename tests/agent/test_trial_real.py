@@ -151,7 +151,46 @@ def test_an_eval_set_of_the_wrong_shape_fails_without_crashing(tflite_model: Pat
     assert result.load_error is False  # the model loads; the data is wrong
 
 
-def test_a_child_killed_by_its_memory_limit_comes_back_as_a_result(tflite_model: Path, eval_npz: Path) -> None:
-    result = run_trial(request(tflite_model, eval_npz, memory_limit_mb=32), timeout=TIMEOUT)
+@pytest.fixture(scope="module")
+def huge_tensor_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny file whose graph asks for a 4 GiB intermediate tensor (a tile of its input)."""
+    import tensorflow as tf
+
+    @tf.function(input_signature=[tf.TensorSpec([1, FEATURES], tf.float32)])
+    def tile(x: Any) -> Any:
+        big = tf.tile(x, [1, 1 << 28])  # 4 x 2^28 float32: 4 GiB
+        return tf.reduce_sum(tf.reshape(big, [1, -1, FEATURES]), axis=1)[:, :CLASSES]
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([tile.get_concrete_function()], tile)
+    path = tmp_path_factory.mktemp("huge") / "huge.tflite"
+    path.write_bytes(converter.convert())
+    return path
+
+
+def test_a_model_that_needs_more_memory_than_the_limit_is_an_oom_with_numbers(
+    huge_tensor_model: Path, eval_npz: Path
+) -> None:
+    """It used to meet the address-space cap inside the interpreter and come back as a load_error
+    (which the server counts against the runtime), or with an empty message."""
+    result = trial(request(huge_tensor_model, eval_npz, memory_limit_mb=1024))
     assert result.ok is False
-    assert result.error
+    assert result.oom is True and result.load_error is False
+    assert result.error.startswith("huge.tflite has a tensor of 4,096 MiB, more than the ")
+    assert result.error.endswith(" MiB this trial may use")
+    assert result.reason.startswith("oom: ")
+
+
+def test_a_limit_below_what_the_runtime_itself_needs_is_an_oom(tflite_model: Path, eval_npz: Path) -> None:
+    result = run_trial(request(tflite_model, eval_npz, memory_limit_mb=8), timeout=TIMEOUT)
+    assert result.ok is False and result.oom is True
+    assert result.error == "the runtime alone uses more than the trial's limit of 8 MiB"
+
+
+def test_the_memory_limit_caps_the_child_not_the_parent(tflite_model: Path, eval_npz: Path) -> None:
+    import resource
+
+    before = resource.getrlimit(resource.RLIMIT_AS)
+    result = trial(request(tflite_model, eval_npz, memory_limit_mb=512))
+    assert result.ok, result.error
+    assert result.benchmark is not None and result.benchmark.peak_rss_bytes < 512 * 1024 * 1024
+    assert resource.getrlimit(resource.RLIMIT_AS) == before

@@ -15,86 +15,29 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.slots import SlotStore
 from server.broker import Mosquitto, free_port
+from tests.e2e.fleet import Fleet, cli
 
 pytestmark = pytest.mark.e2e
 
 ROLLOUT_TIMEOUT_S = 180
 
 
-def cli(*args: str) -> str:
-    proc = subprocess.run(
-        [sys.executable, "-m", "edgefleet", *args], capture_output=True, text=True, timeout=300, check=False
-    )
-    assert proc.returncode == 0, f"edgefleet {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout
-
-
-@dataclass
-class Fleet:
-    root: Path
-    broker: Mosquitto
-    data_dir: Path
-    devices: dict[str, str] = field(default_factory=dict)  # name -> id
-    agent_dirs: dict[str, Path] = field(default_factory=dict)
-    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-    dashboard: str = ""
-
-    def start(self, name: str, *args: str) -> None:
-        log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
-        self.processes[name] = subprocess.Popen(
-            [sys.executable, "-m", "edgefleet", "--log-level", "info", *args], stdout=log, stderr=subprocess.STDOUT
-        )
-        log.close()
-
-    def log(self, name: str) -> str:
-        return (self.root / f"{name}.log").read_text(errors="replace")
-
-    def assert_alive(self) -> None:
-        for name, proc in self.processes.items():
-            assert proc.poll() is None, f"{name} died:\n{self.log(name)[-3000:]}"
-
-    def device_list(self) -> dict[str, dict[str, object]]:
-        return {row["name"]: row for row in json.loads(cli("device", "list", "--data-dir", str(self.data_dir), "--json"))}
-
-    def wait_settled(self, rollout_id: str) -> dict[str, object]:
-        deadline = time.monotonic() + ROLLOUT_TIMEOUT_S
-        while True:
-            status = json.loads(cli("rollout", "status", rollout_id, "--data-dir", str(self.data_dir), "--json"))
-            if status["state"] != "running":
-                return status
-            self.assert_alive()
-            assert time.monotonic() < deadline, f"rollout did not settle: {status}"
-            time.sleep(0.5)
-
-    def active_digest(self, name: str) -> str | None:
-        return SlotStore(self.agent_dirs[name]).digest_of_active()
-
-    def start_server(self) -> None:
-        self.start("server", "server", "--data-dir", str(self.data_dir), "--broker", self.broker.url,
-                   "--http", self.dashboard.removeprefix("http://"))
-
-    def stop_process(self, name: str) -> None:
-        proc = self.processes.pop(name)
-        proc.terminate()
-        proc.wait(timeout=15)
-
-    def stop(self) -> None:
-        for proc in self.processes.values():
-            proc.terminate()
-        for proc in self.processes.values():
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+def wait_settled(fleet: Fleet, rollout_id: str) -> dict[str, object]:
+    deadline = time.monotonic() + ROLLOUT_TIMEOUT_S
+    while True:
+        status = json.loads(cli("rollout", "status", rollout_id, "--data-dir", str(fleet.data_dir), "--json"))
+        if status["state"] != "running":
+            return status
+        fleet.assert_alive()
+        assert time.monotonic() < deadline, f"rollout did not settle: {status}"
+        time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
@@ -105,19 +48,12 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     try:
         cli("init", "--data-dir", str(fleet.data_dir))
         for name, profile in (("pi", "rpi4"), ("nano", "jetson-nano")):
-            config = root / f"{name}.toml"
-            cli("device", "register", name, "--profile", profile, "--data-dir", str(fleet.data_dir),
-                "--out", str(config), "--broker", broker.url)
-            fleet.agent_dirs[name] = root / f"{name}-data"
-            fleet.start(name, "agent", "--config", str(config))
+            fleet.register(name, profile)
+            fleet.start_agent(name)
         fleet.devices = {n: str(row["id"]) for n, row in fleet.device_list().items()}
         fleet.dashboard = f"http://127.0.0.1:{free_port()}"
         fleet.start_server()
-        deadline = time.monotonic() + 60
-        while not all(row["online"] for row in fleet.device_list().values()):
-            fleet.assert_alive()
-            assert time.monotonic() < deadline, "agents did not come online"
-            time.sleep(0.5)
+        fleet.wait_online("pi", "nano")
         yield fleet
     finally:
         fleet.stop()
@@ -132,7 +68,7 @@ def first_rollout(fleet: Fleet, digits_inputs: tuple[Path, Path]) -> dict[str, o
     rollout_id = cli(
         "rollout", "start", "digits", "--profile", "rpi4", "--profile", "jetson-nano", "--data-dir", str(fleet.data_dir)
     ).strip()
-    return fleet.wait_settled(rollout_id)
+    return wait_settled(fleet, rollout_id)
 
 
 def test_each_agent_commits_the_variant_auto_chose_for_its_profile(
@@ -203,7 +139,7 @@ def test_tampered_artifact_is_rejected_and_previous_model_kept(
     before = fleet.active_digest("pi")
     fleet.start_server()
 
-    status = fleet.wait_settled(rollout_id)
+    status = wait_settled(fleet, rollout_id)
 
     (row,) = status["devices"]  # type: ignore[misc]
     assert status["state"] == "failed"
@@ -231,7 +167,7 @@ def test_variant_below_accuracy_gate_is_rolled_back(fleet: Fleet, first_rollout:
     rollout_id = cli(
         "rollout", "start", ref, "--device", "nano", "--min-accuracy", "0.9", "--data-dir", str(fleet.data_dir)
     ).strip()
-    status = fleet.wait_settled(rollout_id)
+    status = wait_settled(fleet, rollout_id)
 
     (row,) = status["devices"]  # type: ignore[misc]
     assert row["state"] == "rolled_back", row
@@ -282,5 +218,5 @@ def test_broker_restart_is_survived_and_rollouts_still_land(fleet: Fleet, first_
         time.sleep(0.5)
 
     rollout_id = cli("rollout", "start", "digits:1", "--device", "pi", "--data-dir", str(fleet.data_dir)).strip()
-    status = fleet.wait_settled(rollout_id)
+    status = wait_settled(fleet, rollout_id)
     assert status["state"] == "succeeded", status

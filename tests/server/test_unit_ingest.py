@@ -8,7 +8,7 @@ to both, then feeds messages through ``server.ingest`` inside ``db.session()``.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
@@ -23,7 +23,17 @@ from server.ingest import apply_availability, apply_event, apply_state, apply_te
 from server.rollouts import start_rollout
 from server.setup import Workspace
 from shared import PROTOCOL_VERSION
-from shared.messages import ActiveModel, Availability, BenchmarkResult, DeviceState, Event, Telemetry, UpdateState
+from shared.messages import (
+    REJECTED,
+    ActiveModel,
+    Availability,
+    BenchmarkResult,
+    DeploymentOutcome,
+    DeviceState,
+    Event,
+    Telemetry,
+    UpdateState,
+)
 
 NOW = 1_700_000_000.0
 BOOT = "boot-1"
@@ -415,3 +425,75 @@ def replace_runtime(state: DeviceState, name: str, version: str) -> DeviceState:
     from dataclasses import replace
 
     return replace(state, runtime=name, runtime_version=version)
+
+
+# -- no report moves a deployment out of a final state ------------------------------------------
+
+
+@pytest.mark.parametrize("final", [UpdateState.COMMITTED, UpdateState.ROLLED_BACK, UpdateState.FAILED])
+def test_no_report_moves_a_deployment_out_of_a_final_state(fleet: Fleet, final: UpdateState) -> None:
+    apply(fleet.db, event(fleet.cam, fleet.deployment, final, 1, reason="as it ended"))
+    later = [
+        event(fleet.cam, fleet.deployment, state, seq, reason="late, replayed or forged")
+        for seq, state in enumerate(UpdateState, start=2)
+    ]
+    apply(fleet.db, *later)
+    with fleet.db.session() as session:  # nor the device's own state, claiming another ending
+        apply_state(session, replace(
+            device_state(fleet.cam, active=None),
+            outcome=DeploymentOutcome(fleet.deployment, "failed" if final is not UpdateState.FAILED else "committed"),
+        ))
+
+    row = deployment_row(fleet.db, fleet.deployment)
+    assert (row["state"], row["reason"]) == (final.value, "as it ended")
+    assert count(fleet.db, EventRecord) == 1 + len(later)  # every report is kept in the log all the same
+
+
+def test_a_rejection_never_settles_the_deployment_it_claims(fleet: Fleet) -> None:
+    apply(fleet.db, event(fleet.cam, fleet.deployment, UpdateState.COMMITTED, 1))
+    rejection = Event(
+        v=PROTOCOL_VERSION, device_id=fleet.cam, boot_id=BOOT, seq=2, deployment_id=fleet.deployment,
+        state=REJECTED, reason="rejected: directive sequence 1 was already used", ts=NOW,
+    )
+    apply(fleet.db, rejection)
+    apply(fleet.db, replace(rejection, seq=3, deployment_id=fleet.other_deployment))  # an open one: untouched too
+    assert deployment_row(fleet.db, fleet.deployment)["state"] == "committed"
+    assert deployment_row(fleet.db, fleet.other_deployment)["state"] == "pending"
+    with fleet.db.session() as session:
+        stored = session.scalars(select(EventRecord.state).where(EventRecord.seq > 1)).all()
+    assert stored == ["rejected", "rejected"]
+
+
+# -- the device's own state settles what a lost event did not ---------------------------------
+
+
+def settle_from_state(fleet: Fleet, state: DeviceState) -> dict[str, Any]:
+    with fleet.db.session() as session:
+        apply_state(session, state)
+    return deployment_row(fleet.db, fleet.deployment)
+
+
+@pytest.mark.parametrize("final", ["committed", "rolled_back", "failed"])
+def test_an_open_deployment_is_settled_by_the_outcome_in_the_device_state(fleet: Fleet, final: str) -> None:
+    apply(fleet.db, event(fleet.cam, fleet.deployment, UpdateState.DOWNLOADING, 1))  # then the events were lost
+    row = settle_from_state(fleet, replace(
+        device_state(fleet.cam, active=None),
+        outcome=DeploymentOutcome(fleet.deployment, final, "accuracy 0.61 below the gate 0.96"),
+    ))
+    assert (row["state"], row["reason"]) == (final, "accuracy 0.61 below the gate 0.96")
+    assert deployment_row(fleet.db, fleet.other_deployment)["state"] == "pending"
+
+
+def test_an_open_deployment_whose_model_is_active_is_committed(fleet: Fleet) -> None:
+    active = ActiveModel(model="digits", version=1, sha256="ab" * 32, quantization="int8",
+                         deployment_id=fleet.deployment)
+    assert settle_from_state(fleet, device_state(fleet.cam, active=active, hello=True))["state"] == "committed"
+
+
+def test_a_state_about_other_deployments_settles_nothing(fleet: Fleet) -> None:
+    active = ActiveModel(model="digits", version=1, sha256="ab" * 32, quantization="int8", deployment_id="dep-old")
+    row = settle_from_state(fleet, replace(
+        device_state(fleet.cam, active=active, update_state="downloading"),
+        outcome=DeploymentOutcome("dep-old", "committed"),
+    ))
+    assert row["state"] == "pending"  # in-flight progress is the events' job; only an ending settles

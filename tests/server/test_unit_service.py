@@ -26,7 +26,16 @@ from server.service import ServerService
 from server.setup import Workspace
 from shared import PROTOCOL_VERSION
 from shared.codec import encode
-from shared.messages import MAX_CONTROL_PAYLOAD, ChunkRequest, DeviceState, Event, decode_payload, encode_payload
+from shared.errors import StorageError
+from shared.messages import (
+    MAX_CONTROL_PAYLOAD,
+    ChunkRequest,
+    DeviceState,
+    Event,
+    ReportAck,
+    decode_payload,
+    encode_payload,
+)
 from shared.mqtt import BrokerAddress, Inbound, LinkDown, LinkUp
 from shared.topics import TopicKind, chunk_topic, device_topic, want_topic
 
@@ -165,7 +174,10 @@ def test_one_bad_message_is_logged_and_dropped_while_the_rest_applies(
     dropped = [r for r in caplog.records if r.name == "server.service" and r.levelno >= logging.WARNING]
     assert len(dropped) == 1, caplog.text
     assert message.topic in dropped[0].getMessage()
-    assert setup.published.calls == []
+    # Only the two stored reports are acknowledged to their agent, after the commit, in one message.
+    ((topic, payload, retain),) = setup.published.calls
+    assert topic == device_topic(TopicKind.ACK, setup.cam) and not retain
+    assert decode_payload(TopicKind.ACK, payload) == ReportAck(v=1, boot_id="boot-1", seqs=(1, 3))
 
 
 def test_a_batch_of_only_bad_messages_changes_nothing(setup: Setup, caplog: pytest.LogCaptureFixture) -> None:
@@ -301,3 +313,64 @@ def test_hostile_numbers_are_dropped_like_any_malformed_message(
     assert deployment_state(setup) == "trial"
     assert events_stored(setup) == 2
     assert bad.topic in caplog.text
+
+
+# -- nothing is acknowledged before it is stored ------------------------------------------------
+
+
+class AckRecorder:
+    def __init__(self) -> None:
+        self.acked: list[Inbound] = []
+
+    def __call__(self, message: Inbound) -> None:
+        self.acked.append(message)
+
+
+def test_messages_are_acknowledged_to_the_broker_only_after_the_batch_committed(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recorder = AckRecorder()
+    monkeypatch.setattr(setup.service.link, "ack", recorder)
+    good = [valid_event(setup, 1, "downloading"), valid_event(setup, 2, "verifying")]
+    malformed = inbound(device_topic(TopicKind.EVENTS, setup.cam), b"{")
+
+    setup.service.handle_batch([*good, malformed, LinkDown("gone")])
+    assert recorder.acked == [*good, malformed]  # a malformed one is done with too: it would never parse
+
+    def failing_session() -> Any:
+        raise StorageError("database is locked")
+
+    monkeypatch.setattr(setup.service.db, "session", failing_session)
+    with pytest.raises(StorageError):
+        setup.service.handle_batch([valid_event(setup, 3, "staged")])
+    assert len(recorder.acked) == 3  # not acknowledged: the loop keeps it and tries again
+    assert [c for c in setup.published.calls if "/ack" in c[0]] == [setup.published.calls[0]]
+
+
+def test_reports_are_acknowledged_to_their_agent_even_when_already_stored(setup: Setup) -> None:
+    """The agent sends again what it heard no acknowledgement for: the copy must be acknowledged too."""
+    setup.service.handle_batch([valid_event(setup, 1, "downloading")])
+    setup.service.handle_batch([valid_event(setup, 1, "downloading")])
+    acks = [decode_payload(TopicKind.ACK, p) for t, p, _ in setup.published.calls]
+    assert acks == [ReportAck(v=1, boot_id="boot-1", seqs=(1,))] * 2
+    assert events_stored(setup) == 1
+
+
+def test_reports_of_an_unknown_device_are_not_acknowledged(setup: Setup) -> None:
+    ghost = "d-0000000000"
+    body = {**event_dict(setup, 1), "device_id": ghost}
+    setup.service.handle_batch([inbound(device_topic(TopicKind.EVENTS, ghost), body)])
+    assert setup.published.calls == []
+
+
+def test_a_rejection_is_stored_and_acknowledged_but_never_applied(setup: Setup) -> None:
+    """An agent refused a desired state that claimed this deployment: the claim changes nothing."""
+    rejection = inbound(
+        device_topic(TopicKind.EVENTS, setup.cam),
+        event_dict(setup, 1, "rejected", reason="rejected: no valid signature by a pinned director key"),
+    )
+    setup.service.handle_batch([valid_event(setup, 2, "downloading"), rejection])
+    assert deployment_state(setup) == "downloading"
+    assert events_stored(setup) == 2
+    ((_, payload, _),) = setup.published.calls
+    assert decode_payload(TopicKind.ACK, payload).seqs == (2, 1)

@@ -12,11 +12,13 @@ from hypothesis import strategies as st
 
 from shared.messages import (
     MAX_CHUNK_SIZE,
+    REJECTED,
     ActiveModel,
     Availability,
     BenchmarkResult,
     ChunkRequest,
     Command,
+    DeploymentOutcome,
     DesiredState,
     DeviceState,
     Directive,
@@ -25,6 +27,7 @@ from shared.messages import (
     Gates,
     Manifest,
     ReferenceMetrics,
+    ReportAck,
     Signature,
     SignedEnvelope,
     Telemetry,
@@ -138,6 +141,7 @@ SAMPLES: dict[TopicKind, Any] = {
             model="mobilenet-v2", version=3, sha256="ef" * 32, quantization="int8", deployment_id="dep-42"
         ),
         hello=True,
+        outcome=DeploymentOutcome(deployment_id="dep-42", state="committed", reason=""),
     ),
     TopicKind.AVAILABILITY: Availability(v=1, online=True, boot_id="b-1"),
     TopicKind.EVENTS: Event(
@@ -162,6 +166,7 @@ SAMPLES: dict[TopicKind, Any] = {
         accuracy=0.9,
         samples=500,
     ),
+    TopicKind.ACK: ReportAck(v=1, boot_id="b-1", seqs=(3, 4)),
     TopicKind.WANT: ChunkRequest(v=1, device_id="pi-kitchen-01", ranges=((0, 2), (5, 9))),
 }
 
@@ -257,6 +262,12 @@ device_states = st.builds(
     directive_seq=counters,
     active=st.none() | active_models,
     hello=st.booleans(),
+    outcome=st.none() | st.builds(
+        DeploymentOutcome,
+        deployment_id=texts,
+        state=st.sampled_from([s.value for s in UpdateState if s.is_final]),
+        reason=texts,
+    ),
 )
 availabilities = st.builds(Availability, v=st.just(1), online=st.booleans(), boot_id=st.none() | texts)
 events = st.builds(
@@ -266,7 +277,7 @@ events = st.builds(
     boot_id=texts,
     seq=counters,
     deployment_id=texts,
-    state=st.sampled_from([s.value for s in UpdateState]),
+    state=st.sampled_from([s.value for s in UpdateState] + [REJECTED]),
     reason=texts,
     ts=finite_floats,
 )
@@ -309,6 +320,9 @@ def chunk_ranges(draw: st.DrawFn) -> tuple[int, int]:
     return (start, start + draw(st.integers(min_value=1, max_value=2**20)))
 
 
+report_acks = st.builds(
+    ReportAck, v=st.just(1), boot_id=texts, seqs=st.lists(counters, min_size=1, max_size=20).map(tuple)
+)
 chunk_requests = st.builds(
     ChunkRequest,
     v=st.just(1),
@@ -323,5 +337,6 @@ MESSAGE_STRATEGIES: dict[TopicKind, st.SearchStrategy[Any]] = {
     TopicKind.AVAILABILITY: availabilities,
     TopicKind.EVENTS: events,
     TopicKind.TELEMETRY: telemetries,
+    TopicKind.ACK: report_acks,
     TopicKind.WANT: chunk_requests,
 }

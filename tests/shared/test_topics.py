@@ -48,7 +48,7 @@ def rebuild(topic: Topic) -> str:
 # -- the table ------------------------------------------------------------------------
 
 
-# The wire-protocol table of DESIGN.md, restated.
+# The wire-protocol table of DESIGN.md, restated (plus the server's report acknowledgements).
 EXPECTED_TABLE = {
     TopicKind.DESIRED: ("ef/v1/devices/{id}/desired", "server→agent", 1, True),
     TopicKind.CMD: ("ef/v1/devices/{id}/cmd", "server→agent", 1, False),
@@ -56,6 +56,7 @@ EXPECTED_TABLE = {
     TopicKind.AVAILABILITY: ("ef/v1/devices/{id}/availability", "agent→server", 1, True),
     TopicKind.EVENTS: ("ef/v1/devices/{id}/events", "agent→server", 1, False),
     TopicKind.TELEMETRY: ("ef/v1/devices/{id}/telemetry", "agent→server", 1, False),
+    TopicKind.ACK: ("ef/v1/devices/{id}/ack", "server→agent", 1, False),
     TopicKind.WANT: ("ef/v1/artifacts/{sha256}/want", "agent→server", 1, False),
     TopicKind.CHUNK: ("ef/v1/artifacts/{sha256}/chunks/{i}", "server→agents", 1, False),
 }
