@@ -1,4 +1,4 @@
-"""Resumable chunked download of one manifest file.
+"""Resumable chunked download of a manifest's files.
 
 Each chunk is checked against its sha256 from the signed manifest before a
 byte is written; a copy that does not match is dropped (the caller asks for
@@ -7,6 +7,13 @@ per-chunk digests *are* the progress record, so after a crash or power cut
 the chunks on disk are hashed again and exactly those that match count as
 held — a chunk the disk lost or half-wrote is simply missing. The whole file
 is flushed to disk once, when it is complete.
+
+A ``Download`` groups one ``ChunkAssembler`` per missing file with the
+request rounds: a round runs from one chunk request to the next. A corrupt
+copy is asked for again soon; the download fails only after
+``BARREN_ROUNDS_TO_FAIL`` rounds in a row brought corrupt copies and no good
+chunk at all (the server's own copy is bad), so a stray publisher on the
+chunk topic cannot abort a download that is still making progress.
 """
 
 from __future__ import annotations
@@ -14,11 +21,16 @@ from __future__ import annotations
 import enum
 import hashlib
 import os
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.files import storage_error
 from shared.errors import IntegrityError, StorageError
 from shared.messages import FileEntry
+
+BARREN_ROUNDS_TO_FAIL = 3
+CORRUPT_RETRY_S = 1.0  # how soon a chunk that came corrupt is asked for again
 
 
 class ChunkVerdict(enum.Enum):
@@ -98,6 +110,32 @@ class ChunkAssembler:
                 os.close(fd)
         except OSError as exc:
             raise StorageError(f"cannot flush {self.part}: {exc.strerror or exc}") from exc
+
+
+@dataclass
+class Download:
+    assemblers: dict[str, ChunkAssembler]  # by file sha256
+    last_request: float = 0.0
+    last_progress: float = field(default_factory=time.monotonic)
+    stored_this_round: bool = False
+    corrupt_this_round: list[str] = field(default_factory=list)
+    barren_rounds: int = 0  # rounds in a row that brought corrupt copies and nothing good
+
+    @property
+    def complete(self) -> bool:
+        return all(a.complete for a in self.assemblers.values())
+
+    def next_round(self) -> str | None:
+        """Close the current request round; returns why the download must fail, if it must."""
+        if self.stored_this_round:
+            self.barren_rounds = 0
+        elif self.corrupt_this_round:
+            self.barren_rounds += 1
+        corrupt, self.corrupt_this_round, self.stored_this_round = self.corrupt_this_round, [], False
+        if self.barren_rounds >= BARREN_ROUNDS_TO_FAIL:
+            return (f"{', '.join(sorted(set(corrupt)))} did not match its signed sha256 in "
+                    f"{self.barren_rounds} requests in a row")
+        return None
 
 
 def verify_file(path: Path, entry: FileEntry) -> None:

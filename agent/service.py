@@ -216,8 +216,11 @@ class AgentService:
                 TopicKind.AVAILABILITY, Availability(v=PROTOCOL_VERSION, online=True, boot_id=self.boot_id), retain=True
             )
             self.state_changed(hello=True)
-            self.updater.request_missing()
             self.outbox.link_up()
+            try:
+                self.updater.request_missing()
+            except EdgefleetError as exc:  # e.g. a full disk as the download fails: the next tick retries
+                logger.error("could not ask for the missing chunks: %s", exc)
             return
         if isinstance(item, LinkDown):
             logger.warning("disconnected from broker: %s", item.reason)

@@ -18,22 +18,21 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from agent.config import AgentConfig
-from agent.download import ChunkAssembler, ChunkVerdict, verify_file
+from agent.download import CORRUPT_RETRY_S, ChunkAssembler, ChunkVerdict, Download, verify_file
 from agent.memory import MemoryBudget, available_memory_bytes, trial_memory_budget
-from agent.record import RecordStore, TrustedState, UpdateRecord
+from agent.record import RecordStore, UpdateRecord
 from agent.slots import SlotStore
 from agent.states import REPORTED, RESUME_FROM, Event, State, next_state
+from agent.trust import claimed_deployment, trusted_after, verify_desired
 from shared.canonical import canonical_digest
 from shared.codec import decode, encode
-from shared.errors import EdgefleetError, ReplayError, StorageError, TrustError
+from shared.errors import EdgefleetError, StorageError, TrustError
 from shared.failpoints import failpoint
 from shared.messages import (
-    MAX_ID_LENGTH,
     BenchmarkResult,
     DeploymentOutcome,
     DesiredState,
@@ -42,18 +41,11 @@ from shared.messages import (
     UpdateState,
     clip_reason,
 )
-from shared.signing import verify_directive, verify_manifest
 from shared.trial import TrialHandle, TrialRequest, start_trial
 
 logger = logging.getLogger(__name__)
 
 TrialStarter = Callable[[TrialRequest], TrialHandle]
-
-# A chunk that fails its signed digest is dropped and asked for again soon; the download fails
-# only after this many request rounds in a row brought corrupt copies and no good chunk at all,
-# so a stray publisher on the chunk topic cannot abort a download that is still making progress.
-BARREN_ROUNDS_TO_FAIL = 3
-CORRUPT_RETRY_S = 1.0
 
 
 class Reporter(Protocol):
@@ -72,45 +64,13 @@ class Reporter(Protocol):
     def watch_chunks(self, sha256: str, watch: bool) -> None: ...
 
 
-@dataclass
-class _Download:
-    assemblers: dict[str, ChunkAssembler]
-    last_request: float = 0.0
-    last_progress: float = field(default_factory=time.monotonic)
-    stored_this_round: bool = False  # a round: from one chunk request to the next
-    corrupt_this_round: list[str] = field(default_factory=list)
-    barren_rounds: int = 0  # rounds in a row that brought corrupt copies and nothing good
-
-    def next_round(self) -> str | None:
-        """Close the current request round; returns why the download must fail, if it must."""
-        if self.stored_this_round:
-            self.barren_rounds = 0
-        elif self.corrupt_this_round:
-            self.barren_rounds += 1
-        corrupt, self.corrupt_this_round, self.stored_this_round = self.corrupt_this_round, [], False
-        if self.barren_rounds >= BARREN_ROUNDS_TO_FAIL:
-            return (f"{', '.join(sorted(set(corrupt)))} did not match its signed sha256 in "
-                    f"{self.barren_rounds} requests in a row")
-        return None
-
-
-def _trusted_after(trusted: TrustedState, manifest: Manifest, directive: Directive) -> TrustedState:
-    if directive.seq < trusted.directive_seq:
-        return trusted
-    return TrustedState(
-        release_counter=max(trusted.release_counter, manifest.release_counter),
-        directive_seq=directive.seq,
-        deployment_id=directive.deployment_id,
-    )
-
-
 class Updater:
     def __init__(
         self,
         config: AgentConfig,
         reporter: Reporter,
         *,
-        trial_runner: TrialStarter | None = None,
+        start_trial: TrialStarter | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         available_memory: Callable[[], int | None] = available_memory_bytes,
@@ -124,13 +84,13 @@ class Updater:
         self.clock = clock
         self.monotonic = monotonic
         self.available_memory = available_memory
-        self.start_trial = trial_runner or self._start_trial_in_child
+        self.start_trial = start_trial or self._start_trial_in_child
         self.record = self.records.load_record()
         self.trusted = self.records.load_trusted()
         self.pending: DesiredState | None = None  # verified, newer than anything accepted, waiting its turn
         self._pending_seq = 0
         self._last_rejection: str | None = None  # digest of the last rejected desired state, reported once
-        self._download: _Download | None = None
+        self._download: Download | None = None
         self._trial: TrialHandle | None = None
         self._budget: MemoryBudget | None = None
         self._last_retry = float("-inf")
@@ -155,7 +115,7 @@ class Updater:
         """After a restart: continue or roll back whatever was in flight."""
         if self.record.directive is not None and self.record.manifest is not None:
             # The record is saved before the trusted state; catch up if we crashed in between.
-            recorded = _trusted_after(self.trusted, self._manifest(), self._directive())
+            recorded = trusted_after(self.trusted, self._manifest(), self._directive())
             if recorded != self.trusted:
                 self.trusted = recorded
                 self.records.save_trusted(recorded)
@@ -302,24 +262,8 @@ class Updater:
     # -- trust -------------------------------------------------------------
 
     def _verify(self, desired: DesiredState) -> tuple[Manifest, Directive]:
-        """Every check, against the trusted state; raises TrustError. A directive whose sequence
-        equals the trusted one passes only if it is the deployment already accepted."""
-        now = self.clock()
-        manifest = verify_manifest(
-            desired.manifest, self.keys, now=now, min_release_counter=self.trusted.release_counter,
-            profile=self.config.device.profile,
-        )
-        directive = verify_directive(
-            desired.directive,
-            self.keys,
-            now=now,
-            device_id=self.config.device.id,
-            manifest_envelope=desired.manifest,
-            min_seq=self.trusted.directive_seq,
-        )
-        if directive.seq == self.trusted.directive_seq and directive.deployment_id != self.trusted.deployment_id:
-            raise ReplayError(f"directive sequence {directive.seq} was already used")
-        return manifest, directive
+        return verify_desired(desired, self.keys, self.trusted, device_id=self.config.device.id,
+                              profile=self.config.device.profile, now=self.clock())
 
     def _reject(self, desired: DesiredState, exc: TrustError) -> None:
         """Log and report a refused desired state once; it names no deployment we trust."""
@@ -328,10 +272,10 @@ class Updater:
         if digest == self._last_rejection:
             return  # the same retained message again (every reconnect delivers it)
         self._last_rejection = digest
-        self.reporter.rejected(_claimed_deployment(desired), clip_reason(f"rejected: {exc}"))
+        self.reporter.rejected(claimed_deployment(desired), clip_reason(f"rejected: {exc}"))
 
     def _accept(self, desired: DesiredState, manifest: Manifest, directive: Directive) -> None:
-        self.trusted = _trusted_after(self.trusted, manifest, directive)
+        self.trusted = trusted_after(self.trusted, manifest, directive)
         logger.info(
             "accepted deployment %s: %s v%s (%s)", directive.deployment_id, manifest.model, manifest.version,
             manifest.quantization,
@@ -380,10 +324,10 @@ class Updater:
                     assemblers[entry.sha256] = ChunkAssembler(entry, self.downloads_dir)
             except (StorageError, OSError) as exc:
                 return self._fail(exc)
-            self._download = _Download(assemblers, last_progress=self.monotonic())
-            if not all(a.complete for a in assemblers.values()):
+            self._download = Download(assemblers, last_progress=self.monotonic())
+            if not self._download.complete:
                 self.request_missing()  # later asks come from tick() (resume, corrupt copies) and reconnects
-        if all(a.complete for a in self._download.assemblers.values()):
+        if self._download.complete:
             try:
                 for assembler in self._download.assemblers.values():
                     assembler.flush()  # one fsync per file, before the record moves past the download
@@ -434,10 +378,9 @@ class Updater:
 
     def on_trial(self) -> Event | None:
         """Start the trial child, then (on later ticks) collect its result: the loop stays free."""
-        manifest, directive = self._manifest(), self._directive()
-        slot = self.record.slot
-        assert slot is not None
         if self._trial is None:
+            manifest, slot = self._manifest(), self.record.slot
+            assert slot is not None
             self._budget = trial_memory_budget(
                 manifest.max_ram_bytes, self.config.trial.memory_limit_mb, self.available_memory()
             )
@@ -456,7 +399,7 @@ class Updater:
             return Event.FAILURE
         assert self.record.deployment_id is not None
         self.reporter.telemetry(self.record.deployment_id, result.benchmark, result.accuracy, result.samples or 0)
-        gates = directive.gates
+        gates = self._directive().gates
         problems = []
         if result.accuracy < gates.min_accuracy:
             problems.append(f"accuracy {result.accuracy:.4f} below the gate {gates.min_accuracy:.4f}")
@@ -505,10 +448,3 @@ class Updater:
         except (EdgefleetError, OSError, ValueError):
             return None, None
 
-
-def _claimed_deployment(desired: DesiredState) -> str:
-    """The deployment id an unverified directive claims, if it looks like one: only ever quoted."""
-    claim = desired.directive.signed.get("deployment_id")
-    if isinstance(claim, str) and len(claim) <= MAX_ID_LENGTH and claim.isprintable():
-        return claim
-    return ""

@@ -156,7 +156,7 @@ class Harness:
 
     def new_updater(self) -> Updater:
         """A fresh Updater on the same data directory: what a restarted agent builds."""
-        return Updater(self.config, self.reporter, trial_runner=self.trial, clock=self.clock, monotonic=self.mono,
+        return Updater(self.config, self.reporter, start_trial=self.trial, clock=self.clock, monotonic=self.mono,
                        available_memory=lambda: self.available_memory)
 
     def restart(self) -> Updater:
@@ -252,7 +252,7 @@ def install_first(h: Harness, **kwargs: Any) -> Release:
 def settle_corrupt_download(h: Harness, tamper: Callable[[str, int, bytes], bytes], rounds: int = 10) -> int:
     """Let the updater re-ask for dropped chunks (its tick, soon after a corrupt copy) and answer every
     request through ``tamper``, until the download ends; returns how many requests it took."""
-    from agent.updater import CORRUPT_RETRY_S
+    from agent.download import CORRUPT_RETRY_S
 
     for asked in range(rounds):
         if h.updater.state is not State.DOWNLOADING:

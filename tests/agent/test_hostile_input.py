@@ -21,10 +21,11 @@ from pathlib import Path
 
 import pytest
 
+from agent.download import CORRUPT_RETRY_S
 from agent.record import TrustedState
 from agent.service import AgentService
 from agent.states import State
-from agent.updater import CORRUPT_RETRY_S, Updater
+from agent.updater import Updater
 from shared.canonical import canonical_json
 from shared.codec import encode
 from shared.messages import UpdateState
@@ -40,7 +41,7 @@ from tests.agent.material import DEVICE, NOW, Keys, Release, chunk_of, make_conf
 def service(tmp_path: Path, keys: Keys) -> Iterator[AgentService]:
     config = make_config(tmp_path / "agent", keys, broker_url="mqtt://127.0.0.1:9")  # nobody listens
     svc = AgentService(
-        config, updater_factory=lambda cfg, reporter: Updater(cfg, reporter, trial_runner=ScriptedTrial(),
+        config, updater_factory=lambda cfg, reporter: Updater(cfg, reporter, start_trial=ScriptedTrial(),
                                                               clock=lambda: NOW)
     )
     yield svc
