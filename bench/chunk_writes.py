@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent.download import ChunkAssembler
 from agent.files import atomic_write_json
+from bench.tables import markdown_table
 from shared.messages import DEFAULT_CHUNK_SIZE, FileEntry, describe_file
 
 Scheme = Callable[[Path, bytes, FileEntry], None]
@@ -45,23 +46,7 @@ def chunks_of(data: bytes) -> list[bytes]:
     return [data[i : i + DEFAULT_CHUNK_SIZE] for i in range(0, len(data), DEFAULT_CHUNK_SIZE)]
 
 
-def before(directory: Path, data: bytes, entry: FileEntry) -> None:
-    part, progress = directory / "model.part", directory / "model.chunks.json"
-    with open(part, "wb") as fh:
-        fh.truncate(len(data))
-    held: list[int] = []
-    for index, chunk in enumerate(chunks_of(data)):
-        hashlib.sha256(chunk).hexdigest()
-        with open(part, "r+b") as fh:
-            fh.seek(index * DEFAULT_CHUNK_SIZE)
-            fh.write(chunk)
-            fh.flush()
-            os.fsync(fh.fileno())
-        held.append(index)
-        atomic_write_json(progress, held)
-
-
-def fsync_each(directory: Path, data: bytes, entry: FileEntry) -> None:
+def write_each_with_fsync(directory: Path, data: bytes, after_each: Callable[[int], None]) -> None:
     part = directory / "model.part"
     with open(part, "wb") as fh:
         fh.truncate(len(data))
@@ -72,6 +57,21 @@ def fsync_each(directory: Path, data: bytes, entry: FileEntry) -> None:
             fh.write(chunk)
             fh.flush()
             os.fsync(fh.fileno())
+        after_each(index)
+
+
+def before(directory: Path, data: bytes, entry: FileEntry) -> None:
+    held: list[int] = []
+
+    def save_progress(index: int) -> None:
+        held.append(index)
+        atomic_write_json(directory / "model.chunks.json", held)
+
+    write_each_with_fsync(directory, data, save_progress)
+
+
+def fsync_each(directory: Path, data: bytes, entry: FileEntry) -> None:
+    write_each_with_fsync(directory, data, lambda index: None)
 
 
 def hash_only(directory: Path, data: bytes, entry: FileEntry) -> None:
@@ -116,13 +116,12 @@ def main() -> None:
     baseline = statistics.median(runs[SCHEMES[0][0]])
     print(f"{args.chunks} chunks of 256 KiB in {args.dir}, median of {args.repeat} runs; ratio against 'before'")
     print()
-    print(f"| {'scheme':<44} | {'fsyncs':>6} | {'ms per chunk':>12} | {'min':>7} | {'max':>7} | {'vs before':>9} |")
-    print(f"|{'-' * 46}|{'-' * 8}|{'-' * 14}|{'-' * 9}|{'-' * 9}|{'-' * 11}|")
+    rows = []
     for name, fsyncs, _ in SCHEMES:
         median = statistics.median(runs[name])
-        print(f"| {name:<44} | {fsyncs:>6} | {median:>12.2f} | {min(runs[name]):>7.2f} | {max(runs[name]):>7.2f} | "
-              f"{median / baseline:>8.2f}x |")
-
+        rows.append([name, fsyncs, f"{median:.2f}", f"{min(runs[name]):.2f}", f"{max(runs[name]):.2f}",
+                     f"{median / baseline:.2f}x"])
+    print(markdown_table(["scheme", "fsyncs per chunk", "ms per chunk", "min", "max", "vs before"], rows))
 
 if __name__ == "__main__":
     main()

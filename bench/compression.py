@@ -29,6 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from bench.tables import markdown_table
 from server.compress.evalset import EvalSet
 from server.compress.pipeline import CompressionInputs, VariantReport, build_variant, float_reference
 from server.compress.recipes import parse_recipe
@@ -114,11 +115,7 @@ def print_table(rows: list[tuple[str, VariantReport]], references: dict[str, flo
             "yes" if r.details.get("delegate_partitions") else "no",
             "; ".join(notes),
         ])
-    widths = [max(len(h), *(len(row[i]) for row in lines)) for i, h in enumerate(header)]
-    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for row in lines:
-        print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |")
+    print(markdown_table(header, lines))
 
 
 def main() -> None:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.tables import markdown_table
 from server.broker import Mosquitto
 from server.chunks import DEFAULT_WINDOW_S
 from server.setup import Workspace, init_data_dir
@@ -109,11 +110,7 @@ def print_table(lone: list[Row], rows: list[Row]) -> None:
             *stats, f"{max(every):.3f}", str(sum(d.requests - 1 for d in row.downloads)),
             f"{min(row.copies)}-{max(row.copies)}", f"{row.egress:.2f}",
         ])
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
-    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for line in lines:
-        print("| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |")
+    print(markdown_table(header, lines))
 
 
 def main() -> None:
