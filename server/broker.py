@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import getpass
 import os
 import shutil
 import socket
@@ -14,12 +13,9 @@ from shared.errors import ConfigError, TransportError
 
 # Mosquitto's default max_queued_messages (1000) silently drops QoS 1 messages under load.
 # Persistence keeps retained states and the server's queued session across a broker restart;
-# autosave bounds what a killed broker loses. Started as root, Mosquitto switches to the user
-# "mosquitto", which cannot write to our directory; "user" names the one running it instead
-# (ignored when not started as root).
+# autosave bounds what a killed broker loses.
 CONFIG = """\
 listener {port} 127.0.0.1
-user {user}
 allow_anonymous true
 persistence true
 persistence_location {workdir}/
@@ -66,7 +62,10 @@ class Mosquitto:
         binary = find_mosquitto()
         self.workdir.mkdir(parents=True, exist_ok=True)
         conf = self.workdir / "mosquitto.conf"
-        conf.write_text(CONFIG.format(port=self.port, log=self.log, workdir=self.workdir, user=getpass.getuser()))
+        config = CONFIG.format(port=self.port, log=self.log, workdir=self.workdir)
+        if os.geteuid() == 0:  # else Mosquitto becomes "mosquitto", who cannot write its log or data here
+            config += "user root\n"
+        conf.write_text(config)
         stderr = self.workdir / "mosquitto.stderr"
         with open(stderr, "wb") as err:
             self.process = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=err)
