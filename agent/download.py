@@ -10,10 +10,11 @@ is flushed to disk once, when it is complete.
 
 A ``Download`` groups one ``ChunkAssembler`` per missing file with the
 request rounds: a round runs from one chunk request to the next. A corrupt
-copy is asked for again soon; the download fails only after
+copy is dropped and asked for again soon; the download fails only when
 ``BARREN_ROUNDS_TO_FAIL`` rounds in a row brought corrupt copies and no good
-chunk at all (the server's own copy is bad), so a stray publisher on the
-chunk topic cannot abort a download that is still making progress.
+chunk at all, *and* no good chunk came for a while (``patience_s``: the
+server's own copy is bad, not merely slow or restarting), so a stray
+publisher on the chunk topic cannot abort a download that is making progress.
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.files import storage_error
-from shared.errors import IntegrityError, StorageError
+from agent.files import fsync_file, storage_error
+from shared.errors import IntegrityError
 from shared.messages import FileEntry
 
 BARREN_ROUNDS_TO_FAIL = 3
 CORRUPT_RETRY_S = 1.0  # how soon a chunk that came corrupt is asked for again
+CORRUPT_PATIENCE_REQUESTS = 3  # ... and for how many regular request intervals without a good chunk
 
 
 class ChunkVerdict(enum.Enum):
@@ -102,14 +104,7 @@ class ChunkAssembler:
 
     def flush(self) -> None:
         """Make the complete file durable: the one fsync of the download."""
-        try:
-            fd = os.open(self.part, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            raise StorageError(f"cannot flush {self.part}: {exc.strerror or exc}") from exc
+        fsync_file(self.part)
 
 
 @dataclass
@@ -125,16 +120,17 @@ class Download:
     def complete(self) -> bool:
         return all(a.complete for a in self.assemblers.values())
 
-    def next_round(self) -> str | None:
+    def next_round(self, now: float, patience_s: float) -> str | None:
         """Close the current request round; returns why the download must fail, if it must."""
         if self.stored_this_round:
             self.barren_rounds = 0
         elif self.corrupt_this_round:
             self.barren_rounds += 1
         corrupt, self.corrupt_this_round, self.stored_this_round = self.corrupt_this_round, [], False
-        if self.barren_rounds >= BARREN_ROUNDS_TO_FAIL:
-            return (f"{', '.join(sorted(set(corrupt)))} did not match its signed sha256 in "
-                    f"{self.barren_rounds} requests in a row")
+        waited = now - self.last_progress
+        if self.barren_rounds >= BARREN_ROUNDS_TO_FAIL and waited >= patience_s:
+            return (f"{', '.join(sorted(set(corrupt)))} came only in copies that do not match its signed sha256: "
+                    f"{self.barren_rounds} requests in a row over {waited:.0f} s")
         return None
 
 

@@ -25,6 +25,18 @@ def storage_error(exc: OSError, what: str) -> StorageError:
     return StorageError(f"cannot write {what}: {exc.strerror or exc}")
 
 
+def fsync_file(path: Path) -> None:
+    """Make a file's contents durable (its directory entry is made durable when the file is renamed)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise storage_error(exc, str(path)) from exc
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     try:

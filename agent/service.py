@@ -36,6 +36,7 @@ from shared.messages import (
     ReportAck,
     Telemetry,
     UpdateState,
+    clip_reason,
     decode_payload,
     encode_payload,
 )
@@ -45,6 +46,7 @@ from shared.topics import Topic, TopicKind, chunk_filter, device_topic, parse_to
 logger = logging.getLogger(__name__)
 
 WANT_EXPIRY_S = 30  # a chunk request nobody served by then is stale: the agent has asked again
+REJECTION_INTERVAL_S = 10.0
 
 class AgentService:
     def __init__(self, config: AgentConfig, *, updater_factory: Callable[..., Updater] = Updater) -> None:
@@ -52,6 +54,9 @@ class AgentService:
         self.device_id = config.device.id
         self.boot_id = uuid.uuid4().hex[:16]
         self._seq = 0
+        self._rejection_seq = 0
+        self._last_rejection_sent = float("-inf")
+        self._rejections_held = 0
         self.inbox: queue.Queue[Any] = queue.Queue()
         self.stopping = threading.Event()
         offline = encode_payload(Availability(v=PROTOCOL_VERSION, online=False))
@@ -98,25 +103,39 @@ class AgentService:
 
     def event(self, deployment_id: str, state: UpdateState, reason: str) -> None:
         logger.info("deployment %s: %s %s", deployment_id, state.value, reason)
-        self._report_event(deployment_id, state.value, reason)
-
-    def rejected(self, claimed_deployment: str, reason: str) -> None:
-        self._report_event(claimed_deployment, REJECTED, reason)
-
-    def _report_event(self, deployment_id: str, state: str, reason: str) -> None:
         self._report(
             TopicKind.EVENTS,
             Event(
-                v=PROTOCOL_VERSION,
-                device_id=self.device_id,
-                boot_id=self.boot_id,
-                seq=self._next_seq(),
-                deployment_id=deployment_id,
-                state=state,
-                reason=reason,
-                ts=time.time(),
+                v=PROTOCOL_VERSION, device_id=self.device_id, boot_id=self.boot_id, seq=self._next_seq(),
+                deployment_id=deployment_id, state=state.value, reason=reason, ts=time.time(),
             ),
         )
+
+    def rejected(self, claimed_deployment: str, reason: str) -> None:
+        """Tell the operator about a refused desired state, at most once per REJECTION_INTERVAL_S.
+
+        Anyone who can publish can send them, so they never take a place in the bounded outbox
+        (they would push real reports out of it) and never a sequence number of the reports:
+        they are sent once, best effort, under a boot id of their own, and counted when held back.
+        """
+        now = time.monotonic()
+        if now - self._last_rejection_sent < REJECTION_INTERVAL_S:
+            self._rejections_held += 1
+            return
+        if self._rejections_held:
+            reason = f"{reason} (and {self._rejections_held} more rejected since the last report)"
+        self._last_rejection_sent, self._rejections_held = now, 0
+        self._rejection_seq += 1
+        rejection = Event(
+            v=PROTOCOL_VERSION, device_id=self.device_id, boot_id=f"{self.boot_id}-rejections",
+            seq=self._rejection_seq, deployment_id=claimed_deployment, state=REJECTED, reason=clip_reason(reason),
+            ts=time.time(),
+        )
+        try:
+            self.link.publish(device_topic(TopicKind.EVENTS, self.device_id), encode_payload(rejection),
+                              when_offline="drop")
+        except EdgefleetError as exc:
+            logger.warning("could not report a rejected desired state: %s", exc)
 
     def telemetry(self, deployment_id: str, benchmark: BenchmarkResult, accuracy: float, samples: int) -> None:
         logger.info(
@@ -249,7 +268,10 @@ class AgentService:
         replayed = self.outbox.replay()
         if replayed:
             logger.info("re-sending %d reports a previous run could not deliver", replayed)
-        self.updater.resume()
+        try:
+            self.updater.resume()
+        except EdgefleetError as exc:  # e.g. a full disk: the loop's tick tries again
+            logger.error("could not resume the update in flight (retrying): %s", exc)
         self.link.start()
         logger.info("agent %s (%s) starting, runtime %s %s", self.config.device.name, self.device_id,
                     self.runtime.name, self.runtime.version)
@@ -265,6 +287,8 @@ class AgentService:
                     self.updater.tick()
                 except EdgefleetError as exc:
                     logger.error("update step failed: %s", exc)
+                except Exception:  # a bug: the agent must keep answering and reporting all the same
+                    logger.exception("unexpected error in an update step")
                 self.outbox.retry_due(connected=self.link.connected.is_set())
         finally:
             self.updater.stop()

@@ -22,7 +22,15 @@ from pathlib import Path
 from typing import Protocol
 
 from agent.config import AgentConfig
-from agent.download import CORRUPT_RETRY_S, ChunkAssembler, ChunkVerdict, Download, verify_file
+from agent.download import (
+    CORRUPT_PATIENCE_REQUESTS,
+    CORRUPT_RETRY_S,
+    ChunkAssembler,
+    ChunkVerdict,
+    Download,
+    verify_file,
+)
+from agent.files import fsync_file
 from agent.memory import MemoryBudget, available_memory_bytes, trial_memory_budget
 from agent.record import RecordStore, UpdateRecord
 from agent.slots import SlotStore
@@ -94,6 +102,7 @@ class Updater:
         self._trial: TrialHandle | None = None
         self._budget: MemoryBudget | None = None
         self._last_retry = float("-inf")
+        self._resumed = True  # resume() clears it until it has run to the end
         self._handlers: dict[State, Callable[[], Event | None]] = {
             State.IDLE: self.on_idle,
             State.DOWNLOADING: self.on_downloading,
@@ -112,7 +121,9 @@ class Updater:
         return self.record.current
 
     def resume(self) -> None:
-        """After a restart: continue or roll back whatever was in flight."""
+        """After a restart: continue or roll back whatever was in flight. If the disk refuses (full),
+        the agent runs on and tick() tries again: it must not crash at every start."""
+        self._resumed = False
         if self.record.directive is not None and self.record.manifest is not None:
             # The record is saved before the trusted state; catch up if we crashed in between.
             recorded = trusted_after(self.trusted, self._manifest(), self._directive())
@@ -125,6 +136,7 @@ class Updater:
             reason = f"agent restarted during {saved.value}"
             logger.warning("%s: resuming in %s", reason, resumed.value)
             self._save(self.record.moved(resumed, reason=reason))
+        self._resumed = True
         self.step()
 
     def offer(self, desired: DesiredState) -> None:
@@ -172,9 +184,14 @@ class Updater:
         """Periodic work: see whether the trial ended, re-ask for missing chunks (resume, or soon
         after a corrupt copy), give up on a stalled download, and retry a step that a storage
         error (e.g. a full disk) interrupted."""
+        now = self.monotonic()
+        if not self._resumed:
+            if now - self._last_retry >= self.config.download.request_interval_seconds:
+                self._last_retry = now
+                self.resume()
+            return
         if self.state is State.IDLE:
             return
-        now = self.monotonic()
         if self.state is State.TRIAL and self._trial is not None:
             self.step()
             return
@@ -196,7 +213,9 @@ class Updater:
         download = self._download
         if download is None:
             return
-        failure = download.next_round()
+        # A bad copy alone proves nothing (anyone may publish one); good chunks missing for a while do.
+        patience = CORRUPT_PATIENCE_REQUESTS * self.config.download.request_interval_seconds
+        failure = download.next_round(self.monotonic(), patience)
         if failure is not None:
             self._fire(Event.FAILURE, reason=failure)
             self.step()
@@ -320,6 +339,7 @@ class Updater:
                     if local is not None and not self._staging_path(entry.sha256).exists():
                         self.downloads_dir.mkdir(parents=True, exist_ok=True)
                         shutil.copyfile(local, self._staging_path(entry.sha256))
+                        fsync_file(self._staging_path(entry.sha256))  # it ends up in the committed slot
                         continue
                     assemblers[entry.sha256] = ChunkAssembler(entry, self.downloads_dir)
             except (StorageError, OSError) as exc:

@@ -7,7 +7,9 @@ device is dropped with a warning.
 A deployment moves only forward (pending → downloading → … → a final state)
 and never leaves a final state, whatever arrives later: a replayed, late or
 forged report can add a row to the event log, not reopen or flip settled
-work. A *rejection* (a desired state the agent refused before trusting it)
+work. The one final state the server draws itself — superseded, when the
+device has moved on to a newer directive without a word about this one —
+gives way to the device's own account if that arrives after all. A *rejection* (a desired state the agent refused before trusting it)
 names a deployment only as the unverified message claimed it, so it is logged
 and kept, never applied. The device's retained state carries the outcome of
 its last deployment and the deployment its active model came from, which
@@ -25,6 +27,8 @@ from server.load_errors import known_load_errors
 from shared.codec import encode
 from shared.messages import Availability, DeviceState, Event, Telemetry, UpdateState
 from shared.trial import LOAD_ERROR
+
+SUPERSEDED = "superseded by a newer rollout"
 
 # A deployment's states in the order they happen; a report never moves one backwards.
 PROGRESS = (
@@ -65,7 +69,10 @@ def apply_availability(session: Session, device_id: str, message: Availability) 
 def advance_deployment(session: Session, device: Device, deployment: Deployment, state: str, reason: str) -> bool:
     """Move ``deployment`` to ``state`` if that is forward and it is not settled; True if it moved."""
     current, target = UpdateState(deployment.state), UpdateState(state)
-    if current.is_final or (not target.is_final and PROGRESS.index(target) <= PROGRESS.index(current)):
+    if current.is_final:
+        if not (target.is_final and deployment.reason == SUPERSEDED and reason != SUPERSEDED):
+            return False
+    elif not target.is_final and PROGRESS.index(target) <= PROGRESS.index(current):
         return False
     deployment.state = target.value
     deployment.reason = reason
@@ -92,6 +99,15 @@ def reconcile_deployments(session: Session, device: Device, message: DeviceState
         reported = _reported_outcome(deployment.id, message)
         if reported is not None and advance_deployment(session, device, deployment, *reported):
             logger.info("%s: deployment %s settled from the device's state", device.name, deployment.id)
+    settle_superseded(session, device, message.directive_seq)
+
+
+def settle_superseded(session: Session, device: Device, seq: int) -> None:
+    """The device has taken the directive numbered ``seq``: its older deployments still open are over
+    (it finishes one install before it takes the next, so it never ran them or its word was lost)."""
+    for deployment in queries.open_deployments(session, device.id):
+        if deployment.seq < seq:
+            advance_deployment(session, device, deployment, UpdateState.FAILED.value, SUPERSEDED)
 
 
 def apply_state(session: Session, message: DeviceState) -> Device | None:
@@ -137,6 +153,7 @@ def apply_event(session: Session, message: Event) -> bool:
     deployment = _deployment(session, device, message.deployment_id)
     if deployment is not None:
         advance_deployment(session, device, deployment, message.state, message.reason)
+        settle_superseded(session, device, deployment.seq)
     return True
 
 

@@ -22,6 +22,7 @@ from server.compression import build_profiles
 from server.db import Database, Session, queries
 from server.db.models import Deployment, Device, Release, Rollout
 from server.devices import find_device, get_profile
+from server.ingest import SUPERSEDED
 from server.keys import SigningKeys
 from server.load_errors import Shipment, vet_shipments
 from server.releases import sign_release
@@ -255,10 +256,10 @@ class RolloutEngine:
     def tick(self, now: float | None = None) -> None:
         now = time.time() if now is None else now
         with self.db.session() as session:
-            for deployment in queries.superseded_deployments(session):
-                deployment.state, deployment.reason = "failed", "superseded by a newer rollout"
-                if deployment.published_at is None:
-                    deployment.published_at = datetime.fromtimestamp(now, timezone.utc)
+            # One that was sent is settled by what the device reports (ingest): it may still be installing it.
+            for deployment in queries.superseded_unsent_deployments(session):
+                deployment.state, deployment.reason = "failed", SUPERSEDED
+                deployment.published_at = datetime.fromtimestamp(now, timezone.utc)
             session.flush()
             for deployment in queries.unpublished_deployments(session):
                 logger.info("publishing deployment %s to %s", deployment.id, deployment.device.name)

@@ -1,7 +1,8 @@
 """Strict decoding of JSON objects into frozen dataclasses.
 
 ``decode(Cls, data)`` rejects unknown keys, missing keys and wrong types with
-a ProtocolError naming the path; ``encode(obj)`` is the inverse.
+a ProtocolError naming the path; ``encode(obj)`` is the inverse (an unset
+optional field is left out, and decodes back to its default).
 """
 
 from __future__ import annotations
@@ -21,8 +22,14 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 def encode(obj: Any) -> Any:
+    """Plain JSON values. An optional field that is unset (None, its default) is left out, so a
+    peer that predates the field still reads the message as long as the field is not used."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: encode(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {
+            f.name: encode(value)
+            for f in dataclasses.fields(obj)
+            if (value := getattr(obj, f.name)) is not None or f.default is not None
+        }
     if isinstance(obj, (tuple, list)):
         return [encode(item) for item in obj]
     if isinstance(obj, dict):

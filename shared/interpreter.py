@@ -66,6 +66,16 @@ def runtime_info(preferred: str | None = None) -> RuntimeInfo:
     return _find_runtime(preferred)[0]
 
 
+# Phrases, not words: "The model allocation is null/empty" is LiteRT's message for a missing file.
+_OUT_OF_MEMORY_PHRASES = ("failed to allocate", "allocation failed", "cannot allocate", "out of memory", "bad_alloc")
+
+
+def _says_out_of_memory(exc: Exception) -> bool:
+    """An interpreter error that names a failed allocation (under a memory limit, that is the limit)."""
+    text = str(exc).lower()
+    return any(phrase in text for phrase in _OUT_OF_MEMORY_PHRASES)
+
+
 def tensor_footprint(interpreter: Any) -> tuple[int, int]:
     """The largest tensor and all tensors together, in bytes, from the shapes the graph declares.
 
@@ -117,7 +127,7 @@ class TFLiteModel:
         except MemoryError as exc:
             raise OutOfMemoryError(f"{name} ran out of memory loading {os.path.basename(path)}") from exc
         except (ValueError, RuntimeError) as exc:
-            if memory_budget_bytes is not None and total > memory_budget_bytes:
+            if memory_budget_bytes is not None and (total > memory_budget_bytes or _says_out_of_memory(exc)):
                 raise OutOfMemoryError(
                     f"{name} could not allocate {os.path.basename(path)}'s tensors (up to {total / MiB:,.0f} MiB) "
                     f"within the {memory_budget_bytes / MiB:,.0f} MiB this trial may use: {exc}"

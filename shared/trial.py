@@ -104,9 +104,9 @@ class TrialProcess:
         self.timeout = timeout
         self.monotonic = monotonic
         self._result: TrialResult | None = None
-        # They outlive this call (the child writes to them until it ends); _finish closes them.
-        self._stdout: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115
-        self._stderr: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._stdout: IO[bytes] | None = None
+        self._stderr: IO[bytes] | None = None
         self._deadline = monotonic() + timeout
         env = {
             **os.environ,
@@ -115,14 +115,16 @@ class TrialProcess:
             "EDGEFLEET_TRIAL_PARENT": str(os.getpid()),
         }
         try:
+            # They outlive this call (the child writes to them until it ends); _finish closes them.
+            self._stdout = tempfile.TemporaryFile()  # noqa: SIM115
+            self._stderr = tempfile.TemporaryFile()  # noqa: SIM115
             with tempfile.TemporaryFile() as stdin:
                 stdin.write(json.dumps(asdict(request)).encode())
                 stdin.seek(0)
-                self._proc: subprocess.Popen[bytes] | None = subprocess.Popen(
+                self._proc = subprocess.Popen(
                     [python, "-m", "shared.trial"], stdin=stdin, stdout=self._stdout, stderr=self._stderr, env=env
                 )
-        except OSError as exc:
-            self._proc = None
+        except OSError as exc:  # no fork, no temporary files (a full /tmp): the trial fails, the agent goes on
             self._finish(TrialResult(ok=False, error=f"cannot start the trial process: {exc}"))
 
     def poll(self) -> TrialResult | None:
@@ -153,11 +155,13 @@ class TrialProcess:
 
     def _finish(self, result: TrialResult) -> TrialResult:
         self._result = result
-        self._stdout.close()
-        self._stderr.close()
+        for output in (self._stdout, self._stderr):
+            if output is not None:
+                output.close()
         return result
 
     def _read_result(self, code: int) -> TrialResult:
+        assert self._stdout is not None and self._stderr is not None
         self._stdout.seek(0)
         self._stderr.seek(0)
         lines = self._stdout.read().decode(errors="replace").strip().splitlines()

@@ -136,7 +136,9 @@ def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
             if mode not in ("wal", "memory"):
                 logger.warning("SQLite refused WAL mode (got %s); concurrent access may fail", mode)
             cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.execute("PRAGMA synchronous=NORMAL")  # WAL stays consistent; a power cut may lose the last commits
+            # FULL: a commit is on disk when it returns. The server tells agents (and the broker) that a
+            # report is stored right after the commit, and they forget it then; NORMAL could lose it.
+            cursor.execute("PRAGMA synchronous=FULL")
         finally:
             cursor.close()
 

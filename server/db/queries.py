@@ -96,12 +96,16 @@ def unpublished_deployments(session: Session) -> Sequence[Deployment]:
     ).all()
 
 
-def superseded_deployments(session: Session) -> Sequence[Deployment]:
-    """Unfinished deployments whose device has since been given a newer directive."""
+def superseded_unsent_deployments(session: Session) -> Sequence[Deployment]:
+    """Deployments never sent whose device has since been given a newer directive: it will never see them."""
     return session.scalars(
         select(Deployment)
         .join(Device, Deployment.device_id == Device.id)
-        .where(Deployment.seq < Device.directive_seq, Deployment.state.not_in(FINAL_STATES))
+        .where(
+            Deployment.seq < Device.directive_seq,
+            Deployment.state.not_in(FINAL_STATES),
+            Deployment.published_at.is_(None),
+        )
     ).all()
 
 

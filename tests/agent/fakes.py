@@ -249,7 +249,7 @@ def install_first(h: Harness, **kwargs: Any) -> Release:
     return first
 
 
-def settle_corrupt_download(h: Harness, tamper: Callable[[str, int, bytes], bytes], rounds: int = 10) -> int:
+def settle_corrupt_download(h: Harness, tamper: Callable[[str, int, bytes], bytes], rounds: int = 40) -> int:
     """Let the updater re-ask for dropped chunks (its tick, soon after a corrupt copy) and answer every
     request through ``tamper``, until the download ends; returns how many requests it took."""
     from agent.download import CORRUPT_RETRY_S

@@ -32,7 +32,17 @@ from shared.messages import UpdateState
 from shared.mqtt import Inbound
 from shared.topics import TopicKind, chunk_topic, device_topic
 from tests.agent.fakes import HAPPY, Harness, ScriptedTrial, assert_idle, install_first
-from tests.agent.material import DEVICE, NOW, Keys, Release, chunk_of, make_config, make_release, trusted_bytes
+from tests.agent.material import (
+    DEVICE,
+    NOW,
+    REQUEST_INTERVAL,
+    Keys,
+    Release,
+    chunk_of,
+    make_config,
+    make_release,
+    trusted_bytes,
+)
 
 # -- through the service: what arrives on the wire -----------------------------------------------
 
@@ -184,13 +194,16 @@ def test_corrupt_copies_cannot_abort_a_download_that_makes_progress(harness: Har
     assert h.reporter.states() == HAPPY
 
 
-def test_only_rounds_with_nothing_but_corrupt_copies_count_towards_failing(harness: Harness) -> None:
+def test_a_download_fails_only_when_nothing_but_corrupt_copies_came_for_a_while(harness: Harness) -> None:
+    """Three request rounds in a row with corrupt copies and nothing good, over three request intervals
+    (15 s here) without a good chunk: the server's own copy is bad."""
     h = harness
     before = install_first(h)
     release = h.release(version=2)
     h.updater.offer(release.desired)
     # The first round brings every other chunk: progress, so its corrupt copy does not count.
     h.pump(tamper=lambda sha, index, data: reverse(data) if sha == release.model_sha and index == 4 else data)
+    started = h.mono.now
     rounds = 0
     while True:
         h.mono.advance(CORRUPT_RETRY_S)
@@ -200,10 +213,29 @@ def test_only_rounds_with_nothing_but_corrupt_copies_count_towards_failing(harne
         rounds += 1
         assert list(h.reporter.unanswered) == [(release.model_sha, [(4, 5)])]  # that chunk again, and only it
         h.pump(tamper=lambda sha, index, data: reverse(data))
-    assert rounds == 3
+    assert h.mono.now - started == pytest.approx(3 * REQUEST_INTERVAL)
     assert h.reporter.final() == (
         release.deployment_id, UpdateState.FAILED,
-        "model.tflite chunk 4 did not match its signed sha256 in 3 requests in a row",
+        (f"model.tflite chunk 4 came only in copies that do not match its signed sha256: {rounds} requests "
+         "in a row over 15 s"),
     )
     assert h.active_model_bytes() == before.model
     assert h.trusted_path.read_bytes() == trusted_bytes(TrustedState(2, 2, release.deployment_id))
+
+
+def test_corrupt_copies_while_the_server_is_away_do_not_fail_a_download_that_resumes(harness: Harness) -> None:
+    """A restarting server answers nothing for a few seconds; a stray publisher's copies alone do not
+    end the download before the server is back."""
+    h = harness
+    release = h.release(version=1)
+    h.updater.offer(release.desired)
+    h.reporter.unanswered.clear()
+    for _ in range(10):  # 10 s: every round brings only the stray copy
+        h.updater.on_chunk(release.model_sha, 0, reverse(chunk_of(release.model, 0)))
+        h.mono.advance(CORRUPT_RETRY_S)
+        h.updater.tick()
+    assert h.updater.state is State.DOWNLOADING
+    h.reporter.unanswered.clear()
+    h.updater.request_missing()  # the server is back
+    h.pump()
+    assert h.reporter.states() == HAPPY

@@ -216,3 +216,24 @@ def test_publishing_to_a_disconnected_client_does_not_raise(service: AgentServic
     service.link.publish(device_topic(TopicKind.EVENTS, DEVICE), b"{}")
     service.link.subscribe("ef/v1/artifacts/+/chunks/+")
     service.link.unsubscribe("ef/v1/artifacts/+/chunks/+")
+
+
+def test_a_flood_of_forged_desired_states_is_reported_sparingly_and_never_fills_the_outbox(
+    service: AgentService, keys: Keys, published: list[tuple[str, bytes, bool]]
+) -> None:
+    """Each forged message differs (so none is a repeat), but they come from whoever can publish:
+    they must not push real reports out of the bounded outbox, nor flood the server."""
+    for version in range(1, 41):
+        payload = valid_desired(keys, version=version, release_key=keys.attacker)
+        service.handle(Inbound(desired_topic(), payload, retain=True))
+
+    assert len(service.outbox) == 0
+    ((_, body, _),) = published
+    first = decode_payload(TopicKind.EVENTS, body)
+    assert first.is_rejection and first.boot_id == f"{service.boot_id}-rejections" and first.seq == 1
+
+    service._last_rejection_sent -= 10.0  # the interval has passed
+    service.handle(Inbound(desired_topic(), valid_desired(keys, version=41, release_key=keys.attacker), retain=True))
+    second = decode_payload(TopicKind.EVENTS, published[-1][1])
+    assert second.seq == 2 and second.reason.endswith("(and 39 more rejected since the last report)")
+    assert service.updater.state is State.IDLE

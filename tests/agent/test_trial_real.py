@@ -186,11 +186,23 @@ def test_a_limit_below_what_the_runtime_itself_needs_is_an_oom(tflite_model: Pat
     assert result.error == "the runtime alone uses more than the trial's limit of 8 MiB"
 
 
-def test_the_memory_limit_caps_the_child_not_the_parent(tflite_model: Path, eval_npz: Path) -> None:
-    import resource
+def test_the_limit_caps_what_the_child_can_allocate(tmp_path: Path) -> None:
+    """The cap is the child's address space now plus what the limit leaves beyond its resident memory:
+    100 MiB more fits in a 300 MiB limit, 400 MiB more does not (a MemoryError, not the OOM killer)."""
+    import subprocess
+    import sys
 
-    before = resource.getrlimit(resource.RLIMIT_AS)
-    result = trial(request(tflite_model, eval_npz, memory_limit_mb=512))
-    assert result.ok, result.error
-    assert result.benchmark is not None and result.benchmark.peak_rss_bytes < 512 * 1024 * 1024
-    assert resource.getrlimit(resource.RLIMIT_AS) == before
+    script = (
+        "from shared.trial import _limit_memory\n"
+        "budget = _limit_memory(300 * 1024 * 1024)\n"
+        "fits = bytearray(100 * 1024 * 1024)\n"
+        "try:\n"
+        "    bytearray(400 * 1024 * 1024)\n"
+        "    print('allocated', budget)\n"
+        "except MemoryError:\n"
+        "    print('refused', budget)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    verdict, budget = proc.stdout.split()
+    assert verdict == "refused"
+    assert 200 * 1024 * 1024 < int(budget) < 300 * 1024 * 1024  # the limit less the interpreter's own memory

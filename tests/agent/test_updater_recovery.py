@@ -416,3 +416,34 @@ def test_tick_while_idle_does_nothing(harness: Harness) -> None:
     h.updater.request_missing()
     assert h.reporter.events == [] and h.reporter.wants == []
     assert h.updater.state is State.IDLE
+
+
+def test_a_resume_the_disk_refuses_is_retried_by_tick_not_a_crash_loop(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Restarted during the trial with a full disk: resume() cannot save its roll-back. The agent runs
+    on (the service logs it) and tick() tries again until the disk has room."""
+    h = harness
+    first = install_first(h)
+    h.trial.hold = True
+    h.install(h.release(version=2))
+    assert h.updater.state is State.TRIAL
+    refused = enospc_when(lambda p: p.name == "update-record.json", monkeypatch)
+
+    h.restart()
+    with pytest.raises(StorageError, match="disk full"):
+        h.updater.resume()
+    h.trial.hold = False
+    trials = len(h.trial.requests)
+    h.mono.advance(REQUEST_INTERVAL)
+    with pytest.raises(StorageError):  # still full: tried again and refused again (the loop logs it)
+        h.updater.tick()
+    h.updater.tick()  # not again before the retry interval
+    assert len(refused) == 2 and len(h.trial.requests) == trials  # and no trial started meanwhile
+
+    monkeypatch.undo()
+    h.mono.advance(REQUEST_INTERVAL)
+    h.updater.tick()
+    assert h.reporter.final()[1:] == (UpdateState.ROLLED_BACK, "agent restarted during trial")
+    assert_idle(h)
+    assert h.active_model_bytes() == first.model

@@ -339,6 +339,7 @@ def test_a_server_down_while_the_agent_finishes_settles_the_deployment_on_restar
     device's hello settles the deployment at once, and the agent sends its reports again, because no
     server acknowledged them."""
     fleet, agent_dir = lab.fleet, lab.fleet.agent_dirs["slowpoke"]
+    agent_log, server_log = len(fleet.log("slowpoke")), len(fleet.log("server"))
     deployment = lab.rollout("slowpoke")["slowpoke"]
     lab.wait_state(deployment, "trial")
 
@@ -355,11 +356,14 @@ def test_a_server_down_while_the_agent_finishes_settles_the_deployment_on_restar
     assert lab.wait_final(deployment, timeout=60) == ("committed", "")
     took = time.monotonic() - restarted
     assert took < 30, f"settled only {took:.1f} s after the server restarted"
-    if lose_queue:
-        assert "settled from the device's state" in fleet.log("server")
     wait_for(lambda: lab.trials(deployment) == 1, SETTLE_S, "the trial's numbers")
     wait_for(lambda: not outbox_reports(agent_dir), SETTLE_S, "the agent's outbox to empty")
-    assert lab.events(deployment)[-1] == "committed"
+    assert lab.events(deployment) == ["downloading", "verifying", "staged", "trial", "committed"]
+    settled_from_state = f"deployment {deployment} settled from the device's state" in fleet.log("server")[server_log:]
+    resent = "no acknowledgement for a report" in fleet.log("slowpoke")[agent_log:]
+    # Kept: the broker's queue alone brought every report, before the retained state could settle it.
+    # Lost: the hello settled it, and the agent sent its reports again for want of an acknowledgement.
+    assert (settled_from_state, resent) == ((True, True) if lose_queue else (False, False))
     assert_every_report_stored(lab, "slowpoke", set())
     fleet.assert_alive()
 
@@ -372,6 +376,7 @@ def test_a_server_killed_between_applying_and_acknowledging_loses_and_doubles_no
     fleet.stop_process("server")
     fleet.start("server", "server", "--data-dir", str(fleet.data_dir), "--broker", fleet.broker.url, "--http", "off",
                 failpoints=f"{point}=kill")
+    agent_log = len(fleet.log("crashy"))
     deployment = lab.rollout("crashy")["crashy"]
 
     assert fleet.wait_killed("server") == -signal.SIGKILL
@@ -379,8 +384,11 @@ def test_a_server_killed_between_applying_and_acknowledging_loses_and_doubles_no
 
     assert lab.wait_final(deployment) == ("committed", "")
     wait_for(lambda: lab.events(deployment)[-1:] == ["committed"], SETTLE_S, "the final event")
+    wait_for(lambda: not outbox_reports(lab.fleet.agent_dirs["crashy"]), SETTLE_S, "the agent's outbox to empty")
     assert lab.events(deployment) == ["downloading", "verifying", "staged", "trial", "committed"]
     assert_every_report_stored(lab, "crashy", set())
+    # The broker delivered again what the dead server had not acknowledged: the agent never had to.
+    assert "no acknowledgement for a report" not in fleet.log("crashy")[agent_log:]
     fleet.assert_alive()
 
 

@@ -323,3 +323,48 @@ def test_a_published_deployment_superseded_by_a_newer_rollout_is_settled(
     assert rollout_state(workspace.db, newer) == "succeeded"
     assert deployments_of(workspace.db, older)[devices["cam-1"]].state == "failed"
     assert rollout_state(workspace.db, older) == "failed"
+
+
+def test_a_sent_deployment_a_newer_rollout_supersedes_stays_open_while_the_device_installs_it(
+    workspace: Workspace, devices: dict[str, str], engine: RolloutEngine
+) -> None:
+    """The agent finishes the install it is in before it takes the next directive: the older deployment
+    ends as the device says (committed here), not as "failed" the moment the newer rollout starts."""
+    older = start(workspace, "cam-1")
+    now = time.time()
+    engine.tick(now)
+    old = deployments_of(workspace.db, older)[devices["cam-1"]]
+    report(workspace.db, devices["cam-1"], old.id, "downloading", 1)
+    newer = start(workspace, "cam-1")
+
+    engine.tick(now + 1)
+    assert deployments_of(workspace.db, older)[devices["cam-1"]].state == "downloading"
+    report(workspace.db, devices["cam-1"], old.id, "committed", 2)
+    new = deployments_of(workspace.db, newer)[devices["cam-1"]]
+    report(workspace.db, devices["cam-1"], new.id, "committed", 3)
+    engine.tick(now + 2)
+
+    assert deployments_of(workspace.db, older)[devices["cam-1"]].state == "committed"
+    assert (rollout_state(workspace.db, older), rollout_state(workspace.db, newer)) == ("succeeded", "succeeded")
+
+
+def test_the_devices_own_late_account_replaces_a_superseded_guess(
+    workspace: Workspace, devices: dict[str, str], engine: RolloutEngine
+) -> None:
+    """Its final event was delayed (resent from the outbox) behind the newer deployment's events."""
+    older = start(workspace, "cam-1")
+    now = time.time()
+    engine.tick(now)
+    newer = start(workspace, "cam-1")
+    engine.tick(now + 1)
+    old = deployments_of(workspace.db, older)[devices["cam-1"]]
+    new = deployments_of(workspace.db, newer)[devices["cam-1"]]
+    report(workspace.db, devices["cam-1"], new.id, "downloading", 3)
+    guessed = deployments_of(workspace.db, older)[devices["cam-1"]]
+    assert (guessed.state, guessed.reason) == ("failed", "superseded by a newer rollout")
+
+    report(workspace.db, devices["cam-1"], old.id, "rolled_back", 2)  # late, but the device's own word
+    report(workspace.db, devices["cam-1"], old.id, "committed", 4)  # a final state reported by the device sticks
+    row = deployments_of(workspace.db, older)[devices["cam-1"]]
+    assert row.state == "rolled_back"
+    assert new.seq > old.seq

@@ -575,3 +575,18 @@ def test_describe_file_agrees_with_an_independent_computation() -> None:
 
     for data in (MODEL_BYTES, EVAL_BYTES, b""):
         assert describe_file("f", "model", data) == file_entry_for("f", "model", data)
+
+
+def test_unset_optional_fields_are_left_out_so_older_peers_still_read_the_message() -> None:
+    """A peer that predates an optional field rejects it as an unknown key; unset, it is not sent."""
+    from shared.codec import decode, encode
+    from shared.messages import DeviceState, Manifest
+
+    state = SAMPLES[TopicKind.STATE]
+    bare = dataclasses.replace(state, outcome=None, hello=False)
+    assert "outcome" not in encode(bare) and encode(bare)["hello"] is False  # False is a value, not unset
+    assert decode(DeviceState, encode(bare)) == bare
+    telemetry = dataclasses.replace(SAMPLES[TopicKind.TELEMETRY], benchmark=None, accuracy=None)
+    assert {"benchmark", "accuracy"}.isdisjoint(encode(telemetry))
+    assert "active" in encode(dataclasses.replace(state, active=None))  # required, even when null
+    assert Manifest.__dataclass_fields__["max_ram_bytes"].default is None
