@@ -98,7 +98,7 @@ class ServerService:
             manual_ack=True,
         )
         self.engine = RolloutEngine(self.db, self.keys, self._publish)
-        self.chunks = ChunkServer(self.blobs, self._publish)
+        self.chunks = ChunkServer(self.blobs, self._publish_chunk)
         # Each handler returns the (device, boot, seq) of a report it holds for good, if any: the
         # agent keeps a report until the server acknowledges it, after the commit.
         self._handlers: dict[TopicKind, Callable[[Session, Topic, Any], StoredReport | None]] = {
@@ -111,6 +111,10 @@ class ServerService:
 
     def _publish(self, topic: str, payload: bytes, retain: bool) -> None:
         self.link.publish(topic, payload, retain=retain)
+
+    def _publish_chunk(self, topic: str, payload: bytes, retain: bool) -> None:
+        # Not kept while disconnected (an artifact could fill memory): the agents ask again.
+        self.link.publish(topic, payload, retain=retain, when_offline="drop")
 
     # -- handlers ------------------------------------------------------------
 

@@ -76,12 +76,12 @@ class ChunkPublishCounter:
         self._publish = publish
         self.copies: Counter[tuple[str, int]] = Counter()
 
-    def __call__(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> Any:
+    def __call__(self, topic: str, payload: bytes, **options: Any) -> Any:
         parsed = parse_topic(topic)
         if parsed.kind is TopicKind.CHUNK:
             assert parsed.sha256 is not None and parsed.chunk_index is not None
             self.copies[(parsed.sha256, parsed.chunk_index)] += 1
-        return self._publish(topic, payload, qos=qos, retain=retain)
+        return self._publish(topic, payload, **options)
 
     def per_chunk(self, sha256: str, count: int) -> list[int]:
         return [self.copies[(sha256, i)] for i in range(count)]

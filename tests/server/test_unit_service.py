@@ -50,7 +50,7 @@ class Recorder:
     def __init__(self) -> None:
         self.calls: list[tuple[str, bytes, bool]] = []
 
-    def __call__(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+    def __call__(self, topic: str, payload: bytes, *, retain: bool = False, **options: Any) -> None:
         self.calls.append((topic, payload, retain))
 
 
