@@ -144,7 +144,7 @@ def test_tampered_artifact_is_rejected_and_previous_model_kept(
     (row,) = status["devices"]  # type: ignore[misc]
     assert status["state"] == "failed"
     assert row["state"] == "failed"
-    assert "did not match its signed sha256" in row["reason"]
+    assert "came only in copies that do not match its signed sha256" in row["reason"]
     assert fleet.active_digest("pi") == before
     assert fleet.device_list()["pi"]["active_version"] == 1
     # and the server itself refuses to sign anything new from the corrupted blob
