@@ -83,22 +83,25 @@ def advance_deployment(session: Session, device: Device, deployment: Deployment,
     return True
 
 
-def _reported_outcome(deployment_id: str, message: DeviceState) -> tuple[str, str] | None:
-    """What a device's state says about one of its deployments: a final state and reason, if any."""
-    outcome = message.outcome
-    if outcome is not None and outcome.deployment_id == deployment_id:
-        return outcome.state, outcome.reason
-    if message.active is not None and message.active.deployment_id == deployment_id:
-        return UpdateState.COMMITTED.value, ""
-    return None
+def _reported_outcomes(message: DeviceState) -> dict[str, tuple[str, str]]:
+    """What a device's state says its deployments ended as: {deployment id: (final state, reason)}."""
+    outcomes: dict[str, tuple[str, str]] = {}
+    if message.active is not None:
+        outcomes[message.active.deployment_id] = (UpdateState.COMMITTED.value, "")
+    if message.outcome is not None:  # the last one's own account wins
+        outcomes[message.outcome.deployment_id] = (message.outcome.state, message.outcome.reason)
+    return outcomes
 
 
 def reconcile_deployments(session: Session, device: Device, message: DeviceState) -> None:
-    """Settle the device's open deployments from its own state, for when a final event was lost."""
-    for deployment in queries.open_deployments(session, device.id):
-        reported = _reported_outcome(deployment.id, message)
-        if reported is not None and advance_deployment(session, device, deployment, *reported):
-            logger.info("%s: deployment %s settled from the device's state", device.name, deployment.id)
+    """Settle deployments from the device's own state, for when a final event was lost: how its last
+    one ended, which one its active model came from, and the older ones it has moved past."""
+    for deployment_id, reported in _reported_outcomes(message).items():
+        deployment = session.get(Deployment, deployment_id)
+        if deployment is None or deployment.device_id != device.id:
+            continue  # not one of this server's deployments for this device
+        if advance_deployment(session, device, deployment, *reported):
+            logger.info("%s: deployment %s settled from the device's state", device.name, deployment_id)
     settle_superseded(session, device, message.directive_seq)
 
 

@@ -497,3 +497,15 @@ def test_a_state_about_other_deployments_settles_nothing(fleet: Fleet) -> None:
         outcome=DeploymentOutcome("dep-old", "committed"),
     ))
     assert row["state"] == "pending"  # in-flight progress is the events' job; only an ending settles
+
+
+def test_a_state_past_an_open_deployment_settles_it_as_superseded(fleet: Fleet) -> None:
+    """The device took a newer directive without a word about this one (never saw it, or the word was lost)."""
+    with fleet.db.session() as session:
+        seq = session.get(Deployment, fleet.deployment).seq  # type: ignore[union-attr]
+    row = settle_from_state(fleet, replace(device_state(fleet.cam, active=None), directive_seq=seq + 1))
+    assert (row["state"], row["reason"]) == ("failed", "superseded by a newer rollout")
+    assert settle_from_state(fleet, replace(  # and the device's own late word still replaces the guess
+        device_state(fleet.cam, active=None), directive_seq=seq + 1,
+        outcome=DeploymentOutcome(fleet.deployment, "committed"),
+    ))["state"] == "committed"
