@@ -140,8 +140,14 @@ class Manifest:
 
 @dataclass(frozen=True)
 class Gates:
+    """What the device checks before it commits (see ``agent/gates.py``). The comparisons with the model
+    being replaced use that model's accuracy and p95 measured in the same trial, on the same eval samples;
+    a device with no model yet skips them."""
+
     min_accuracy: float
     max_p95_ms: float | None = None
+    max_regression: float | None = None  # accuracy may fall at most this far below the replaced model's
+    max_latency_ratio: float | None = None  # p95 at most this many times the replaced model's p95
 
 
 @dataclass(frozen=True)
@@ -290,6 +296,18 @@ class BenchmarkResult:
     peak_rss_bytes: int
 
 
+@dataclass(frozen=True)
+class PreviousModel:
+    """The model a trial's candidate would replace, measured in the same trial on the same eval samples."""
+
+    model: str
+    version: int
+    sha256: str
+    accuracy: float
+    p50_ms: float
+    p95_ms: float
+
+
 TELEMETRY_KINDS = frozenset({"trial"})
 
 
@@ -305,6 +323,7 @@ class Telemetry:
     benchmark: BenchmarkResult | None = None
     accuracy: float | None = None
     samples: int | None = None
+    previous: PreviousModel | None = None
 
     def __post_init__(self) -> None:
         _check_version(self.v)

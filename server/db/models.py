@@ -16,6 +16,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
@@ -30,7 +31,9 @@ def utcnow() -> datetime:
 
 
 class Base(DeclarativeBase):
-    type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSON, datetime: DateTime(timezone=True)}
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        dict[str, Any]: JSON, list[Any]: JSON, datetime: DateTime(timezone=True),
+    }
 
 
 class Profile(Base):
@@ -53,9 +56,14 @@ class Profile(Base):
 
 class Device(Base):
     __tablename__ = "devices"
+    # a removed device keeps its row (its deployments' history names it) but frees its name
+    __table_args__ = (
+        Index("ix_devices_live_name", "name", unique=True, sqlite_where=text("removed_at IS NULL"),
+              postgresql_where=text("removed_at IS NULL")),
+    )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    name: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str] = mapped_column(String(64))
     profile_name: Mapped[str] = mapped_column(ForeignKey("profiles.name"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     online: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -68,6 +76,10 @@ class Device(Base):
     active_model: Mapped[str | None] = mapped_column(String(128), default=None)
     active_version: Mapped[int | None] = mapped_column(Integer, default=None)
     active_quantization: Mapped[str | None] = mapped_column(String(32), default=None)
+    tags: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default=text("'{}'"))  # {key: value}, both strings
+    removed_at: Mapped[datetime | None] = mapped_column(default=None)
+    # the directive sequence number the device last said it trusts: lower than what it was sent = it was reset
+    reported_seq: Mapped[int | None] = mapped_column(Integer, default=None)
 
     profile: Mapped[Profile] = relationship()
 
@@ -190,14 +202,48 @@ class Rollout(Base):
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
-    state: Mapped[str] = mapped_column(String(32), default="running")
+    state: Mapped[str] = mapped_column(String(32), default="running")  # a RolloutState value
     max_accuracy_drop: Mapped[float] = mapped_column(Float)
     min_accuracy: Mapped[float] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    # {"profiles": [...], "tags": {k: v}, "devices": [names]}: re-resolved while the rollout is live
+    selection: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default=text("'{}'"))
+    policy: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default=text("'{}'"))  # server.rollouts.policy.RolloutPolicy
+    state_reason: Mapped[str] = mapped_column(Text, default="", server_default=text("''"))
+    actor: Mapped[str] = mapped_column(String(128), default="", server_default=text("''"))  # who started it
 
     model_version: Mapped[ModelVersion] = relationship()
     deployments: Mapped[list[Deployment]] = relationship(back_populates="rollout", order_by="Deployment.created_at")
+    waves: Mapped[list[Wave]] = relationship(order_by="Wave.index")
+    releases: Mapped[list[RolloutRelease]] = relationship()
+
+
+class RolloutRelease(Base):
+    """The release a rollout ships to one profile (signed at planning, or when a device of a new profile joins)."""
+
+    __tablename__ = "rollout_releases"
+
+    rollout_id: Mapped[str] = mapped_column(ForeignKey("rollouts.id"), primary_key=True)
+    profile_name: Mapped[str] = mapped_column(ForeignKey("profiles.name"), primary_key=True)
+    release_id: Mapped[int] = mapped_column(ForeignKey("releases.id"))
+
+    release: Mapped[Release] = relationship()
+
+
+class Wave(Base):
+    """One wave of a rollout; ``target_count`` is cumulative, fixed when the wave starts."""
+
+    __tablename__ = "waves"
+
+    rollout_id: Mapped[str] = mapped_column(ForeignKey("rollouts.id"), primary_key=True)
+    index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    spec: Mapped[str] = mapped_column(String(16))  # "1", "10%", ...
+    state: Mapped[str] = mapped_column(String(32), default="waiting")  # a WaveState value
+    target_count: Mapped[int | None] = mapped_column(Integer, default=None)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    decided_at: Mapped[datetime | None] = mapped_column(default=None)
+    gates: Mapped[list[Any]] = mapped_column(default=list)  # the last measurement: [{name, measured, ...}]
 
 
 class Deployment(Base):
@@ -220,10 +266,33 @@ class Deployment(Base):
     published_at: Mapped[datetime | None] = mapped_column(default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    wave: Mapped[int | None] = mapped_column(Integer, default=None)
+    kind: Mapped[str] = mapped_column(String(16), default="install", server_default="install")  # or "revert"
+    reverts_id: Mapped[str | None] = mapped_column(String(64), default=None)  # the install a revert undoes
+    previous_release_id: Mapped[int | None] = mapped_column(ForeignKey("releases.id"), default=None)
+    previous_accuracy: Mapped[float | None] = mapped_column(Float, default=None)  # replaced model, same trial
+    previous_p95_ms: Mapped[float | None] = mapped_column(Float, default=None)
+    timed_out_at: Mapped[datetime | None] = mapped_column(default=None)
 
     rollout: Mapped[Rollout] = relationship(back_populates="deployments")
     device: Mapped[Device] = relationship()
-    release: Mapped[Release] = relationship()
+    release: Mapped[Release] = relationship(foreign_keys=[release_id])
+    previous_release: Mapped[Release | None] = relationship(foreign_keys=[previous_release_id])
+
+
+class AuditEvent(Base):
+    """The append-only log of every rollout decision and operator action, with its numbers."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ts: Mapped[datetime] = mapped_column(default=utcnow)
+    kind: Mapped[str] = mapped_column(String(64))  # e.g. rollout.started, wave.gate_failed, device.timed_out
+    actor: Mapped[str] = mapped_column(String(128), default="server")  # "server" or "operator <user>@<host>"
+    rollout_id: Mapped[str | None] = mapped_column(String(64), default=None, index=True)
+    device_id: Mapped[str | None] = mapped_column(String(64), default=None, index=True)
+    message: Mapped[str] = mapped_column(Text, default="")
+    data: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
 
 class EventRecord(Base):
