@@ -25,7 +25,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "device": ("server.cli", "device_group", "Register and list devices."),
     "model": ("server.cli", "model_group", "Add models and list their versions."),
     "profile": ("server.profile_cli", "profile_group", "Add, list and show device profiles."),
-    "rollout": ("server.cli", "rollout_group", "Start rollouts and watch their status."),
+    "rollout": ("server.rollout_cli", "rollout_group", ("Roll models out in waves; status, pause, resume, abort, "
+                "rollback.")),
+    "events": ("server.rollout_cli", "events_command", "The audit log of rollout decisions and operator actions."),
     "agent": ("agent.cli", "agent_group", "Run the device agent."),
     "demo": ("server.demo", "demo_command", "Run a local demo fleet end to end."),
 }

@@ -15,7 +15,6 @@ from server.cli_options import DATA_DIR, JSON
 from server.compression import ProfileReport
 from server.load_errors import CONFIRMATIONS, KnownLoadErrors, LoadErrorReport, by_pair
 from server.render import cell, human_bytes, table
-from server.rollouts import RolloutStatus
 from server.setup import init_data_dir, open_workspace
 from shared.mqtt import BrokerAddress
 
@@ -289,76 +288,3 @@ def load_errors_table(report: ProfileReport) -> str:
     return (f"\n\nload errors reported by devices (a runtime with {CONFIRMATIONS}+ reports is refused at rollout "
             "unless --ignore-load-errors):\n"
             + table(["RECIPE", "RUNTIME", "STATUS", "DEVICE", "DEPLOYMENT", "REPORTED", "REASON"], rows))
-
-
-# -- rollouts ----------------------------------------------------------------------
-
-
-@click.group("rollout")
-def rollout_group() -> None:
-    """Start rollouts and watch their status."""
-
-
-@rollout_group.command("start")
-@click.argument("model_ref", metavar="NAME[:VERSION]")
-@DATA_DIR
-@click.option("--profile", "profiles", multiple=True, help="Target every device of this profile (repeatable).")
-@click.option("--device", "devices", multiple=True, help="Target this device (repeatable).")
-@click.option("--max-accuracy-drop", type=float, default=0.02, show_default=True,
-              help="Allowed on-device accuracy drop below the float model's host reference.")
-@click.option("--min-accuracy", type=float, default=0.0, show_default=True, help="Absolute on-device accuracy floor.")
-@click.option("--ignore-load-errors", is_flag=True,
-              help="Send a variant even to runtimes that devices confirmed cannot load it (still warns).")
-def rollout_start(
-    model_ref: str, data_dir: Path, profiles: tuple[str, ...], devices: tuple[str, ...],
-    max_accuracy_drop: float, min_accuracy: float, ignore_load_errors: bool,
-) -> None:
-    """Roll NAME[:VERSION] out; prints the rollout id. The server must be running to deliver it."""
-    from server.rollouts import start_rollout
-
-    workspace = open_workspace(data_dir)
-    rollout_id = start_rollout(
-        workspace.db, workspace.blobs, workspace.keys(), model_ref,
-        profiles=profiles, device_names=devices, max_accuracy_drop=max_accuracy_drop, min_accuracy=min_accuracy,
-        progress=lambda line: click.echo(line, err=True), ignore_load_errors=ignore_load_errors,
-        warn=lambda message: click.echo(f"warning: {message}", err=True),
-    )
-    click.echo(rollout_id)
-
-
-def status_json(status: RolloutStatus) -> dict[str, object]:
-    keys = ("device", "profile", "state", "quantization", "size_bytes", "p50_ms", "p95_ms", "accuracy", "reason")
-    return {
-        "rollout": status.rollout,
-        "model": status.model,
-        "version": status.version,
-        "state": status.state,
-        "devices": [{k: getattr(d, k) for k in keys} for d in status.devices],
-    }
-
-
-def status_table(status: RolloutStatus) -> str:
-    header = f"rollout {status.rollout}: {status.model}:{status.version}  {status.state}"
-    body = table(
-        ["DEVICE", "PROFILE", "STATE", "VARIANT", "SIZE", "P50 MS", "P95 MS", "ACCURACY", "GATE", "REASON"],
-        [
-            [
-                d.device, d.profile, d.state, d.quantization, human_bytes(d.size_bytes),
-                cell(d.p50_ms, ".4f"), cell(d.p95_ms, ".4f"), cell(d.accuracy, ".4f"), f"{d.gate:.4f}", d.reason,
-            ]
-            for d in status.devices
-        ],
-    )
-    return f"{header}\n{body}"
-
-
-@rollout_group.command("status")
-@click.argument("rollout_id")
-@DATA_DIR
-@JSON
-def rollout_status_command(rollout_id: str, data_dir: Path, as_json: bool) -> None:
-    """Per device: state, variant, size, on-device latency and accuracy."""
-    from server.rollouts import rollout_status
-
-    status = rollout_status(open_workspace(data_dir).db, rollout_id)
-    click.echo(json.dumps(status_json(status), indent=2) if as_json else status_table(status))

@@ -18,6 +18,7 @@ from typing import Any
 from server.db import Database, queries
 from server.devices import list_devices
 from server.rollouts import rollout_status
+from server.rollouts.read_model import status_json
 from shared.errors import EdgefleetError, NotFoundError
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ def fleet_snapshot(db: Database) -> dict[str, Any]:
     rollouts = []
     for rollout_id in rollout_ids:
         status = rollout_status(db, rollout_id)
-        rollouts.append({**asdict(status), "devices": [asdict(d) for d in status.devices]})
+        rollouts.append(status_json(status))
     return {"devices": devices, "rollouts": rollouts}
 
 
@@ -128,7 +129,7 @@ class DashboardServer:
                         self._json(HTTPStatus.OK, fleet_snapshot(db))
                     elif path.startswith("/api/rollouts/"):
                         status = rollout_status(db, path.removeprefix("/api/rollouts/"))
-                        self._json(HTTPStatus.OK, {**asdict(status), "devices": [asdict(d) for d in status.devices]})
+                        self._json(HTTPStatus.OK, status_json(status))
                     elif path == "/healthz":
                         self._json(HTTPStatus.OK, {"ok": True})
                     else:

@@ -20,10 +20,12 @@ import click
 
 from server.broker import Mosquitto, free_port
 from server.catalog import add_model
-from server.cli import report_table, status_table
+from server.cli import report_table
 from server.compression import compression_report
 from server.devices import agent_config_toml, register_device
+from server.rollout_cli import status_table
 from server.rollouts import RolloutStatus, rollout_status, start_rollout
+from server.selection import Selection
 from server.setup import init_data_dir
 from shared.errors import UserInputError
 
@@ -125,7 +127,7 @@ def demo_command(workdir: Path, once: bool, timeout: float) -> None:
         click.echo(f"model      digits:{version.version}, float reference accuracy {version.reference_accuracy:.4f}")
         click.echo("rollout    compressing per profile and signing ...")
         rollout_id = start_rollout(workspace.db, workspace.blobs, keys, "digits",
-                                   profiles=tuple(sorted({p for _, p in FLEET})))
+                                   Selection(profiles=tuple(sorted({p for _, p in FLEET}))))
         click.echo(f"rollout    {rollout_id} started; waiting for the devices:")
         status = _wait_settled(workspace.db, rollout_id, processes, timeout)
         click.echo("")

@@ -24,16 +24,10 @@ from datetime import datetime, timezone
 from server.db import Session, queries
 from server.db.models import Deployment, Device, EventRecord, LoadErrorRecord, TelemetryRecord
 from server.load_errors import known_load_errors
+from server.rollouts.states import PROGRESS, SUPERSEDED, DeploymentState
 from shared.codec import encode
 from shared.messages import Availability, DeviceState, Event, Telemetry, UpdateState
 from shared.trial import LOAD_ERROR
-
-SUPERSEDED = "superseded by a newer rollout"
-
-# A deployment's states in the order they happen; a report never moves one backwards.
-PROGRESS = (
-    UpdateState.PENDING, UpdateState.DOWNLOADING, UpdateState.VERIFYING, UpdateState.STAGED, UpdateState.TRIAL,
-)
 
 logger = logging.getLogger(__name__)
 
@@ -66,11 +60,17 @@ def apply_availability(session: Session, device_id: str, message: Availability) 
         device.last_seen = _now()
 
 
+def _server_drawn(deployment: Deployment) -> bool:
+    """A final state the server concluded without the device's word, which that word replaces."""
+    state = DeploymentState(deployment.state)
+    return state is DeploymentState.CANCELLED or (state is DeploymentState.FAILED and deployment.reason == SUPERSEDED)
+
+
 def advance_deployment(session: Session, device: Device, deployment: Deployment, state: str, reason: str) -> bool:
     """Move ``deployment`` to ``state`` if that is forward and it is not settled; True if it moved."""
-    current, target = UpdateState(deployment.state), UpdateState(state)
+    current, target = DeploymentState(deployment.state), DeploymentState.of(UpdateState(state))
     if current.is_final:
-        if not (target.is_final and deployment.reason == SUPERSEDED and reason != SUPERSEDED):
+        if not (target.is_final and _server_drawn(deployment) and reason != SUPERSEDED):
             return False
     elif not target.is_final and PROGRESS.index(target) <= PROGRESS.index(current):
         return False
@@ -122,6 +122,7 @@ def apply_state(session: Session, message: DeviceState) -> Device | None:
     device.boot_id = message.boot_id
     device.runtime = f"{message.runtime} {message.runtime_version}".strip()
     device.update_state = message.update_state
+    device.reported_seq = message.directive_seq
     active = message.active
     device.active_deployment_id = active.deployment_id if active else None
     device.active_model = active.model if active else None
@@ -203,5 +204,8 @@ def apply_telemetry(session: Session, message: Telemetry) -> bool:
         deployment.p50_ms = bench.p50_ms
         deployment.p95_ms = bench.p95_ms
         deployment.accuracy = message.accuracy
+        if message.previous is not None:  # the model it replaces, measured in the same trial
+            deployment.previous_accuracy = message.previous.accuracy
+            deployment.previous_p95_ms = message.previous.p95_ms
         deployment.updated_at = _now()
     return True

@@ -15,7 +15,7 @@ from server.db import Session
 from server.db.models import Artifact, Profile, Release
 from server.keys import SigningKeys
 from shared import PROTOCOL_VERSION
-from shared.codec import encode
+from shared.codec import decode, encode
 from shared.messages import Manifest, ReferenceMetrics, describe_file
 from shared.signing import envelope_digest, sign_envelope
 
@@ -50,9 +50,34 @@ def sign_release(session: Session, blobs: BlobStore, keys: SigningKeys, artifact
         expires=now + MANIFEST_LIFETIME_S,
         max_ram_bytes=profile.max_ram_bytes if profile is not None else None,
     )
+    release.model_sha256, release.eval_sha256 = artifact.sha256, version.eval_sha256
+    return _signed(session, release, manifest, keys)
+
+
+def resign_release(session: Session, keys: SigningKeys, previous: Release) -> Release:
+    """A new release of exactly the files ``previous`` named, with a higher counter and fresh dates.
+
+    A fleet rollback ships a device's previous release again: the agent refuses a release counter
+    lower than one it trusts, so the old manifest itself would be refused. Same files, same digests:
+    an agent that still holds them in its other slot copies them instead of downloading.
+    """
+    old = decode(Manifest, previous.manifest["signed"])
+    release = Release(artifact_id=previous.artifact_id, manifest={}, manifest_sha256="",
+                      model_sha256=previous.model_sha256, eval_sha256=previous.eval_sha256)
+    session.add(release)
+    session.flush()  # the id is the release counter
+    now = int(time.time())
+    manifest = Manifest(
+        v=PROTOCOL_VERSION, model=old.model, version=old.version, release_counter=release.id, profile=old.profile,
+        quantization=old.quantization, files=old.files, reference=old.reference, created=now,
+        expires=now + MANIFEST_LIFETIME_S, max_ram_bytes=old.max_ram_bytes,
+    )
+    return _signed(session, release, manifest, keys)
+
+
+def _signed(session: Session, release: Release, manifest: Manifest, keys: SigningKeys) -> Release:
     envelope = sign_envelope(manifest, keys.release)
     release.manifest = encode(envelope)
     release.manifest_sha256 = envelope_digest(envelope)
-    release.model_sha256, release.eval_sha256 = artifact.sha256, version.eval_sha256
     session.flush()
     return release

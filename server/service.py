@@ -97,7 +97,7 @@ class ServerService:
             broker, client_id=session_client_id(data_dir), inbox=self.inbox, session_expiry_s=SESSION_EXPIRY_S,
             manual_ack=True,
         )
-        self.engine = RolloutEngine(self.db, self.keys, self._publish)
+        self.engine = RolloutEngine(self.db, self.keys, self._publish, blobs=self.blobs)
         self.chunks = ChunkServer(self.blobs, self._publish_chunk)
         # Each handler returns the (device, boot, seq) of a report it holds for good, if any: the
         # agent keeps a report until the server acknowledges it, after the commit.
@@ -124,7 +124,8 @@ class ServerService:
         device = apply_state(session, message)
         if device is None or not message.hello:
             return
-        # Retained desired state is only a hint: re-send what this device has not yet seen.
+        # Retained desired state is only a hint: re-send what this device has not yet seen (the next
+        # engine tick publishes it, after this batch commits).
         deployment = queries.latest_deployment(session, device.id)
         if (
             deployment is not None
@@ -133,7 +134,7 @@ class ServerService:
             and message.directive_seq < deployment.seq
         ):
             logger.info("re-sending deployment %s to %s", deployment.id, device.name)
-            self.engine.send(session, deployment, time.time())
+            self.engine.resend(deployment)
 
     def _on_availability(self, session: Session, topic: Topic, message: Availability) -> None:
         assert topic.device_id is not None

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
+from datetime import datetime
 
-from sqlalchemy import exists, func, or_, select
+from sqlalchemy import and_, exists, func, or_, select
 from sqlalchemy.orm import Session
 
 from server.db.models import (
     Artifact,
+    AuditEvent,
     Deployment,
     Device,
     EventRecord,
@@ -22,7 +24,14 @@ from server.db.models import (
     Variant,
 )
 
-FINAL_STATES = ("committed", "rolled_back", "failed")
+FINAL_STATES = ("committed", "rolled_back", "failed", "cancelled", "removed")
+
+
+def device_names(session: Session, ids: Collection[str]) -> dict[str, str]:
+    """{device id: name}, removed devices included (the history names them)."""
+    if not ids:
+        return {}
+    return dict(session.execute(select(Device.id, Device.name).where(Device.id.in_(ids))).tuples().all())
 
 
 def profile_names(session: Session) -> list[str]:
@@ -88,6 +97,53 @@ def rollout(session: Session, rollout_id: str) -> Rollout | None:
 
 def running_rollouts(session: Session) -> Sequence[Rollout]:
     return session.scalars(select(Rollout).where(Rollout.state == "running")).all()
+
+
+def live_rollouts(session: Session, stopped_since: datetime) -> Sequence[Rollout]:
+    """Rollouts the engine still drives, newest first: running, paused, succeeded (newcomers converge), and
+    those rolled back or aborted since ``stopped_since`` (a device may still finish what was withdrawn)."""
+    return session.scalars(
+        select(Rollout)
+        .where(or_(Rollout.state.in_(("running", "paused", "succeeded")),
+                   and_(Rollout.state.in_(("rolled_back", "aborted")), Rollout.finished_at >= stopped_since)))
+        .order_by(Rollout.created_at.desc(), Rollout.id.desc())
+    ).all()
+
+
+def latest_deployment_by_device(session: Session) -> dict[str, Deployment]:
+    """Each device's deployment with the highest sequence number."""
+    newest = (select(Deployment.device_id, func.max(Deployment.seq).label("seq"))
+              .group_by(Deployment.device_id).subquery())
+    rows = session.scalars(
+        select(Deployment).join(newest, and_(Deployment.device_id == newest.c.device_id,
+                                             Deployment.seq == newest.c.seq))
+    ).all()
+    return {d.device_id: d for d in rows}
+
+
+def deployments_by_ids(session: Session, ids: Collection[str]) -> Sequence[Deployment]:
+    return session.scalars(select(Deployment).where(Deployment.id.in_(ids))).all()
+
+
+def audit_logged(session: Session, kind: str, rollout_id: str | None, device_id: str | None) -> bool:
+    """Whether the audit log already has this kind of entry for the rollout and device (log once)."""
+    return bool(session.scalar(select(exists().where(
+        AuditEvent.kind == kind, AuditEvent.rollout_id == rollout_id, AuditEvent.device_id == device_id))))
+
+
+def audit_events(
+    session: Session, *, rollout_id: str | None = None, device_id: str | None = None, limit: int | None = None
+) -> Sequence[AuditEvent]:
+    """Oldest first (the newest ``limit`` when given)."""
+    query = select(AuditEvent)
+    if rollout_id is not None:
+        query = query.where(AuditEvent.rollout_id == rollout_id)
+    if device_id is not None:
+        query = query.where(AuditEvent.device_id == device_id)
+    if limit is not None:
+        newest = session.scalars(query.order_by(AuditEvent.id.desc()).limit(limit)).all()
+        return list(reversed(newest))
+    return session.scalars(query.order_by(AuditEvent.id)).all()
 
 
 def unpublished_deployments(session: Session) -> Sequence[Deployment]:

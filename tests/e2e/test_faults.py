@@ -37,7 +37,8 @@ from server.catalog import add_model
 from server.compress.digits import digits_split
 from server.compress.evalset import write_eval_file
 from server.db.models import Deployment, Device, EventRecord, TelemetryRecord
-from server.rollouts import start_rollout
+from server.rollouts import RolloutPolicy, start_rollout
+from server.selection import Selection
 from server.setup import Workspace, open_workspace
 from shared.messages import DeviceState, decode_payload
 from shared.topics import TopicKind, device_topic
@@ -132,11 +133,18 @@ class Lab:
         """Roll a new version out to ``names``; returns each device's deployment id."""
         ref = self.models.add()
         rollout_id = start_rollout(
-            self.workspace.db, self.workspace.blobs, self.workspace.keys(), ref, device_names=names
+            self.workspace.db, self.workspace.blobs, self.workspace.keys(), ref, Selection(devices=names),
+            RolloutPolicy(waves=("100%",)),
         )
-        with self.workspace.db.session() as session:
-            rows = session.scalars(select(Deployment).where(Deployment.rollout_id == rollout_id)).all()
-            ids = {d.device_id: d.id for d in rows}
+        ids: dict[str, str] = {}
+
+        def deployed() -> bool:  # the running server's engine creates them on its next tick
+            with self.workspace.db.session() as session:
+                rows = session.scalars(select(Deployment).where(Deployment.rollout_id == rollout_id)).all()
+                ids.update({d.device_id: d.id for d in rows})
+            return len(ids) == len(names)
+
+        wait_for(deployed, SETTLE_S, f"the server to deploy {rollout_id}")
         return {name: ids[self.device_id(name)] for name in names}
 
     def deployment(self, deployment_id: str) -> tuple[str, str]:

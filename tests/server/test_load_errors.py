@@ -25,10 +25,12 @@ from server.devices import register_device
 from server.ingest import _remember_incompatibility, apply_state
 from server.load_errors import KnownLoadErrors, LoadErrorReport
 from server.rollouts import start_rollout
+from server.selection import Selection
 from server.setup import Workspace
 from shared.errors import UserInputError
 from shared.messages import UpdateState
 from shared.trial import LOAD_ERROR
+from tests.server.rollout_helpers import ALL_AT_ONCE, take_up
 from tests.server.test_cli_errors import assert_ok, assert_user_error, run
 from tests.server.test_unit_ingest import apply, count, device_state, event
 
@@ -67,8 +69,10 @@ def set_runtime(db: Database, device_id: str, runtime: str) -> None:
 def rollout(fleet: Fleet, *names: str, **kwargs: object) -> tuple[str, list[str]]:
     """Start a rollout of digits to ``names``; returns its id and the warnings it gave."""
     warnings: list[str] = []
-    rollout_id = start_rollout(fleet.db, fleet.workspace.blobs, fleet.workspace.keys(), "digits", device_names=names,
-                               warn=warnings.append, **kwargs)  # type: ignore[arg-type]
+    rollout_id = start_rollout(fleet.db, fleet.workspace.blobs, fleet.workspace.keys(), "digits",
+                               Selection(devices=names), ALL_AT_ONCE, warn=warnings.append,
+                               **kwargs)  # type: ignore[arg-type]
+    take_up(fleet.workspace)
     return rollout_id, warnings
 
 
@@ -140,10 +144,12 @@ def test_a_report_on_another_runtime_says_nothing_about_this_one(fleet: Fleet) -
 
 def test_the_default_warn_logs(fleet: Fleet, caplog: pytest.LogCaptureFixture) -> None:
     fleet.report("cam-1")
-    with caplog.at_level("WARNING", logger="server.rollouts"):
-        start_rollout(fleet.db, fleet.workspace.blobs, fleet.workspace.keys(), "digits", device_names=("cam-2",))
+    with caplog.at_level("WARNING", logger="server.rollouts.planning"):
+        start_rollout(fleet.db, fleet.workspace.blobs, fleet.workspace.keys(), "digits", Selection(devices=("cam-2",)),
+                      ALL_AT_ONCE)
 
-    assert [r.getMessage() for r in caplog.records if r.name == "server.rollouts"] == [cam_1s_word_for_cam_2(fleet)]
+    assert [r.getMessage() for r in caplog.records if r.name == "server.rollouts.planning"] == [
+        cam_1s_word_for_cam_2(fleet)]
 
 
 # -- two reports block -------------------------------------------------------------------------------
@@ -156,8 +162,8 @@ def refused(fleet: Fleet, *names: str) -> str:
         seqs_before = {d.name: d.directive_seq for d in session.scalars(select(Device))}
     warnings: list[str] = []
     with pytest.raises(UserInputError) as caught:
-        start_rollout(fleet.db, fleet.workspace.blobs, fleet.workspace.keys(), "digits", device_names=names,
-                      warn=warnings.append)
+        start_rollout(fleet.db, fleet.workspace.blobs, fleet.workspace.keys(), "digits", Selection(devices=names),
+                      ALL_AT_ONCE, warn=warnings.append)
     assert warnings == []
     assert count(fleet.db, Rollout) == rollouts_before
     with fleet.db.session() as session:
@@ -308,6 +314,7 @@ def test_cli_prints_only_the_rollout_id_on_stdout_and_warnings_on_stderr(
     assert rollout_id.startswith("r-") and "\n" not in rollout_id
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("warning: ") and warning in line, line
+    take_up(fleet.workspace)
     deployment_of(fleet, rollout_id, "cam-1")
 
 
@@ -355,11 +362,14 @@ def test_model_report_without_load_errors_has_no_such_section(fleet: Fleet) -> N
 
 def migrate(db: Database, revision: str) -> None:
     """Move the schema to ``revision`` (downgrades too), as Database.upgrade runs migrations."""
-    with db.engine.connect() as conn, conn.begin():
-        if revision == "head":
-            command.upgrade(_alembic_config(conn), revision)
-        else:
-            command.downgrade(_alembic_config(conn), revision)
+    with db.engine.connect() as conn:
+        conn.connection.driver_connection.execute("PRAGMA foreign_keys=OFF")  # type: ignore[union-attr]
+        with conn.begin():
+            if revision == "head":
+                command.upgrade(_alembic_config(conn), revision)
+            else:
+                command.downgrade(_alembic_config(conn), revision)
+        conn.invalidate()
 
 
 def test_upgrading_from_0002_keeps_what_runtime_incompatibilities_knew(fleet: Fleet) -> None:

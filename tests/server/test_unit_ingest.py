@@ -21,6 +21,7 @@ from server.db.models import Deployment, Device, EventRecord, TelemetryRecord
 from server.devices import register_device
 from server.ingest import apply_availability, apply_event, apply_state, apply_telemetry
 from server.rollouts import start_rollout
+from server.selection import Selection
 from server.setup import Workspace
 from shared import PROTOCOL_VERSION
 from shared.messages import (
@@ -34,6 +35,7 @@ from shared.messages import (
     Telemetry,
     UpdateState,
 )
+from tests.server.rollout_helpers import ALL_AT_ONCE, start_all_at_once
 
 NOW = 1_700_000_000.0
 BOOT = "boot-1"
@@ -51,7 +53,7 @@ class Fleet:
 
 def _rollout_to(workspace: Workspace, *names: str) -> tuple[str, dict[str, str]]:
     """Start a rollout of digits to ``names``; returns (rollout id, {device id: deployment id})."""
-    rollout_id = start_rollout(workspace.db, workspace.blobs, workspace.keys(), "digits", device_names=names)
+    rollout_id = start_all_at_once(workspace, *names)
     with workspace.db.session() as session:
         deployments = session.scalars(select(Deployment).where(Deployment.rollout_id == rollout_id)).all()
         return rollout_id, {d.device_id: d.id for d in deployments}
@@ -409,12 +411,12 @@ def test_a_load_error_is_remembered_and_later_rollouts_to_that_runtime_warn(
     assert count(fleet.db, LoadErrorRecord) == 1
 
     warnings: list[str] = []
-    start_rollout(workspace.db, workspace.blobs, workspace.keys(), "digits", device_names=("cam-1",),
-                  warn=warnings.append)
+    start_rollout(workspace.db, workspace.blobs, workspace.keys(), "digits", Selection(devices=("cam-1",)),
+                  ALL_AT_ONCE, warn=warnings.append)
     assert len(warnings) == 1 and "on tflite-runtime 2.14.0 although cam-1 reported" in warnings[0]
     # the other runtime gets it without a word
-    start_rollout(workspace.db, workspace.blobs, workspace.keys(), "digits", device_names=("cam-2",),
-                  warn=warnings.append)
+    start_rollout(workspace.db, workspace.blobs, workspace.keys(), "digits", Selection(devices=("cam-2",)),
+                  ALL_AT_ONCE, warn=warnings.append)
     assert len(warnings) == 1
     # and a second report of the same deployment's failure adds nothing
     apply(fleet.db, event(fleet.cam, fleet.deployment, UpdateState.ROLLED_BACK, 2, reason=reason))

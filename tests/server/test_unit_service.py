@@ -21,7 +21,6 @@ from sqlalchemy import func, select
 
 from server.db.models import Artifact, Deployment, Device, EventRecord, TelemetryRecord
 from server.devices import register_device
-from server.rollouts import start_rollout
 from server.service import ServerService
 from server.setup import Workspace
 from shared import PROTOCOL_VERSION
@@ -38,6 +37,7 @@ from shared.messages import (
 )
 from shared.mqtt import BrokerAddress, Inbound, LinkDown, LinkUp
 from shared.topics import TopicKind, chunk_topic, device_topic, want_topic
+from tests.server.rollout_helpers import start_all_at_once
 
 
 def unused_port() -> int:
@@ -69,7 +69,7 @@ class Setup:
 def setup(workspace: Workspace) -> Iterator[Setup]:
     cam = register_device(workspace.db, "cam-1", "x86-64").id
     other = register_device(workspace.db, "cam-2", "x86-64").id
-    rollout_id = start_rollout(workspace.db, workspace.blobs, workspace.keys(), "digits", device_names=("cam-1",))
+    rollout_id = start_all_at_once(workspace, "cam-1")
     with workspace.db.session() as session:
         deployment = session.scalars(select(Deployment.id).where(Deployment.rollout_id == rollout_id)).one()
     service = ServerService(workspace.data_dir, BrokerAddress("127.0.0.1", unused_port()), db=workspace.db)
@@ -265,6 +265,8 @@ def test_a_hello_from_a_device_that_missed_its_directive_gets_it_again(setup: Se
                         update_state="idle", deployment_id=None, directive_seq=0, active=None, hello=True)
 
     setup.service.handle_batch([inbound(device_topic(TopicKind.STATE, setup.cam), encode_payload(hello), retain=True)])
+    assert len(setup.published.calls) == 1  # not before the batch committed: the next tick sends it
+    setup.service.engine.tick(time.time())
 
     assert len(setup.published.calls) == 2
     topic, payload, retain = setup.published.calls[1]
@@ -279,6 +281,7 @@ def test_a_hello_from_an_up_to_date_device_gets_nothing(setup: Setup) -> None:
                         hello=True)
 
     setup.service.handle_batch([inbound(device_topic(TopicKind.STATE, setup.cam), encode_payload(hello), retain=True)])
+    setup.service.engine.tick(time.time())
 
     assert len(setup.published.calls) == 1
 
