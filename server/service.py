@@ -124,17 +124,7 @@ class ServerService:
         device = apply_state(session, message)
         if device is None or not message.hello:
             return
-        # Retained desired state is only a hint: re-send what this device has not yet seen (the next
-        # engine tick publishes it, after this batch commits).
-        deployment = queries.latest_deployment(session, device.id)
-        if (
-            deployment is not None
-            and deployment.published_at is not None
-            and deployment.state not in queries.FINAL_STATES
-            and message.directive_seq < deployment.seq
-        ):
-            logger.info("re-sending deployment %s to %s", deployment.id, device.name)
-            self.engine.resend(deployment)
+        self.engine.on_hello(session, device, message.directive_seq)  # published by the next tick
 
     def _on_availability(self, session: Session, topic: Topic, message: Availability) -> None:
         assert topic.device_id is not None

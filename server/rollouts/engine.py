@@ -119,8 +119,17 @@ class RolloutEngine:
         return messages, sent
 
     def resend(self, deployment: Deployment) -> None:
-        """Have the next tick publish this deployment's desired state again (after a device's hello)."""
+        """Have the next tick publish this deployment's desired state again."""
         deployment.published_at = None
+
+    def on_hello(self, session: Session, device: Device, directive_seq: int) -> None:
+        """A device (re)connected saying which directive it trusts: retained desired state is only a hint,
+        so if it has not seen its open deployment, the next tick sends it again."""
+        deployment = queries.latest_deployment(session, device.id)
+        if (deployment is not None and deployment.published_at is not None
+                and not DeploymentState(deployment.state).is_final and directive_seq < deployment.seq):
+            logger.info("re-sending deployment %s to %s", deployment.id, device.name)
+            self.resend(deployment)
 
 
 class RolloutStep:
@@ -353,9 +362,10 @@ class RolloutStep:
                     continue
                 self._revert(deployment)
             elif not state.is_final:
+                under_way = deployment.published_at is not None and state is not DeploymentState.PENDING
                 self._cancel(deployment, CANCELLED_BY[RolloutState.ROLLED_BACK])
-                if deployment.published_at is not None and state is not DeploymentState.PENDING:
-                    self._revert(deployment)  # under way: a newer directive stops it before its trial
+                if under_way:
+                    self._revert(deployment)  # a newer directive stops it before its trial
         self._cancel_waiting_waves()
 
     def _moved_on(self, deployment: Deployment) -> bool:
