@@ -223,10 +223,8 @@ def test_a_degraded_version_fails_the_canary_and_reaches_nobody_else(lab: Lab) -
     # nobody else was sent it, downloaded it or activated it
     assert lab.active_versions() == before
     assert {n: lab.fleet.active_digest(n) for n in DEVICES} == digests
-    for name in DEVICES:
-        if name != canary["device"]:
-            assert ref.split(":")[1] not in [line for line in lab.fleet.log(name).splitlines()
-                                             if "accepted deployment" in line and f" v{ref.split(':')[1]} " in line]
+    assert len(status["devices"]) == 1  # only the canary ever had a deployment of it
+    assert [e["kind"] for e in lab.events(rollout_id)].count("wave.started") == 1
 
 
 def test_a_slower_version_fails_its_wave_on_latency(lab: Lab) -> None:
