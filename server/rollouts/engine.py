@@ -36,6 +36,7 @@ from server.rollouts.gates import Decision, DeviceReport, WaveVerdict, evaluate_
 from server.rollouts.policy import OnFailure, RolloutPolicy, size_of
 from server.rollouts.states import SUPERSEDED, DeploymentKind, DeploymentState, RolloutState, WaveState, move
 from server.selection import Selection
+from shared.failpoints import failpoint
 from shared.topics import TopicKind, device_topic
 
 logger = logging.getLogger(__name__)
@@ -77,9 +78,13 @@ class RolloutEngine:
         with self.db.session() as session:
             self.decide(session, now)
             messages, sent = self.outgoing(session, now)
+        if messages:
+            failpoint("server.engine.committed")  # decided and signed, nothing published yet
         if self.publish is not None:
             for message in messages:
                 self.publish(message.topic, message.payload, message.retain)
+        if messages:
+            failpoint("server.engine.published")  # published, not yet marked so
         if sent:
             with self.db.session() as session:
                 for deployment in queries.deployments_by_ids(session, sent):

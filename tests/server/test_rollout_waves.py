@@ -399,6 +399,28 @@ def test_status_json_keeps_the_old_keys_and_adds_waves_and_previous_numbers(flee
     assert [d["state"] for d in status["devices"]].count("waiting") == len(NAMES) - 1
 
 
+@pytest.mark.parametrize("died", ["before publishing", "before marking published"])
+def test_a_server_that_died_mid_tick_sends_the_same_directive_again_and_starts_no_wave_twice(
+    fleet: Fleet, died: str
+) -> None:
+    rollout_id = start_rollout(fleet.workspace.db, fleet.workspace.blobs, fleet.workspace.keys(), "digits",
+                               Selection(devices=NAMES), RolloutPolicy(waves=("1", "100%")))
+    with fleet.workspace.db.session() as session:  # a tick whose process dies after the commit
+        fleet.engine.decide(session, fleet.now)
+        lost, _ = fleet.engine.outgoing(session, fleet.now)
+    if died == "before marking published":
+        fleet.sent += lost  # it did reach the broker
+
+    fleet.tick()  # the restarted server
+    fleet.tick()
+
+    [canary] = fleet.deployments(rollout_id).values()
+    desired = [m for m in fleet.sent if m.topic == device_topic(TopicKind.DESIRED, fleet.ids["cam-1"])]
+    assert len(desired) == (2 if died == "before marking published" else 1)
+    assert {m.payload for m in desired} == {lost[0].payload}  # the same directive, not a new deployment
+    assert canary.seq == 1 and fleet.audit(rollout_id).count("wave.started") == 1
+
+
 def test_the_running_server_never_imports_tensorflow_to_drive_rollouts() -> None:
     """Planning may build variants (TensorFlow) in the operator's command; the server's engine never does."""
     import subprocess
