@@ -22,7 +22,6 @@ from shared.mqtt import BrokerAddress
 logger = logging.getLogger(__name__)
 
 
-
 def _broker(url: str) -> BrokerAddress:
     return BrokerAddress.parse(url)
 
@@ -71,80 +70,6 @@ def server_command(data_dir: Path, broker: str, http_address: str) -> None:
     finally:
         if dashboard is not None:
             dashboard.stop()
-
-
-# -- devices ---------------------------------------------------------------------
-
-
-@click.group("device")
-def device_group() -> None:
-    """Register and list devices."""
-
-
-@device_group.command("register")
-@click.argument("name")
-@click.option("--profile", required=True, help="Device profile, e.g. rpi4, rpi5, jetson-nano, x86-64.")
-@DATA_DIR
-@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), required=True, help="Where to write agent.toml.")
-@click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True, help="Broker the agent connects to.")
-@click.option(
-    "--agent-data-dir",
-    type=click.Path(path_type=Path, file_okay=False),
-    default=None,
-    help="The agent's own data directory for its model slots [default: beside agent.toml].",
-)
-def device_register(name: str, profile: str, data_dir: Path, out: Path, broker: str, agent_data_dir: Path | None) -> None:
-    """Register device NAME and write its agent configuration."""
-    from server.devices import agent_config_toml, register_device
-
-    address = _broker(broker)
-    workspace = open_workspace(data_dir)
-    keys = workspace.keys()
-    try:  # claim --out before registering, so a path we cannot write leaves nothing half-done
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.open("x").close()
-    except FileExistsError:
-        raise click.ClickException(f"{out} already exists; choose another --out") from None
-    except OSError as exc:
-        raise click.ClickException(f"cannot write {out}: {exc.strerror or exc}") from exc
-    try:
-        device = register_device(workspace.db, name, profile)
-    except BaseException:
-        out.unlink(missing_ok=True)
-        raise
-    slots = (agent_data_dir or out.parent / f"{name}-data").resolve()
-    out.write_text(agent_config_toml(device, address.url(), keys, slots), encoding="utf-8")
-    click.echo(f"registered {device.name} ({device.id}), profile {device.profile}; agent config: {out}")
-
-
-@device_group.command("list")
-@DATA_DIR
-@JSON
-def device_list(data_dir: Path, as_json: bool) -> None:
-    """Devices with profile, online state and active model."""
-    from server.devices import list_devices
-
-    rows = list_devices(open_workspace(data_dir).db)
-    if as_json:
-        click.echo(json.dumps([asdict(r) for r in rows], indent=2))
-        return
-    click.echo(
-        table(
-            ["DEVICE", "ID", "PROFILE", "STATUS", "RUNTIME", "ACTIVE MODEL", "VARIANT"],
-            [
-                [
-                    r.name,
-                    r.id,
-                    r.profile,
-                    "online" if r.online else "offline",
-                    cell(r.runtime),
-                    f"{r.active_model} v{r.active_version}" if r.active_model else "-",
-                    cell(r.active_quantization),
-                ]
-                for r in rows
-            ],
-        )
-    )
 
 
 # -- models ----------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 
 from sqlalchemy import exists, func, or_, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 
 from server.db.models import (
     Artifact,
@@ -22,23 +22,58 @@ from server.db.models import (
     Variant,
 )
 
-FINAL_STATES = ("committed", "rolled_back", "failed")
+# A deployment in one of these never changes again. ``removed``: its device was removed while it was open;
+# ``cancelled``: the rollout was stopped before the device finished it.
+FINAL_STATES = ("committed", "rolled_back", "failed", "removed", "cancelled")
+
+# Every device lookup goes through this: a removed device keeps its row for its deployments' history
+# (``Deployment.device`` still loads it) but is otherwise gone, and its name may belong to a new device.
+_LIVE = Device.removed_at.is_(None)
 
 
 def profile_names(session: Session) -> list[str]:
     return list(session.scalars(select(Profile.name).order_by(Profile.name)))
 
 
+def live_device(session: Session, device_id: str) -> Device | None:
+    """The device with this id, unless it is unknown or removed."""
+    device = session.get(Device, device_id)
+    return device if device is not None and device.removed_at is None else None
+
+
 def device_by_name(session: Session, name: str) -> Device | None:
-    return session.scalar(select(Device).where(Device.name == name))
+    return session.scalar(select(Device).where(Device.name == name, _LIVE))
 
 
 def devices(session: Session) -> Sequence[Device]:
-    return session.scalars(select(Device).order_by(Device.name)).all()
+    return session.scalars(select(Device).where(_LIVE).order_by(Device.name)).all()
 
 
 def devices_with_profile(session: Session, profile: str) -> Sequence[Device]:
-    return session.scalars(select(Device).where(Device.profile_name == profile).order_by(Device.name)).all()
+    return session.scalars(select(Device).where(Device.profile_name == profile, _LIVE).order_by(Device.name)).all()
+
+
+def shipped_releases(session: Session, deployment_ids: Collection[str]) -> dict[str, tuple[str, Release]]:
+    """Deployment id -> (its device's id, the release it shipped, with the artifact loaded)."""
+    if not deployment_ids:
+        return {}
+    rows = session.execute(
+        select(Deployment.id, Deployment.device_id, Release)
+        .join(Release, Deployment.release_id == Release.id)
+        .where(Deployment.id.in_(deployment_ids))
+        .options(selectinload(Release.artifact))
+    )
+    return {deployment_id: (device_id, release) for deployment_id, device_id, release in rows}
+
+
+def recipe_of_file(session: Session, model_version_id: int, profile: str, sha256: str) -> str | None:
+    """The recipe a profile's report says built this model file, if the report still has it."""
+    return session.scalar(
+        select(Variant.recipe)
+        .where(Variant.model_version_id == model_version_id, Variant.profile_name == profile,
+               Variant.sha256 == sha256)
+        .limit(1)
+    )
 
 
 def model_by_name(session: Session, name: str) -> Model | None:
@@ -91,8 +126,12 @@ def running_rollouts(session: Session) -> Sequence[Rollout]:
 
 
 def unpublished_deployments(session: Session) -> Sequence[Deployment]:
+    """Open deployments never sent, of live devices (one settled before it was sent is never sent)."""
     return session.scalars(
-        select(Deployment).where(Deployment.published_at.is_(None)).order_by(Deployment.created_at)
+        select(Deployment)
+        .join(Device, Deployment.device_id == Device.id)
+        .where(Deployment.published_at.is_(None), Deployment.state.not_in(FINAL_STATES), _LIVE)
+        .order_by(Deployment.created_at)
     ).all()
 
 
