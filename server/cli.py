@@ -11,6 +11,7 @@ from types import FrameType
 
 import click
 
+from server.catalog import ModelSummary
 from server.cli_options import DATA_DIR, JSON
 from server.compression import ProfileReport
 from server.load_errors import CONFIRMATIONS, KnownLoadErrors, LoadErrorReport, by_pair
@@ -102,6 +103,51 @@ def model_add(name: str, model_file: Path, eval_file: Path, train_file: Path | N
     if not info.labelled:
         click.echo("note: the eval file has no labels 'y'; accuracies are top-1 agreement with the float model",
                    err=True)
+
+
+@model_group.command("list")
+@DATA_DIR
+@JSON
+def model_list(data_dir: Path, as_json: bool) -> None:
+    """Every model with its versions and, per built profile, the recipe it ships."""
+    from server.catalog import list_models
+
+    models = list_models(open_workspace(data_dir).db)
+    if as_json:
+        click.echo(json.dumps([model_json(m) for m in models], indent=2))
+    elif not models:
+        click.echo("no models yet: add one with 'edgefleet model add'")
+    else:
+        click.echo(model_table(models))
+
+
+def model_json(model: ModelSummary) -> dict[str, object]:
+    return {
+        "model": model.name,
+        "versions": [
+            {
+                "version": v.version, "created": v.created.isoformat(), "reference_accuracy": v.reference_accuracy,
+                "eval_samples": v.eval_samples, "eval_labelled": v.labelled, "num_classes": v.num_classes,
+                "builds": [asdict(b) for b in v.builds],
+            }
+            for v in model.versions
+        ],
+    }
+
+
+def model_table(models: list[ModelSummary]) -> str:
+    """One row per version and built profile; a version not built yet has one row with '-'."""
+    rows = []
+    for model in models:
+        for v in model.versions:
+            first = [f"{model.name}:{v.version}", v.created.strftime("%Y-%m-%d %H:%MZ"), f"{v.reference_accuracy:.4f}",
+                     str(v.eval_samples), cell(v.labelled)]
+            blank = ["", "", "", "", ""]
+            if not v.builds:
+                rows.append([*first, "-", "-", "-"])
+            for i, b in enumerate(v.builds):
+                rows.append([*(blank if i else first), b.profile, b.recipe, human_bytes(b.size_bytes)])
+    return table(["MODEL", "CREATED", "REFERENCE ACC", "EVAL SAMPLES", "LABELLED", "PROFILE", "SHIPS", "SIZE"], rows)
 
 
 @model_group.command("build")

@@ -76,6 +76,21 @@ def recipe_of_file(session: Session, model_version_id: int, profile: str, sha256
     )
 
 
+def models(session: Session) -> Sequence[Model]:
+    """Every model by name, with its versions loaded."""
+    return session.scalars(select(Model).order_by(Model.name).options(selectinload(Model.versions))).all()
+
+
+def artifacts_of(session: Session, model_version_ids: Collection[int]) -> Sequence[Artifact]:
+    """What these model versions ship, per profile."""
+    if not model_version_ids:
+        return []
+    return session.scalars(
+        select(Artifact).where(Artifact.model_version_id.in_(model_version_ids))
+        .order_by(Artifact.model_version_id, Artifact.profile_name)
+    ).all()
+
+
 def model_by_name(session: Session, name: str) -> Model | None:
     return session.scalar(select(Model).where(Model.name == name))
 
