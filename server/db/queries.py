@@ -120,12 +120,6 @@ def variants_of(session: Session, model_version_id: int, profile: str | None = N
     return session.scalars(query.order_by(Variant.profile_name, Variant.id)).all()
 
 
-def delete_variants(session: Session, model_version_id: int, profile: str) -> None:
-    for variant in variants_of(session, model_version_id, profile):
-        session.delete(variant)
-    session.flush()
-
-
 def servable_blob(session: Session, sha256: str) -> bool:
     """Only files that a signed release names are served to agents."""
     named = exists().where(or_(Release.model_sha256 == sha256, Release.eval_sha256 == sha256))

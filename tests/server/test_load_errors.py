@@ -173,8 +173,8 @@ def test_two_devices_confirm_it_and_the_rollout_is_refused_naming_both(fleet: Fl
 
     assert message == (
         f"cam-1 runs {OLD}, which cannot load {fleet.variant}: confirmed by 2 load_error reports from cam-1 and "
-        f"cam-2 (first: {REASON}); build another recipe ('edgefleet model build digits:1 --profile x86-64 "
-        "--recipe ...'), leave that device out, or pass --ignore-load-errors to roll it out anyway"
+        f"cam-2 (first: {REASON}); build and ship another recipe ('edgefleet model build digits:1 --profile "
+        "x86-64 --recipe ... --ship'), leave that device out, or pass --ignore-load-errors to roll it out anyway"
     )
 
 
