@@ -22,7 +22,7 @@ from shared.errors import EdgefleetError, RuntimeMissingError
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "init": ("server.cli", "init_command", "Create keys and the database in a data directory."),
     "server": ("server.cli", "server_command", "Run the server until stopped."),
-    "device": ("server.cli", "device_group", "Register and list devices."),
+    "device": ("server.device_cli", "device_group", "Register, tag, remove and list devices."),
     "model": ("server.cli", "model_group", "Add models and list their versions."),
     "profile": ("server.profile_cli", "profile_group", "Add, list and show device profiles."),
     "rollout": ("server.rollout_cli", "rollout_group", ("Roll models out in waves; status, pause, resume, abort, "

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+from collections import defaultdict
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +94,58 @@ def add_model(
         session.add(version)
         session.flush()
         return VersionInfo(name, version.version, len(travelling), num_classes, reference, labelled is not None)
+
+
+@dataclass(frozen=True)
+class ShippedBuild:
+    """What one profile ships of a model version (its ``Artifact``): the recipe that built it and its size."""
+
+    profile: str
+    recipe: str
+    quantization: str
+    size_bytes: int
+    host_accuracy: float
+
+
+@dataclass(frozen=True)
+class VersionSummary:
+    version: int
+    created: datetime
+    reference_accuracy: float
+    eval_samples: int
+    labelled: bool  # False: accuracies are top-1 agreement with the float model
+    num_classes: int
+    builds: tuple[ShippedBuild, ...]  # by profile; empty until built (model build, or a rollout)
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    name: str
+    versions: tuple[VersionSummary, ...]  # oldest first
+
+
+def list_models(db: Database) -> list[ModelSummary]:
+    """Every model with its versions and, per built profile, the recipe and size it ships."""
+    with db.session() as session:
+        models = queries.models(session)
+        builds: dict[int, list[ShippedBuild]] = defaultdict(list)
+        for artifact in queries.artifacts_of(session, [v.id for m in models for v in m.versions]):
+            builds[artifact.model_version_id].append(ShippedBuild(
+                artifact.profile_name, artifact.recipe or artifact.quantization, artifact.quantization,
+                artifact.size_bytes, artifact.host_accuracy,
+            ))
+        return [
+            ModelSummary(model.name, tuple(
+                VersionSummary(v.version, _utc(v.created_at), v.reference_accuracy, v.eval_samples, v.eval_labelled,
+                               v.num_classes, tuple(builds[v.id]))
+                for v in model.versions
+            ))
+            for model in models
+        ]
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)  # SQLite drops the zone
 
 
 def parse_model_ref(ref: str) -> tuple[str, int | None]:

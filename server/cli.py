@@ -11,15 +11,16 @@ from types import FrameType
 
 import click
 
+from server import audit
+from server.catalog import ModelSummary
 from server.cli_options import DATA_DIR, JSON
-from server.compression import ProfileReport
+from server.compression import ProfileReport, is_experiment
 from server.load_errors import CONFIRMATIONS, KnownLoadErrors, LoadErrorReport, by_pair
 from server.render import cell, human_bytes, table
 from server.setup import init_data_dir, open_workspace
 from shared.mqtt import BrokerAddress
 
 logger = logging.getLogger(__name__)
-
 
 
 def _broker(url: str) -> BrokerAddress:
@@ -72,80 +73,6 @@ def server_command(data_dir: Path, broker: str, http_address: str) -> None:
             dashboard.stop()
 
 
-# -- devices ---------------------------------------------------------------------
-
-
-@click.group("device")
-def device_group() -> None:
-    """Register and list devices."""
-
-
-@device_group.command("register")
-@click.argument("name")
-@click.option("--profile", required=True, help="Device profile, e.g. rpi4, rpi5, jetson-nano, x86-64.")
-@DATA_DIR
-@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), required=True, help="Where to write agent.toml.")
-@click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True, help="Broker the agent connects to.")
-@click.option(
-    "--agent-data-dir",
-    type=click.Path(path_type=Path, file_okay=False),
-    default=None,
-    help="The agent's own data directory for its model slots [default: beside agent.toml].",
-)
-def device_register(name: str, profile: str, data_dir: Path, out: Path, broker: str, agent_data_dir: Path | None) -> None:
-    """Register device NAME and write its agent configuration."""
-    from server.devices import agent_config_toml, register_device
-
-    address = _broker(broker)
-    workspace = open_workspace(data_dir)
-    keys = workspace.keys()
-    try:  # claim --out before registering, so a path we cannot write leaves nothing half-done
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.open("x").close()
-    except FileExistsError:
-        raise click.ClickException(f"{out} already exists; choose another --out") from None
-    except OSError as exc:
-        raise click.ClickException(f"cannot write {out}: {exc.strerror or exc}") from exc
-    try:
-        device = register_device(workspace.db, name, profile)
-    except BaseException:
-        out.unlink(missing_ok=True)
-        raise
-    slots = (agent_data_dir or out.parent / f"{name}-data").resolve()
-    out.write_text(agent_config_toml(device, address.url(), keys, slots), encoding="utf-8")
-    click.echo(f"registered {device.name} ({device.id}), profile {device.profile}; agent config: {out}")
-
-
-@device_group.command("list")
-@DATA_DIR
-@JSON
-def device_list(data_dir: Path, as_json: bool) -> None:
-    """Devices with profile, online state and active model."""
-    from server.devices import list_devices
-
-    rows = list_devices(open_workspace(data_dir).db)
-    if as_json:
-        click.echo(json.dumps([asdict(r) for r in rows], indent=2))
-        return
-    click.echo(
-        table(
-            ["DEVICE", "ID", "PROFILE", "STATUS", "RUNTIME", "ACTIVE MODEL", "VARIANT"],
-            [
-                [
-                    r.name,
-                    r.id,
-                    r.profile,
-                    "online" if r.online else "offline",
-                    cell(r.runtime),
-                    f"{r.active_model} v{r.active_version}" if r.active_model else "-",
-                    cell(r.active_quantization),
-                ]
-                for r in rows
-            ],
-        )
-    )
-
-
 # -- models ----------------------------------------------------------------------
 
 
@@ -178,28 +105,106 @@ def model_add(name: str, model_file: Path, eval_file: Path, train_file: Path | N
                    err=True)
 
 
+@model_group.command("list")
+@DATA_DIR
+@JSON
+def model_list(data_dir: Path, as_json: bool) -> None:
+    """Every model with its versions and, per built profile, the recipe it ships."""
+    from server.catalog import list_models
+
+    models = list_models(open_workspace(data_dir).db)
+    if as_json:
+        click.echo(json.dumps([model_json(m) for m in models], indent=2))
+    elif not models:
+        click.echo("no models yet: add one with 'edgefleet model add'")
+    else:
+        click.echo(model_table(models))
+
+
+def model_json(model: ModelSummary) -> dict[str, object]:
+    return {
+        "model": model.name,
+        "versions": [
+            {
+                "version": v.version, "created": v.created.isoformat(), "reference_accuracy": v.reference_accuracy,
+                "eval_samples": v.eval_samples, "eval_labelled": v.labelled, "num_classes": v.num_classes,
+                "builds": [asdict(b) for b in v.builds],
+            }
+            for v in model.versions
+        ],
+    }
+
+
+def model_table(models: list[ModelSummary]) -> str:
+    """One row per version and built profile; a version not built yet has one row with '-'."""
+    rows = []
+    for model in models:
+        for v in model.versions:
+            first = [f"{model.name}:{v.version}", v.created.strftime("%Y-%m-%d %H:%MZ"), f"{v.reference_accuracy:.4f}",
+                     str(v.eval_samples), cell(v.labelled)]
+            blank = ["", "", "", "", ""]
+            if not v.builds:
+                rows.append([*first, "-", "-", "-"])
+            for i, b in enumerate(v.builds):
+                rows.append([*(blank if i else first), b.profile, b.recipe, human_bytes(b.size_bytes)])
+    return table(["MODEL", "CREATED", "REFERENCE ACC", "EVAL SAMPLES", "LABELLED", "PROFILE", "SHIPS", "SIZE"], rows)
+
+
 @model_group.command("build")
 @click.argument("model_ref", metavar="NAME[:VERSION]")
 @click.option("--profile", "profiles", multiple=True, required=True, help="Device profile to build for (repeatable).")
 @click.option("--recipe", default=None, help="'auto' (every candidate, measured) or a recipe like prune:0.5+int8 "
-              "[default: the profile's recipe].")
+              "[default: the profile's recipe]. Any other recipe than the profile's is an experiment: measured and "
+              "reported, not shipped unless --ship.")
+@click.option("--ship", is_flag=True, help="Make the experiment's variant what the profile ships (if it fits).")
 @click.option("--student", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="A Keras student architecture for distill:student (its weights are not used).")
 @DATA_DIR
 @JSON
 def model_build(
-    model_ref: str, profiles: tuple[str, ...], recipe: str | None, student: Path | None, data_dir: Path, as_json: bool
+    model_ref: str, profiles: tuple[str, ...], recipe: str | None, ship: bool, student: Path | None, data_dir: Path,
+    as_json: bool,
 ) -> None:
     """Compress NAME[:VERSION] for each profile, measure every variant, and pick one."""
     from server.compression import build_profiles
 
     workspace = open_workspace(data_dir)
     reports = build_profiles(workspace.db, workspace.blobs, model_ref, list(profiles), recipe=recipe,
-                             student=student, progress=lambda line: click.echo(line, err=True))
+                             student=student, progress=lambda line: click.echo(line, err=True), ship=ship,
+                             actor=audit.operator())
     _print_reports(reports, as_json)
-    unfit = [r.profile for r in reports if r.chosen is None]
-    if unfit:
-        raise click.ClickException(f"no variant fits profile {', '.join(unfit)}: see the verdicts above")
+    if not as_json:
+        for report in reports:
+            if report.experiment is not None:
+                click.echo(experiment_summary(report))
+    problems = [problem for r in reports if (problem := build_problem(r))]
+    if problems:
+        raise click.ClickException("; ".join(problems))
+
+
+def experiment_summary(report: ProfileReport) -> str:
+    outcome = report.experiment
+    assert outcome is not None
+    ships = outcome.ships or "nothing yet (its own build makes a variant to ship)"
+    if outcome.shipped:
+        return f"shipped: {report.profile} now ships {outcome.recipe} of {report.model}:{report.version} (--ship)"
+    return (f"experiment: {outcome.recipe} was measured for {report.profile}, not shipped; "
+            f"{report.profile} ships {ships}")
+
+
+def build_problem(report: ProfileReport) -> str | None:
+    """Why a build should exit non-zero, or None."""
+    outcome = report.experiment
+    if outcome is None:
+        return None if report.chosen is not None else f"no variant fits profile {report.profile}: see the verdicts above"
+    variant = report.variant(outcome.recipe)
+    assert variant is not None
+    if variant.verdict == "failed":
+        return f"the experiment {outcome.recipe} failed for profile {report.profile}: {variant.reason}"
+    if outcome.ship and not outcome.shipped:
+        return (f"not shipped: {outcome.recipe} is {variant.verdict} for profile {report.profile} ({variant.reason}); "
+                f"{report.profile} still ships {outcome.ships or 'nothing'}")
+    return None
 
 
 @model_group.command("report")
@@ -231,11 +236,14 @@ def report_json(report: ProfileReport) -> dict[str, object]:
         "accuracy_budget": report.accuracy_budget,
         "reference_accuracy": report.reference_accuracy,
         "eval_labelled": report.eval_labelled,
+        "ships": report.chosen.recipe if report.chosen is not None else None,
         "variants": [
             {**{k: value for k, value in asdict(v).items() if k != "tflite"}, "chosen": v.chosen,
+             "experiment": is_experiment(v),
              "load_errors": [load_error_json(e, known) for e in report.load_errors_of(v)]}
             for v in report.variants
         ],
+        **({"experiment": asdict(report.experiment)} if report.experiment is not None else {}),
     }
 
 
@@ -257,7 +265,7 @@ def report_table(report: ProfileReport) -> str:
 
     rows = [
         [
-            ("* " if v.chosen else "  ") + v.recipe, cell(v.size_bytes), ratio(v.size_bytes, base), cell(v.gzip_bytes),
+            ("* " if v.chosen else "  ") + v.recipe + (" [experiment]" if is_experiment(v) else ""), cell(v.size_bytes), ratio(v.size_bytes, base), cell(v.gzip_bytes),
             cell(v.accuracy, ".4f"),
             f"{v.accuracy - report.reference_accuracy:+.4f}" if v.accuracy is not None else "-",
             cell(v.p50_ms, ".4f"), ratio(v.p50_ms, base_p50), cell(v.p95_ms, ".4f"), human_bytes(v.peak_rss_bytes),
@@ -266,7 +274,9 @@ def report_table(report: ProfileReport) -> str:
         for v in report.variants
     ]
     header = (f"{report.model}:{report.version} for {report.profile} (objective {report.objective}, budget "
-              f"{report.accuracy_budget:g} below float32 accuracy {report.reference_accuracy:.4f}); * = chosen")
+              f"{report.accuracy_budget:g} below float32 accuracy {report.reference_accuracy:.4f}); * = chosen (ships)")
+    if any(is_experiment(v) for v in report.variants):
+        header += "\n[experiment] = built with 'model build --recipe', not the profile's own recipe: shipped only with --ship"
     if not report.eval_labelled:
         header += "\n(the eval set has no labels: ACCURACY is top-1 agreement with the float model)"
     return header + "\n" + table(

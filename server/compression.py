@@ -3,6 +3,15 @@
 The long part (transforms, conversions, host measurements) runs with no
 database session open, so the running server is never blocked on SQLite;
 the report rows and the chosen artifact are written in one short session.
+
+A build with the profile's own recipe (``auto`` for the built-ins) makes the
+variant it chooses the profile's ``Artifact``, the file rollouts ship. A
+build with any other ``--recipe`` is an **experiment**: its variant is
+measured and kept in the report, marked ``experiment``, but the profile ships
+what it shipped before, unless the operator asks with ``ship=True``
+(``--ship``). An experiment's quantization must be one the profile allows.
+A later build with the profile's own recipe replaces the report's rows except
+experiments with recipes it did not build again.
 """
 
 from __future__ import annotations
@@ -10,10 +19,11 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from server import audit
 from server.blobs import BlobStore
 from server.catalog import resolve_version
 from server.compress.evalset import EvalSet, load_eval_file
@@ -21,7 +31,7 @@ from server.compress.pipeline import CompressionInputs, ProfileGoal, VariantRepo
 from server.compress.quantization import Quantization
 from server.compress.recipes import Recipe, auto_candidates, parse_recipe
 from server.compress.sources import ModelSource, open_source, unpack_source
-from server.db import Database, queries
+from server.db import Database, Session, queries
 from server.db.models import Artifact, ModelVersion, Profile, Variant
 from server.devices import get_profile
 from server.load_errors import LoadErrorReport, reports_on
@@ -32,6 +42,19 @@ from shared.errors import UserInputError
 logger = logging.getLogger(__name__)
 
 LARGE_DENSE_PARAMS = 4096
+
+
+EXPERIMENT = "experiment"  # the key in a variant's details that marks it as an experiment
+
+
+@dataclass(frozen=True)
+class ExperimentOutcome:
+    """What a build with an explicit ``--recipe`` did to its profile."""
+
+    recipe: str
+    ship: bool  # the operator asked to ship it
+    shipped: bool  # and it is the profile's artifact now
+    ships: str | None  # the recipe the profile ships after this build (None: nothing built yet)
 
 
 @dataclass(frozen=True)
@@ -45,10 +68,15 @@ class ProfileReport:
     variants: tuple[VariantReport, ...]  # as stored: sha256 set, tflite not loaded
     eval_labelled: bool = True  # False: "accuracy" is top-1 agreement with the float model
     load_errors: tuple[LoadErrorReport, ...] = ()  # devices' reports on these variants' files, oldest first
+    experiment: ExperimentOutcome | None = None  # set on what an experimental build returns
 
     @property
     def chosen(self) -> VariantReport | None:
+        """The variant the profile ships."""
         return next((v for v in self.variants if v.chosen), None)
+
+    def variant(self, recipe: str) -> VariantReport | None:
+        return next((v for v in self.variants if v.recipe == recipe), None)
 
     def load_errors_of(self, variant: VariantReport) -> tuple[LoadErrorReport, ...]:
         return tuple(r for r in self.load_errors if variant.sha256 is not None and r.model_sha256 == variant.sha256)
@@ -71,6 +99,35 @@ def _has_large_dense(model: Any) -> bool:
         type(layer).__name__ == "Dense" and layer.kernel.shape[0] * layer.kernel.shape[1] >= LARGE_DENSE_PARAMS
         for layer in model.layers
     )
+
+
+def is_experiment(variant: VariantReport) -> bool:
+    return bool(variant.details.get(EXPERIMENT))
+
+
+def allowed_quantizations(profile: Profile) -> tuple[str, ...]:
+    return tuple(q.strip() for q in profile.quantizations.split(",") if q.strip()) or (profile.quantization,)
+
+
+def experiment_recipe(profile: Profile, recipe: str | None, source: ModelSource) -> Recipe | None:
+    """The recipe when ``recipe`` makes this build an experiment for ``profile``, else None.
+
+    ``None``, ``auto`` and the profile's own recipe are the profile's build; a prebuilt model has only one
+    way to ship. An experiment's quantization must be one the profile allows.
+    """
+    if recipe is None or recipe.strip().lower() == "auto" or source.kind == "tflite":
+        return None
+    parsed = parse_recipe(recipe)
+    own = (profile.recipe or "auto").strip().lower()
+    if own != "auto" and str(parse_recipe(own)) == str(parsed):
+        return None
+    allowed = allowed_quantizations(profile)
+    if parsed.quantization.value not in allowed:
+        raise UserInputError(
+            f"profile {profile.name} does not allow {parsed.quantization.value} (recipe {parsed}); it allows "
+            f"{', '.join(allowed)}: end the recipe with one of them, or use a profile that allows it"
+        )
+    return parsed
 
 
 def recipes_for(
@@ -138,16 +195,24 @@ def build_profiles(
     student: Path | None = None,
     settings: BenchmarkSettings | None = None,
     progress: Callable[[str], None] = lambda _: None,
+    ship: bool = False,
+    actor: str | None = None,
 ) -> list[ProfileReport]:
     """Build every candidate of each profile for a model version, store the reports, and make
     each profile's chosen variant the version's artifact for it. Transformed models (pruned,
-    distilled, factorised) are built once and shared by all profiles."""
+    distilled, factorised) are built once and shared by all profiles.
+
+    With a ``recipe`` other than ``auto`` and the profile's own, the build is an experiment (see the
+    module's docstring): it changes what the profile ships only with ``ship``, and only if the variant
+    passed the profile's budget and limits. Every profile's recipe is checked before anything is built.
+    """
     with db.session() as session:
         version = resolve_version(session, model_ref)
         sources = _sources(version)
         profiles = [get_profile(session, name) for name in profile_names]
         for profile in profiles:
             session.expunge(profile)
+    ref = f"{sources.model_name}:{sources.version}"
     reports = []
     with tempfile.TemporaryDirectory(prefix="edgefleet-build-") as tmp:
         inputs = _load_inputs(blobs, sources, Path(tmp), settings or BenchmarkSettings())
@@ -155,50 +220,137 @@ def build_profiles(
             from server.compress.convert import load_keras_model
 
             inputs.student = load_keras_model(student)
-        for profile in profiles:
-            recipes = recipes_for(profile, recipe, source=inputs.source, has_train=inputs.train is not None,
-                                  has_student=inputs.student is not None)
+        plans = [
+            (profile, recipes_for(profile, recipe, source=inputs.source, has_train=inputs.train is not None,
+                                  has_student=inputs.student is not None),
+             experiment_recipe(profile, recipe, inputs.source))
+            for profile in profiles
+        ]
+        if ship and not any(experiment for _, _, experiment in plans):
+            raise UserInputError("--ship ships an experiment: give it with --recipe (a build with the profile's "
+                                 "own recipe ships its choice anyway)")
+        _check_experiments(db, sources, ref, plans, ship)
+        for profile, recipes, experiment in plans:
             with native_stderr_to_log(f"compressing {sources.model_name} for {profile.name}"):
                 reference, variants = compress_for_profile(recipes, inputs, goal_of(profile), progress)
-            _store(db, blobs, sources, profile.name, reference, variants)
-            reports += compression_report(db, f"{sources.model_name}:{sources.version}", profile.name)
+            if experiment is None:
+                _store(db, blobs, sources, profile.name, reference, variants)
+                reports += compression_report(db, ref, profile.name)
+                continue
+            (variant,) = variants
+            outcome = _store_experiment(db, blobs, sources, profile.name, reference, variant, ship=ship,
+                                        actor=actor or audit.operator())
+            reports += [replace(r, experiment=outcome) for r in compression_report(db, ref, profile.name)]
     return reports
+
+
+def _check_experiments(
+    db: Database, sources: _Sources, ref: str, plans: list[tuple[Profile, list[Recipe], Recipe | None]], ship: bool
+) -> None:
+    """Refuse, before the long work, an experiment with the very recipe its profile ships: it would only
+    measure the shipped variant again, under another name."""
+    with db.session() as session:
+        for profile, _, experiment in plans:
+            artifact = queries.artifact_for_ids(session, sources.version_id, profile.name)
+            if experiment is not None and not ship and artifact is not None and artifact.recipe == str(experiment):
+                raise UserInputError(
+                    f"{ref} already ships {experiment} to {profile.name}: to measure it again rebuild the profile "
+                    f"('edgefleet model build {ref} --profile {profile.name}'), or add --ship to replace the "
+                    "shipped file with this build"
+                )
+
+
+def _variant_row(sources: _Sources, profile: str, reference: float, report: VariantReport,
+                 sha256: str | None, *, experiment: bool = False) -> Variant:
+    details = {**report.details, "reference_accuracy": reference}
+    if experiment:
+        details[EXPERIMENT] = True
+    return Variant(
+        model_version_id=sources.version_id, profile_name=profile, recipe=report.recipe,
+        quantization=report.quantization, sha256=sha256,
+        size_bytes=report.size_bytes, gzip_bytes=report.gzip_bytes, accuracy=report.accuracy,
+        agreement=report.agreement, p50_ms=report.p50_ms, p95_ms=report.p95_ms,
+        peak_rss_bytes=report.peak_rss_bytes, verdict=report.verdict, details=details,
+        reason=report.reason, chosen=report.chosen,
+    )
+
+
+def _unchoose(row: Variant, why: str) -> None:
+    row.chosen, row.verdict, row.reason = False, "ok", why
+
+
+def _store_experiment(
+    db: Database, blobs: BlobStore, sources: _Sources, profile: str, reference: float, report: VariantReport,
+    *, ship: bool, actor: str,
+) -> ExperimentOutcome:
+    """Keep an experiment's row (replacing an earlier row of its recipe); ship it only if asked and it fits."""
+    fits = report.verdict == "chosen"  # choose() picks a lone variant when it is within budget and limits
+    shipping = ship and fits
+    if shipping:
+        report = replace(report, reason="an experiment, shipped with --ship")
+    elif fits:
+        report = replace(report, verdict="ok", reason="an experiment: not shipped (--ship ships it)")
+    sha256 = blobs.put(report.tflite) if report.tflite else None
+    with db.session() as session:
+        rows = queries.variants_of(session, sources.version_id, profile)
+        for row in rows:
+            if row.recipe == report.recipe:
+                session.delete(row)
+            elif shipping and row.chosen:
+                _unchoose(row, f"was chosen; {report.recipe} was shipped instead with --ship")
+        session.flush()
+        session.add(_variant_row(sources, profile, reference, report, sha256, experiment=True))
+        if shipping:
+            assert sha256 is not None
+            _set_artifact(session, sources, profile, report, sha256)
+            audit.record(session, "model.experiment_shipped",
+                         f"{sources.model_name}:{sources.version} ships {report.recipe} to profile {profile} "
+                         f"(an experiment, --ship): {report.size_bytes} bytes, host accuracy {report.accuracy:.4f}",
+                         actor=actor, data={"model": sources.model_name, "version": sources.version,
+                                            "profile": profile, "recipe": report.recipe, "sha256": sha256})
+        artifact = queries.artifact_for_ids(session, sources.version_id, profile)
+        ships = (artifact.recipe or artifact.quantization) if artifact is not None else None
+    return ExperimentOutcome(report.recipe, ship, shipping, ships)
+
+
+def _set_artifact(session: Session, sources: _Sources, profile: str, best: VariantReport, sha256: str) -> None:
+    """Make ``best`` what ``profile`` ships of this model version."""
+    assert best.accuracy is not None
+    artifact = queries.artifact_for_ids(session, sources.version_id, profile)
+    if artifact is None:
+        artifact = Artifact(model_version_id=sources.version_id, profile_name=profile)
+        session.add(artifact)
+    artifact.quantization, artifact.recipe = best.quantization, best.recipe
+    artifact.sha256, artifact.size_bytes, artifact.gzip_bytes = sha256, best.size_bytes or 0, best.gzip_bytes
+    artifact.host_accuracy, artifact.host_p50_ms, artifact.host_p95_ms = best.accuracy, best.p50_ms, best.p95_ms
 
 
 def _store(
     db: Database, blobs: BlobStore, sources: _Sources, profile: str, reference: float, reports: list[VariantReport]
 ) -> None:
+    """The profile's own build: its rows replace the report's, except experiments of recipes it did not
+    build again; its chosen variant becomes the artifact (none fits: the profile ships nothing)."""
+    built = {report.recipe for report in reports}
     with db.session() as session:
-        queries.delete_variants(session, sources.version_id, profile)
+        for row in queries.variants_of(session, sources.version_id, profile):
+            if row.recipe in built or not row.details.get(EXPERIMENT):
+                session.delete(row)
+            elif row.chosen:
+                _unchoose(row, "was shipped with --ship until the profile's own build replaced it")
+        session.flush()
         chosen: tuple[VariantReport, str] | None = None
         for report in reports:
             sha256 = blobs.put(report.tflite) if report.tflite else None
-            session.add(
-                Variant(
-                    model_version_id=sources.version_id, profile_name=profile, recipe=report.recipe,
-                    quantization=report.quantization, sha256=sha256,
-                    size_bytes=report.size_bytes, gzip_bytes=report.gzip_bytes, accuracy=report.accuracy,
-                    agreement=report.agreement, p50_ms=report.p50_ms, p95_ms=report.p95_ms,
-                    peak_rss_bytes=report.peak_rss_bytes, verdict=report.verdict,
-                    details={**report.details, "reference_accuracy": reference},
-                    reason=report.reason, chosen=report.chosen,
-                )
-            )
+            session.add(_variant_row(sources, profile, reference, report, sha256))
             if report.chosen and sha256 is not None:
                 chosen = (report, sha256)
-        artifact = queries.artifact_for_ids(session, sources.version_id, profile)
         if chosen is None:
+            artifact = queries.artifact_for_ids(session, sources.version_id, profile)
             if artifact is not None:
                 session.delete(artifact)
             return
         best, sha256 = chosen
-        assert best.accuracy is not None
-        if artifact is None:
-            artifact = Artifact(model_version_id=sources.version_id, profile_name=profile)
-            session.add(artifact)
-        artifact.quantization, artifact.recipe = best.quantization, best.recipe
-        artifact.sha256, artifact.size_bytes, artifact.gzip_bytes = sha256, best.size_bytes or 0, best.gzip_bytes
-        artifact.host_accuracy, artifact.host_p50_ms, artifact.host_p95_ms = best.accuracy, best.p50_ms, best.p95_ms
+        _set_artifact(session, sources, profile, best, sha256)
 
 
 def compression_report(db: Database, model_ref: str, profile: str | None = None) -> list[ProfileReport]:

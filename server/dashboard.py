@@ -58,7 +58,7 @@ def render_page(snapshot: dict[str, Any]) -> str:
             _fmt(d["name"]), _fmt(d["profile"]), "on" if d["online"] else "off",
             "online" if d["online"] else "offline",
             _fmt(f"{d['active_model']} v{d['active_version']}" if d["active_model"] else None),
-            _fmt(d["active_quantization"]),
+            _fmt(d["active_recipe"] or d["active_quantization"]),  # the recipe that built it, when known
             _fmt(d["trials"][0]["p50_ms"] if d["trials"] else None, ".4f"),
             _fmt(d["trials"][0]["p95_ms"] if d["trials"] else None, ".4f"),
             _fmt(d["runtime"]),

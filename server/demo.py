@@ -7,11 +7,13 @@ one compressed rollout, and the on-device latency table.
 
 from __future__ import annotations
 
+import http.client
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -88,10 +90,29 @@ def _wait_settled(data_dir_db: object, rollout_id: str, processes: Processes, ti
         time.sleep(0.5)
 
 
+def _edgefleet_command() -> str:
+    """How to run edgefleet from the operator's shell: from a virtualenv (scripts/demo runs in .venv without
+    activating it for the caller), the command by its absolute path, which works whether or not it is on PATH."""
+    launcher = Path(sys.executable).parent / "edgefleet"
+    if sys.prefix == sys.base_prefix or not launcher.exists():
+        return "edgefleet"
+    return str(launcher.absolute())
+
+
+def _serving(url: str) -> bool:
+    """True when the dashboard answers its health check now."""
+    try:
+        with urllib.request.urlopen(url + "healthz", timeout=5) as response:
+            return bool(response.status == 200)
+    except (OSError, http.client.HTTPException):
+        return False
+
+
 @click.command("demo")
 @click.option("--workdir", type=click.Path(path_type=Path, file_okay=False), default=Path("edgefleet-demo"),
               show_default=True, help="Where the demo keeps its broker, server and agent files (recreated).")
-@click.option("--once", is_flag=True, help="Stop everything and exit after printing the table.")
+@click.option("--once", is_flag=True,
+              help="Stop everything (the dashboard too) and exit after printing the table.")
 @click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds to wait for the rollout.")
 def demo_command(workdir: Path, once: bool, timeout: float) -> None:
     """Run a local demo fleet: broker, server, three agents, a real compressed rollout."""
@@ -108,6 +129,7 @@ def demo_command(workdir: Path, once: bool, timeout: float) -> None:
         workspace = init_data_dir(workdir / "server")
         keys = workspace.keys()
         dashboard = f"127.0.0.1:{free_port()}"
+        dashboard_url = f"http://{dashboard}/"
         processes.start(
             "server",
             ["server", "--data-dir", str(workspace.data_dir.root), "--broker", broker.url, "--http", dashboard],
@@ -137,13 +159,17 @@ def demo_command(workdir: Path, once: bool, timeout: float) -> None:
         click.echo("")
         click.echo(status_table(status))
         click.echo("")
-        click.echo(f"dashboard  http://{dashboard}/")
         click.echo(f"logs       {logs}")
-        click.echo(f"status     edgefleet rollout status {rollout_id} --data-dir {workspace.data_dir.root}")
+        click.echo(f"status     {_edgefleet_command()} rollout status {rollout_id} --data-dir {workspace.data_dir.root}")
         if not status.settled:
             raise click.ClickException(f"the rollout did not settle within {timeout:.0f} s; see {logs}")
-        if once:
+        if once:  # everything stops as this returns: the dashboard too, so no address to visit
+            click.echo(f"dashboard  was served at {dashboard_url} during the run; run without --once to keep it up")
             return
+        if _serving(dashboard_url):
+            click.echo(f"dashboard  {dashboard_url} (until Ctrl-C)")
+        else:
+            click.echo(f"dashboard  not answering at {dashboard_url}; see {logs / 'server.log'}")
         click.echo("the fleet keeps running; press Ctrl-C to stop it")
         stop = {"now": False}
 

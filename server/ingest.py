@@ -2,7 +2,7 @@
 
 Events and telemetry carry ``(device_id, boot_id, seq)``; a row already seen
 is skipped, so QoS 1 duplicates are harmless. A message from an unknown
-device is dropped with a warning.
+or removed device is dropped with a warning.
 
 A deployment moves only forward (pending → downloading → … → a final state)
 and never leaves a final state, whatever arrives later: a replayed, late or
@@ -37,9 +37,9 @@ def _now() -> datetime:
 
 
 def _device(session: Session, device_id: str) -> Device | None:
-    device = session.get(Device, device_id)
+    device = queries.live_device(session, device_id)
     if device is None:
-        logger.warning("dropped a report from unknown device %s", device_id)
+        logger.warning("dropped a report from unknown or removed device %s", device_id)
     return device
 
 

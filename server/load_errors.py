@@ -117,7 +117,8 @@ def _refusal(shipment: Shipment, known: KnownLoadErrors) -> str:
     return (
         f"{_run(shipment.devices)} {shipment.runtime}, which cannot load {shipment.variant}: confirmed by "
         f"{len(known.reports)} load_error reports from {known.reporters()} (first: {known.first_reason}); "
-        f"build another recipe ('edgefleet model build {ref} --profile {profile} --recipe ...'), leave "
+        f"build and ship another recipe ('edgefleet model build {ref} --profile {profile} --recipe ... --ship'), "
+        f"leave "
         f"{'that device' if len(shipment.devices) == 1 else 'those devices'} out, or pass --ignore-load-errors "
         "to roll it out anyway"
     )

@@ -15,10 +15,17 @@ def profiles(session: Session) -> Sequence[Profile]:
 
 
 def device_counts(session: Session) -> dict[str, int]:
-    """Registered devices per profile name; profiles without devices are absent."""
-    rows = session.execute(select(Device.profile_name, func.count()).group_by(Device.profile_name))
+    """Registered (not removed) devices per profile name; profiles without devices are absent."""
+    rows = session.execute(
+        select(Device.profile_name, func.count()).where(Device.removed_at.is_(None)).group_by(Device.profile_name)
+    )
     return {name: int(count) for name, count in rows}
 
 
 def device_count(session: Session, profile: str) -> int:
-    return int(session.scalar(select(func.count()).select_from(Device).where(Device.profile_name == profile)) or 0)
+    return int(
+        session.scalar(
+            select(func.count()).select_from(Device).where(Device.profile_name == profile, Device.removed_at.is_(None))
+        )
+        or 0
+    )

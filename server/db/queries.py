@@ -6,7 +6,7 @@ from collections.abc import Collection, Sequence
 from datetime import datetime
 
 from sqlalchemy import and_, exists, func, or_, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 
 from server.db.models import (
     Artifact,
@@ -24,7 +24,14 @@ from server.db.models import (
     Variant,
 )
 
-FINAL_STATES = ("committed", "rolled_back", "failed", "cancelled", "removed")
+# A deployment in one of these never changes again (but for the device's own word replacing a conclusion the
+# server drew: see server/ingest.py). ``removed``: its device was removed while it was open; ``cancelled``: the
+# rollout was stopped before the device finished it.
+FINAL_STATES = ("committed", "rolled_back", "failed", "removed", "cancelled")
+
+# Every device lookup goes through this: a removed device keeps its row for its deployments' history
+# (``Deployment.device`` still loads it) but is otherwise gone, and its name may belong to a new device.
+_LIVE = Device.removed_at.is_(None)
 
 
 def device_names(session: Session, ids: Collection[str]) -> dict[str, str]:
@@ -38,16 +45,60 @@ def profile_names(session: Session) -> list[str]:
     return list(session.scalars(select(Profile.name).order_by(Profile.name)))
 
 
+def live_device(session: Session, device_id: str) -> Device | None:
+    """The device with this id, unless it is unknown or removed."""
+    device = session.get(Device, device_id)
+    return device if device is not None and device.removed_at is None else None
+
+
 def device_by_name(session: Session, name: str) -> Device | None:
-    return session.scalar(select(Device).where(Device.name == name))
+    return session.scalar(select(Device).where(Device.name == name, _LIVE))
 
 
 def devices(session: Session) -> Sequence[Device]:
-    return session.scalars(select(Device).order_by(Device.name)).all()
+    return session.scalars(select(Device).where(_LIVE).order_by(Device.name)).all()
 
 
 def devices_with_profile(session: Session, profile: str) -> Sequence[Device]:
-    return session.scalars(select(Device).where(Device.profile_name == profile).order_by(Device.name)).all()
+    return session.scalars(select(Device).where(Device.profile_name == profile, _LIVE).order_by(Device.name)).all()
+
+
+def shipped_releases(session: Session, deployment_ids: Collection[str]) -> dict[str, tuple[str, Release]]:
+    """Deployment id -> (its device's id, the release it shipped, with the artifact loaded)."""
+    if not deployment_ids:
+        return {}
+    rows = session.execute(
+        select(Deployment.id, Deployment.device_id, Release)
+        .join(Release, Deployment.release_id == Release.id)
+        .where(Deployment.id.in_(deployment_ids))
+        .options(selectinload(Release.artifact))
+    )
+    return {deployment_id: (device_id, release) for deployment_id, device_id, release in rows}
+
+
+def recipe_of_file(session: Session, model_version_id: int, profile: str, sha256: str) -> str | None:
+    """The recipe a profile's report says built this model file, if the report still has it."""
+    return session.scalar(
+        select(Variant.recipe)
+        .where(Variant.model_version_id == model_version_id, Variant.profile_name == profile,
+               Variant.sha256 == sha256)
+        .limit(1)
+    )
+
+
+def models(session: Session) -> Sequence[Model]:
+    """Every model by name, with its versions loaded."""
+    return session.scalars(select(Model).order_by(Model.name).options(selectinload(Model.versions))).all()
+
+
+def artifacts_of(session: Session, model_version_ids: Collection[int]) -> Sequence[Artifact]:
+    """What these model versions ship, per profile."""
+    if not model_version_ids:
+        return []
+    return session.scalars(
+        select(Artifact).where(Artifact.model_version_id.in_(model_version_ids))
+        .order_by(Artifact.model_version_id, Artifact.profile_name)
+    ).all()
 
 
 def model_by_name(session: Session, name: str) -> Model | None:
@@ -77,12 +128,6 @@ def variants_of(session: Session, model_version_id: int, profile: str | None = N
     if profile is not None:
         query = query.where(Variant.profile_name == profile)
     return session.scalars(query.order_by(Variant.profile_name, Variant.id)).all()
-
-
-def delete_variants(session: Session, model_version_id: int, profile: str) -> None:
-    for variant in variants_of(session, model_version_id, profile):
-        session.delete(variant)
-    session.flush()
 
 
 def servable_blob(session: Session, sha256: str) -> bool:
@@ -147,8 +192,13 @@ def audit_events(
 
 
 def unpublished_deployments(session: Session) -> Sequence[Deployment]:
+    """Deployments of live devices whose desired state is to be published: new ones, ones to send again, and
+    ones withdrawn after they were sent (the engine clears their retained desired state)."""
     return session.scalars(
-        select(Deployment).where(Deployment.published_at.is_(None)).order_by(Deployment.created_at)
+        select(Deployment)
+        .join(Device, Deployment.device_id == Device.id)
+        .where(Deployment.published_at.is_(None), _LIVE)
+        .order_by(Deployment.created_at)
     ).all()
 
 

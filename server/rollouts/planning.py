@@ -65,7 +65,7 @@ def start_rollout(
     ``server.load_errors``), unless ``ignore_load_errors``; an unconfirmed
     report, or an overridden one, is passed to ``warn``.
     """
-    if selection.empty:
+    if selection.is_empty:
         raise UserInputError("select the target devices with --profile, --tag or --device")
     policy = policy or RolloutPolicy()
     with db.session() as session:

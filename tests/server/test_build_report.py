@@ -98,6 +98,6 @@ def test_distillation_into_a_user_supplied_student(
 
     missing = run("model", "build", with_training_data, "--profile", "rpi4", "--recipe", "distill:student+int8",
                   "--data-dir", workspace.data_dir.root, "--json")
-    assert missing.exit_code == 1 and "no variant fits profile rpi4" in missing.stderr
+    assert missing.exit_code == 1 and "the experiment distill:student+int8 failed for profile rpi4" in missing.stderr
     (row,) = json.loads(missing.stdout)[0]["variants"]
     assert row["verdict"] == "failed" and "--student" in row["reason"]

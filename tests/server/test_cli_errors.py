@@ -299,7 +299,7 @@ def test_init_register_add_start_status(tmp_path: Path, digits_inputs: tuple[Pat
     devices = json.loads(assert_ok(run("device", "list", "--data-dir", data, "--json")))
     assert [set(d) for d in devices] == [{
         "id", "name", "profile", "online", "runtime", "update_state", "active_model", "active_version",
-        "active_quantization",
+        "active_quantization", "tags", "active_recipe",
     }]
     assert (devices[0]["id"], devices[0]["name"], devices[0]["profile"], devices[0]["online"]) == (
         config["device"]["id"], "cam-1", "x86-64", False,

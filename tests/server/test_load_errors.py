@@ -179,8 +179,8 @@ def test_two_devices_confirm_it_and_the_rollout_is_refused_naming_both(fleet: Fl
 
     assert message == (
         f"cam-1 runs {OLD}, which cannot load {fleet.variant}: confirmed by 2 load_error reports from cam-1 and "
-        f"cam-2 (first: {REASON}); build another recipe ('edgefleet model build digits:1 --profile x86-64 "
-        "--recipe ...'), leave that device out, or pass --ignore-load-errors to roll it out anyway"
+        f"cam-2 (first: {REASON}); build and ship another recipe ('edgefleet model build digits:1 --profile "
+        "x86-64 --recipe ... --ship'), leave that device out, or pass --ignore-load-errors to roll it out anyway"
     )
 
 
@@ -361,15 +361,18 @@ def test_model_report_without_load_errors_has_no_such_section(fleet: Fleet) -> N
 
 
 def migrate(db: Database, revision: str) -> None:
-    """Move the schema to ``revision`` (downgrades too), as Database.upgrade runs migrations."""
+    """Move the schema to ``revision`` (downgrades too), as Database.upgrade runs migrations: with SQLite's
+    foreign keys off, since batch migrations drop and rebuild referenced tables (0004's downgrade does)."""
     with db.engine.connect() as conn:
         conn.connection.driver_connection.execute("PRAGMA foreign_keys=OFF")  # type: ignore[union-attr]
-        with conn.begin():
-            if revision == "head":
-                command.upgrade(_alembic_config(conn), revision)
-            else:
-                command.downgrade(_alembic_config(conn), revision)
-        conn.invalidate()
+        try:
+            with conn.begin():
+                if revision == "head":
+                    command.upgrade(_alembic_config(conn), revision)
+                else:
+                    command.downgrade(_alembic_config(conn), revision)
+        finally:
+            conn.invalidate()  # never hand a connection without foreign keys back to the pool
 
 
 def test_upgrading_from_0002_keeps_what_runtime_incompatibilities_knew(fleet: Fleet) -> None:
