@@ -142,7 +142,7 @@ def test_tampered_artifact_is_rejected_and_previous_model_kept(
     status = wait_settled(fleet, rollout_id)
 
     (row,) = status["devices"]  # type: ignore[misc]
-    assert status["state"] == "failed"
+    assert status["state"] == "rolled_back"  # the gate failed; the default policy rolls back (nothing changed)
     assert row["state"] == "failed"
     assert "came only in copies that do not match its signed sha256" in row["reason"]
     assert fleet.active_digest("pi") == before
