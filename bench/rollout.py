@@ -254,8 +254,10 @@ class FleetRun:
         try:
             wait_for(online, timeout, "every agent to come online", every=POLL_S)
         except AssertionError as exc:
+            if not str(exc).startswith("timed out"):
+                raise  # an agent or the server died: measure() reports its log
             count = sum(d.online for d in list_devices(db))
-            raise BenchFailure(f"{count} of {self.agents} agents online after {timeout:.0f} s: {exc}") from None
+            raise BenchFailure(f"only {count} of {self.agents} agents online after {timeout:g} s") from None
         self.online_s = time.monotonic() - started
         self.say(f"all online after {self.online_s:.1f} s")
 
@@ -403,9 +405,10 @@ def main() -> None:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
     artifact = next((r.artifact_bytes for r in rows if r.artifact_bytes), 0)
+    artifact_text = f"{artifact / 1024:.0f} KiB" if artifact else "-"
     stray = sum(r.stray_bytes for r in rows)
     print(f"\nhost: {os.cpu_count()} cores; Mosquitto, the server and every agent (and its trial child) on this host; "
-          f"waves {args.waves}; artifact {artifact / 1024:.0f} KiB (model + eval file, float32); "
+          f"waves {args.waves}; artifact {artifact_text} (model + eval file, float32); "
           f"run took {time.monotonic() - run_started:.0f} s; ratios against the smallest N in the same run"
           + (f"; {stray} chunk bytes of files no manifest names (not in the ratio)" if stray else "") + "\n")
     print_table(rows)
