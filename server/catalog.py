@@ -126,7 +126,7 @@ class ModelSummary:
 
 def list_models(db: Database) -> list[ModelSummary]:
     """Every model with its versions and, per built profile, the recipe and size it ships."""
-    with db.session() as session:
+    with db.reading() as session:
         models = queries.models(session)
         builds: dict[int, list[ShippedBuild]] = defaultdict(list)
         for artifact in queries.artifacts_of(session, [v.id for m in models for v in m.versions]):

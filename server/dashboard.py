@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 def fleet_snapshot(db: Database) -> dict[str, Any]:
     """Devices with their latest on-device trials, and recent rollouts."""
     devices = [asdict(d) for d in list_devices(db)]
-    with db.session() as session:
+    with db.reading() as session:
         for device in devices:
             device["trials"] = [
                 {

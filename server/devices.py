@@ -174,7 +174,7 @@ def remove_device(db: Database, name: str, *, actor: str | None = None) -> Remov
 
 def list_devices(db: Database, selection: Selection | None = None) -> list[DeviceRow]:
     """Live devices by name: all of them, or those ``selection`` matches (its profiles must exist)."""
-    with db.session() as session:
+    with db.reading() as session:
         if selection is None:
             devices = list(queries.devices(session))
         else:

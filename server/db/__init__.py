@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 DB_FILENAME = "edgefleet.db"
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 DEFAULT_BUSY_TIMEOUT_MS = 10_000
+READ_ONLY = "edgefleet_read_only"  # an execution option: begin without taking SQLite's write lock
 
 
 def sqlite_url(data_dir: Path) -> str:
@@ -63,6 +64,7 @@ class Database:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self._readers = sessionmaker(engine.execution_options(**{READ_ONLY: True}), expire_on_commit=False)
         self._where = engine.url.render_as_string(hide_password=True)
 
     @contextmanager
@@ -73,6 +75,17 @@ class Database:
         """
         with self._translated_errors(), self._sessions.begin() as session:
             yield session
+
+    @contextmanager
+    def reading(self) -> Iterator[Session]:
+        """A read-only session: on SQLite a plain (deferred) BEGIN, so a reader never waits for the
+        write lock (WAL lets it read beside the server's writes) and never holds it. Nothing it changes
+        is committed."""
+        with self._translated_errors(), self._readers() as session:
+            try:
+                yield session
+            finally:
+                session.rollback()
 
     def upgrade(self) -> None:
         """Migrate the schema to the newest revision; a no-op when it is already there."""
@@ -144,4 +157,4 @@ def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(READ_ONLY) else "BEGIN IMMEDIATE")

@@ -166,7 +166,7 @@ def _rollout(session: Session, rollout_id: str) -> Rollout:
 
 
 def rollout_status(db: Database, rollout_id: str) -> RolloutStatus:
-    with db.session() as session:
+    with db.reading() as session:
         rollout = _rollout(session, rollout_id)
         version = rollout.model_version
         waves = tuple(
@@ -181,7 +181,7 @@ def rollout_status(db: Database, rollout_id: str) -> RolloutStatus:
 
 
 def list_rollouts(db: Database, limit: int = 50) -> list[RolloutSummary]:
-    with db.session() as session:
+    with db.reading() as session:
         rows = []
         for rollout in queries.recent_rollouts(session, limit):
             installs = [d for d in rollout.deployments if d.kind == DeploymentKind.INSTALL.value]
@@ -204,7 +204,7 @@ def _entry(event: AuditEvent, names: dict[str, str]) -> AuditEntry:
 
 def list_events(db: Database, *, rollout_id: str | None = None, device_name: str | None = None,
                 limit: int | None = None) -> list[AuditEntry]:
-    with db.session() as session:
+    with db.reading() as session:
         device_id = find_device(session, device_name).id if device_name is not None else None
         if rollout_id is not None:
             _rollout(session, rollout_id)

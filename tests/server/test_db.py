@@ -168,3 +168,19 @@ def test_unusable_file_is_storage_error(
         db.is_initialised()
     with pytest.raises(StorageError, match=cause), db.session() as session:
         session.get(Profile, "any")
+
+
+def test_a_reader_neither_waits_for_nor_blocks_a_writer(tmp_path: Path, opened: list[Database]) -> None:
+    """``rollout status`` while the server commits: a read-only session never takes SQLite's write lock."""
+    from sqlalchemy import text
+
+    writer_db = _open(opened, tmp_path)
+    writer_db.upgrade()
+    reader_db = _open(opened, tmp_path, busy_timeout_ms=100)
+    with writer_db.session() as writer:  # holds the write lock for the whole block
+        writer.execute(text("INSERT INTO audit_events (ts, kind, actor, message, data) "
+                            "VALUES ('2026-01-01', 'k', 'a', 'm', '{}')"))
+        with reader_db.reading() as reader:  # would time out after 100 ms with BEGIN IMMEDIATE
+            assert reader.execute(text("SELECT count(*) FROM audit_events")).scalar() == 0
+            with pytest.raises(StorageError, match="locked"), reader_db.session() as blocked:
+                blocked.execute(text("SELECT 1"))  # a writing session does wait, and gives up
