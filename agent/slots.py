@@ -21,7 +21,7 @@ from pathlib import Path
 from agent.download import verify_file
 from agent.files import atomic_write_json, read_json, storage_error
 from shared.codec import decode, encode
-from shared.errors import StorageError
+from shared.errors import EdgefleetError, StorageError
 from shared.failpoints import failpoint
 from shared.messages import FileEntry, Manifest
 
@@ -59,9 +59,13 @@ class SlotStore:
         return self.slot_dir(slot) / entry.name
 
     def find_local(self, entry: FileEntry) -> Path | None:
-        """A file with the same digest already held in a slot, to copy instead of download."""
+        """A file with the same digest already held in a slot, to copy instead of download. A slot whose
+        manifest is unreadable holds nothing to trust: its files are downloaded again instead."""
         for slot in SLOTS:
-            manifest = self.manifest(slot)
+            try:
+                manifest = self.manifest(slot)
+            except (EdgefleetError, OSError, ValueError):
+                continue
             if manifest is None:
                 continue
             for held in manifest.files:

@@ -31,6 +31,7 @@ from agent.download import (
     verify_file,
 )
 from agent.files import fsync_file
+from agent.gates import gate_failures
 from agent.memory import MemoryBudget, available_memory_bytes, trial_memory_budget
 from agent.record import RecordStore, UpdateRecord
 from agent.slots import SlotStore
@@ -46,10 +47,11 @@ from shared.messages import (
     DesiredState,
     Directive,
     Manifest,
+    PreviousModel,
     UpdateState,
     clip_reason,
 )
-from shared.trial import TrialHandle, TrialRequest, start_trial
+from shared.trial import TrialHandle, TrialRequest, TrialResult, start_trial
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +65,10 @@ class Reporter(Protocol):
 
     def rejected(self, claimed_deployment: str, reason: str) -> None: ...
 
-    def telemetry(self, deployment_id: str, benchmark: BenchmarkResult, accuracy: float, samples: int) -> None: ...
+    def telemetry(
+        self, deployment_id: str, benchmark: BenchmarkResult, accuracy: float, samples: int,
+        previous: PreviousModel | None,
+    ) -> None: ...
 
     def state_changed(self) -> None: ...
 
@@ -101,6 +106,7 @@ class Updater:
         self._download: Download | None = None
         self._trial: TrialHandle | None = None
         self._budget: MemoryBudget | None = None
+        self._replaced: Manifest | None = None  # the committed model the running trial also measures
         self._last_retry = float("-inf")
         self._resumed = True  # resume() clears it until it has run to the end
         self._handlers: dict[State, Callable[[], Event | None]] = {
@@ -382,7 +388,22 @@ class Updater:
     def _start_trial_in_child(self, request: TrialRequest) -> TrialHandle:
         return start_trial(request, timeout=self.config.trial.timeout_seconds)
 
-    def _trial_request(self, manifest: Manifest, slot: str, budget: MemoryBudget) -> TrialRequest:
+    def _replaced_model(self, trial_slot: str) -> tuple[Manifest, Path] | None:
+        """The committed model the candidate in ``trial_slot`` would replace, and its file; None on a
+        device with no model yet (or none readable: the comparison gates are then skipped)."""
+        try:
+            active = self.slots.active_slot()
+            manifest = self.slots.manifest(active) if active is not None and active != trial_slot else None
+        except (EdgefleetError, OSError, ValueError) as exc:
+            logger.warning("the committed model is unreadable (%s): the trial does not compare with it", exc)
+            return None
+        if active is None or manifest is None:
+            return None
+        return manifest, self.slots.file_path(active, manifest.file("model"))
+
+    def _trial_request(
+        self, manifest: Manifest, slot: str, budget: MemoryBudget, previous_model: Path | None
+    ) -> TrialRequest:
         bench = self.config.benchmark
         return TrialRequest(
             model_path=str(self.slots.file_path(slot, manifest.file("model"))),
@@ -394,6 +415,27 @@ class Updater:
             min_runs=bench.min_runs,
             min_seconds=bench.min_seconds,
             memory_limit_mb=budget.limit_mb,
+            previous_model_path=None if previous_model is None else str(previous_model),
+        )
+
+    def _previous(self, result: TrialResult) -> PreviousModel | None:
+        """The replaced model's numbers from this trial, if it was measured."""
+        replaced = self._replaced
+        if replaced is None:
+            return None
+        if result.previous_benchmark is None or result.previous_accuracy is None:
+            logger.warning(
+                "could not measure the replaced model %s v%s on this eval set, so the gates do not compare "
+                "with it: %s", replaced.model, replaced.version, result.previous_error or "no numbers came back",
+            )
+            return None
+        return PreviousModel(
+            model=replaced.model,
+            version=replaced.version,
+            sha256=replaced.file("model").sha256,
+            accuracy=result.previous_accuracy,
+            p50_ms=result.previous_benchmark.p50_ms,
+            p95_ms=result.previous_benchmark.p95_ms,
         )
 
     def on_trial(self) -> Event | None:
@@ -404,7 +446,10 @@ class Updater:
             self._budget = trial_memory_budget(
                 manifest.max_ram_bytes, self.config.trial.memory_limit_mb, self.available_memory()
             )
-            self._trial = self.start_trial(self._trial_request(manifest, slot, self._budget))
+            replaced = self._replaced_model(slot)
+            self._replaced = None if replaced is None else replaced[0]
+            request = self._trial_request(manifest, slot, self._budget, None if replaced is None else replaced[1])
+            self._trial = self.start_trial(request)
             failpoint("agent.trial.started")
         result = self._trial.poll()
         if result is None:
@@ -418,13 +463,11 @@ class Updater:
             self._save(self.record.moved(State.TRIAL, reason=reason))
             return Event.FAILURE
         assert self.record.deployment_id is not None
-        self.reporter.telemetry(self.record.deployment_id, result.benchmark, result.accuracy, result.samples or 0)
-        gates = self._directive().gates
-        problems = []
-        if result.accuracy < gates.min_accuracy:
-            problems.append(f"accuracy {result.accuracy:.4f} below the gate {gates.min_accuracy:.4f}")
-        if gates.max_p95_ms is not None and result.benchmark.p95_ms > gates.max_p95_ms:
-            problems.append(f"p95 latency {result.benchmark.p95_ms:.3f} ms above the gate {gates.max_p95_ms:.3f} ms")
+        previous = self._previous(result)
+        self.reporter.telemetry(
+            self.record.deployment_id, result.benchmark, result.accuracy, result.samples or 0, previous
+        )
+        problems = gate_failures(self._directive().gates, result.accuracy, result.benchmark.p95_ms, previous)
         if problems:
             self._save(self.record.moved(State.TRIAL, reason="; ".join(problems)))
             return Event.GATES_FAILED

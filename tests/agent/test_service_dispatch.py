@@ -20,10 +20,10 @@ from agent.service import AgentService
 from agent.states import State
 from agent.updater import Updater
 from shared.codec import encode
-from shared.messages import MAX_DESIRED_PAYLOAD, Event, decode_payload
+from shared.messages import MAX_DESIRED_PAYLOAD, Event, PreviousModel, Telemetry, decode_payload
 from shared.mqtt import Inbound, LinkDown, LinkUp
 from shared.topics import TopicKind, chunk_topic, device_topic, parse_topic, want_topic
-from tests.agent.material import DEVICE, NOW, Keys, make_config, make_release
+from tests.agent.material import BENCHMARK, DEVICE, NOW, Keys, make_config, make_release
 
 OTHER = "pi-garage-02"
 SHA = "ab" * 32
@@ -237,3 +237,17 @@ def test_a_flood_of_forged_desired_states_is_reported_sparingly_and_never_fills_
     second = decode_payload(TopicKind.EVENTS, published[-1][1])
     assert second.seq == 2 and second.reason.endswith("(and 39 more rejected since the last report)")
     assert service.updater.state is State.IDLE
+
+
+def test_trial_telemetry_carries_the_replaced_models_numbers(
+    service: AgentService, published: list[tuple[str, bytes, bool]]
+) -> None:
+    previous = PreviousModel(model="kws", version=1, sha256=SHA, accuracy=0.91, p50_ms=0.8, p95_ms=1.1)
+    service.telemetry("dep-2", BENCHMARK, 0.93, 120, previous)
+    service.telemetry("dep-3", BENCHMARK, 0.93, 120, None)
+
+    first, second = (decode_payload(TopicKind.TELEMETRY, body) for _, body, _ in published)
+    assert isinstance(first, Telemetry) and isinstance(second, Telemetry)
+    assert (first.deployment_id, first.accuracy, first.benchmark, first.previous) == ("dep-2", 0.93, BENCHMARK, previous)
+    assert second.previous is None
+    assert len(service.outbox) == 2  # kept until the server acknowledges them

@@ -19,7 +19,7 @@ import pytest
 
 from agent.record import TrustedState
 from agent.states import State
-from shared.messages import DesiredState, SignedEnvelope, UpdateState
+from shared.messages import BenchmarkResult, DesiredState, Gates, PreviousModel, SignedEnvelope, UpdateState
 from shared.signing import public_key_text
 from shared.trial import TrialResult
 from tests.agent.fakes import (
@@ -32,7 +32,15 @@ from tests.agent.fakes import (
     install_first,
     settle_corrupt_download,
 )
-from tests.agent.material import BENCHMARK, NOW, REQUEST_INTERVAL, Release, make_config, trusted_bytes
+from tests.agent.material import (
+    BENCHMARK,
+    GATES,
+    NOW,
+    REQUEST_INTERVAL,
+    Release,
+    make_config,
+    trusted_bytes,
+)
 
 # -- the scenario table ------------------------------------------------------------------
 
@@ -47,6 +55,8 @@ class Scenario:
     disk_full: str | None = None  # "stage" or "commit"
     reason_prefix: str = ""
     telemetry: int = 1
+    gates: Gates = GATES
+    exact_reason: str | None = None  # the whole final reason, when a row pins it
 
     @property
     def commits(self) -> bool:
@@ -54,6 +64,16 @@ class Scenario:
 
 
 SLOW = dataclasses.replace(BENCHMARK, p95_ms=42.5, p99_ms=50.0, max_ms=60.0)
+FAST = dataclasses.replace(BENCHMARK, p50_ms=0.5, p95_ms=1.0)  # what the replaced model measures in these rows
+COMPARED = Gates(min_accuracy=0.8, max_p95_ms=10.0, max_regression=0.01, max_latency_ratio=1.5)
+
+
+def with_previous(accuracy: float, benchmark: BenchmarkResult = BENCHMARK, previous_accuracy: float = 0.95,
+                  previous: BenchmarkResult | None = FAST, previous_error: str = "") -> TrialResult:
+    return TrialResult(ok=True, benchmark=benchmark, accuracy=accuracy, samples=120, previous_benchmark=previous,
+                       previous_accuracy=None if previous is None else previous_accuracy,
+                       previous_error=previous_error)
+
 
 SCENARIOS = [
     Scenario("happy path", HAPPY),
@@ -74,6 +94,42 @@ SCENARIOS = [
         UNTIL_TRIAL + ["rolled_back"],
         reason=("accuracy", "p95"),
         trial=TrialResult(ok=True, benchmark=SLOW, accuracy=0.1, samples=120),
+    ),
+    Scenario(
+        "within the budgets against the replaced model",
+        HAPPY,
+        gates=COMPARED,
+        trial=with_previous(0.94, dataclasses.replace(BENCHMARK, p95_ms=1.5)),  # 0.01 and 1.5x: at both limits
+    ),
+    Scenario(
+        "accuracy regressed against the replaced model",
+        UNTIL_TRIAL + ["rolled_back"],
+        gates=COMPARED,
+        trial=with_previous(0.93, dataclasses.replace(BENCHMARK, p95_ms=1.2), previous_accuracy=0.95),
+        exact_reason="accuracy 0.9300 is 0.0200 below the replaced model's 0.9500 (max regression 0.0100)",
+    ),
+    Scenario(
+        "slower than the replaced model",
+        UNTIL_TRIAL + ["rolled_back"],
+        gates=COMPARED,
+        trial=with_previous(0.95),
+        exact_reason="p95 latency 1.600 ms is 1.60x the replaced model's 1.000 ms (max 1.50x)",
+    ),
+    Scenario(
+        "every check fails, each named with its numbers",
+        UNTIL_TRIAL + ["rolled_back"],
+        gates=COMPARED,
+        trial=with_previous(0.5, SLOW, previous_accuracy=0.9),
+        exact_reason="accuracy 0.5000 below the gate 0.8000; "
+        "accuracy 0.5000 is 0.4000 below the replaced model's 0.9000 (max regression 0.0100); "
+        "p95 latency 42.500 ms above the gate 10.000 ms; "
+        "p95 latency 42.500 ms is 42.50x the replaced model's 1.000 ms (max 1.50x)",
+    ),
+    Scenario(
+        "the replaced model could not run on this eval set: no comparison",
+        HAPPY,
+        gates=Gates(min_accuracy=0.8, max_regression=0.0, max_latency_ratio=1.0),
+        trial=with_previous(0.85, SLOW, previous=None, previous_error="benchmark failed: cannot reshape"),
     ),
     Scenario(
         "model does not load",
@@ -125,7 +181,7 @@ SCENARIOS = [
 def test_update_scenario(sc: Scenario, harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
     h = harness
     first = install_first(h)
-    second = h.release(version=2)
+    second = h.release(version=2, gates=sc.gates)
     before_active = h.snapshot("slots/a", "active.json")
 
     h.trial.result = sc.trial
@@ -153,13 +209,25 @@ def test_update_scenario(sc: Scenario, harness: Harness, monkeypatch: pytest.Mon
     for part in sc.reason:
         assert part in reason
     assert reason.startswith(sc.reason_prefix)
-    if not sc.reason and not sc.reason_prefix:
+    if sc.exact_reason is not None:
+        assert reason == sc.exact_reason
+        assert h.updater.record.reason == sc.exact_reason  # stored as reported
+    elif not sc.reason and not sc.reason_prefix:
         assert reason == ""
     assert all(r == "" for _, s, r in h.reporter.events if not s.is_final)  # in-flight events carry no reason
     assert len(h.reporter.telemetry_calls) == sc.telemetry
     if sc.telemetry:
-        assert h.reporter.telemetry_calls[0][0] == second.deployment_id
-        assert h.reporter.telemetry_calls[0][2] == sc.trial.accuracy
+        deployment, _, accuracy, _, previous = h.reporter.telemetry_calls[0]
+        assert (deployment, accuracy) == (second.deployment_id, sc.trial.accuracy)
+        if sc.trial.previous_benchmark is None:
+            assert previous is None
+        else:  # the replaced model's numbers from this trial, named by the active slot's manifest
+            assert previous == PreviousModel(
+                model="kws", version=1, sha256=first.model_sha, accuracy=sc.trial.previous_accuracy,
+                p50_ms=sc.trial.previous_benchmark.p50_ms, p95_ms=sc.trial.previous_benchmark.p95_ms,
+            )
+    if "trial" in sc.events:  # the trial measured the committed model too
+        assert h.trial.requests[-1].previous_model_path == str(h.slot_file("a"))
     if sc.disk_full:
         assert refused, "the injected disk-full never triggered"
 
@@ -202,8 +270,9 @@ def test_first_install_from_nothing(harness: Harness) -> None:
 
     assert h.reporter.events == [(release.deployment_id, UpdateState(s), "") for s in HAPPY]
     assert len(h.reporter.telemetry_calls) == 1
-    deployment, benchmark, accuracy, samples = h.reporter.telemetry_calls[0]
+    deployment, benchmark, accuracy, samples, previous = h.reporter.telemetry_calls[0]
     assert (deployment, benchmark, accuracy, samples) == (release.deployment_id, BENCHMARK, 0.95, 120)
+    assert previous is None  # nothing installed before: nothing to compare with
     assert_idle(h)
     assert h.updater.slots.active_slot() == "a"
     assert h.slot_file("a").read_bytes() == release.model
@@ -216,6 +285,7 @@ def test_first_install_from_nothing(harness: Harness) -> None:
     assert Path(request.model_path) == h.slot_file("a")
     assert Path(request.eval_path) == h.slot_file("a", "eval.npz")
     assert (request.min_runs, request.threads) == (h.config.benchmark.min_runs, h.config.runtime.threads)
+    assert request.previous_model_path is None
 
 
 def test_second_install_uses_the_other_slot_and_leaves_the_first_alone_until_commit(harness: Harness) -> None:
