@@ -41,6 +41,7 @@ from agent.memory import MemoryBudget, available_memory_bytes, trial_memory_budg
 from agent.record import RecordStore, UpdateRecord
 from agent.slots import SlotStore
 from agent.states import REPORTED, RESUME_FROM, SUPERSEDABLE, Event, State, next_state
+from agent.trials import ReplacedModel, previous_model, replaced_model, trial_request
 from agent.trust import claimed_deployment, trusted_after, verify_desired
 from shared.canonical import canonical_digest
 from shared.codec import decode, encode
@@ -56,7 +57,7 @@ from shared.messages import (
     UpdateState,
     clip_reason,
 )
-from shared.trial import TrialHandle, TrialRequest, TrialResult, start_trial
+from shared.trial import TrialHandle, TrialRequest, start_trial
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ class Updater:
         self._download: Download | None = None
         self._trial: TrialHandle | None = None
         self._budget: MemoryBudget | None = None
-        self._replaced: Manifest | None = None  # the committed model the running trial also measures
+        self._replaced: ReplacedModel | None = None  # the committed model the running trial also measures
         self._last_retry = float("-inf")
         self._resumed = True  # resume() clears it until it has run to the end
         self._handlers: dict[State, Callable[[], Event | None]] = {
@@ -412,56 +413,6 @@ class Updater:
     def _start_trial_in_child(self, request: TrialRequest) -> TrialHandle:
         return start_trial(request, timeout=self.config.trial.timeout_seconds)
 
-    def _replaced_model(self, trial_slot: str) -> tuple[Manifest, Path] | None:
-        """The committed model the candidate in ``trial_slot`` would replace, and its file; None on a
-        device with no model yet (or none readable: the comparison gates are then skipped)."""
-        try:
-            active = self.slots.active_slot()
-            manifest = self.slots.manifest(active) if active is not None and active != trial_slot else None
-        except (EdgefleetError, OSError, ValueError) as exc:
-            logger.warning("the committed model is unreadable (%s): the trial does not compare with it", exc)
-            return None
-        if active is None or manifest is None:
-            return None
-        return manifest, self.slots.file_path(active, manifest.file("model"))
-
-    def _trial_request(
-        self, manifest: Manifest, slot: str, budget: MemoryBudget, previous_model: Path | None
-    ) -> TrialRequest:
-        bench = self.config.benchmark
-        return TrialRequest(
-            model_path=str(self.slots.file_path(slot, manifest.file("model"))),
-            eval_path=str(self.slots.file_path(slot, manifest.file("eval"))),
-            threads=self.config.runtime.threads,
-            runtime=self.config.runtime.preferred,
-            warmup_runs=bench.warmup_runs,
-            warmup_seconds=bench.warmup_seconds,
-            min_runs=bench.min_runs,
-            min_seconds=bench.min_seconds,
-            memory_limit_mb=budget.limit_mb,
-            previous_model_path=None if previous_model is None else str(previous_model),
-        )
-
-    def _previous(self, result: TrialResult) -> PreviousModel | None:
-        """The replaced model's numbers from this trial, if it was measured."""
-        replaced = self._replaced
-        if replaced is None:
-            return None
-        if result.previous_benchmark is None or result.previous_accuracy is None:
-            logger.warning(
-                "could not measure the replaced model %s v%s on this eval set, so the gates do not compare "
-                "with it: %s", replaced.model, replaced.version, result.previous_error or "no numbers came back",
-            )
-            return None
-        return PreviousModel(
-            model=replaced.model,
-            version=replaced.version,
-            sha256=replaced.file("model").sha256,
-            accuracy=result.previous_accuracy,
-            p50_ms=result.previous_benchmark.p50_ms,
-            p95_ms=result.previous_benchmark.p95_ms,
-        )
-
     def on_trial(self) -> Event | None:
         """Start the trial child, then (on later ticks) collect its result: the loop stays free."""
         if self._trial is None:
@@ -470,10 +421,10 @@ class Updater:
             self._budget = trial_memory_budget(
                 manifest.max_ram_bytes, self.config.trial.memory_limit_mb, self.available_memory()
             )
-            replaced = self._replaced_model(slot)
-            self._replaced = None if replaced is None else replaced[0]
-            request = self._trial_request(manifest, slot, self._budget, None if replaced is None else replaced[1])
-            self._trial = self.start_trial(request)
+            self._replaced = replaced_model(self.slots, slot)
+            self._trial = self.start_trial(
+                trial_request(self.config, self.slots, manifest, slot, self._budget, self._replaced)
+            )
             failpoint("agent.trial.started")
         result = self._trial.poll()
         if result is None:
@@ -487,7 +438,7 @@ class Updater:
             self._save(self.record.moved(State.TRIAL, reason=reason))
             return Event.FAILURE
         assert self.record.deployment_id is not None
-        previous = self._previous(result)
+        previous = previous_model(self._replaced, result)
         self.reporter.telemetry(
             self.record.deployment_id, result.benchmark, result.accuracy, result.samples or 0, previous
         )

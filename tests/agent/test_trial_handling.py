@@ -9,6 +9,7 @@ import pytest
 
 from agent.memory import FLOOR_BYTES, UNKNOWN_LIMIT_BYTES, available_memory_bytes, trial_memory_budget
 from agent.states import State
+from agent.trials import replaced_model
 from shared.messages import Gates, PreviousModel, UpdateState
 from shared.trial import TrialResult
 from tests.agent.fakes import HAPPY, UNTIL_TRIAL, Harness, assert_idle, install_first
@@ -140,9 +141,9 @@ def test_the_committed_model_is_measured_beside_the_candidate(harness: Harness) 
 def test_the_slot_on_trial_is_never_its_own_replaced_model(harness: Harness) -> None:
     h = harness
     install_first(h)
-    assert h.updater._replaced_model("a") is None  # the active slot itself
-    replaced = h.updater._replaced_model("b")
-    assert replaced is not None and replaced[1] == h.slot_file("a")
+    assert replaced_model(h.updater.slots, "a") is None  # the active slot itself
+    replaced = replaced_model(h.updater.slots, "b")
+    assert replaced is not None and replaced.path == h.slot_file("a")
 
 
 def test_an_unreadable_committed_manifest_means_no_comparison_not_a_failed_trial(
@@ -152,7 +153,7 @@ def test_an_unreadable_committed_manifest_means_no_comparison_not_a_failed_trial
     install_first(h)
     (h.data_dir / "slots" / "a" / "manifest.json").write_text("{not json")
     h.trial.result = TrialResult(ok=True, benchmark=BENCHMARK, accuracy=0.9, samples=120)
-    caplog.set_level(logging.WARNING, logger="agent.updater")
+    caplog.set_level(logging.WARNING, logger="agent.trials")
 
     h.install(h.release(version=2, gates=Gates(min_accuracy=0.5, max_regression=0.0)))
 
@@ -169,7 +170,7 @@ def test_a_replaced_model_that_could_not_run_is_logged_and_skipped(
     install_first(h)
     h.trial.result = TrialResult(ok=True, benchmark=BENCHMARK, accuracy=0.5, samples=120,
                                  previous_error="benchmark failed: cannot reshape array of size 4 into shape (1,7)")
-    caplog.set_level(logging.WARNING, logger="agent.updater")
+    caplog.set_level(logging.WARNING, logger="agent.trials")
 
     h.install(h.release(version=2, gates=Gates(min_accuracy=0.5, max_regression=0.0, max_latency_ratio=1.0)))
 
