@@ -238,8 +238,7 @@ class AgentService:
 
     def handle(self, item: Any) -> None:
         """Dispatch one inbox record; malformed input is logged and dropped."""
-        if isinstance(item, LinkUp):
-            logger.info("connected to %s", self.link.broker.url())
+        if isinstance(item, LinkUp):  # the link itself logs connects, failed attempts and losses
             self._publish(
                 TopicKind.AVAILABILITY, Availability(v=PROTOCOL_VERSION, online=True, boot_id=self.boot_id), retain=True
             )
@@ -251,7 +250,7 @@ class AgentService:
                 logger.error("could not ask for the missing chunks: %s", exc)
             return
         if isinstance(item, LinkDown):
-            logger.warning("disconnected from broker: %s", item.reason)
+            logger.debug("link down: %s", item.reason)
             return
         assert isinstance(item, Inbound)
         try:

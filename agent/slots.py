@@ -17,6 +17,7 @@ import hashlib
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from agent.download import verify_file
 from agent.files import atomic_write_json, read_json, storage_error
@@ -33,10 +34,20 @@ class SlotStore:
         self.root = data_dir / "slots"
         self.pointer = data_dir / "active.json"
 
-    def active_slot(self) -> str | None:
+    def _read_pointer(self) -> dict[str, Any] | None:
         if not self.pointer.exists():
             return None
-        slot = read_json(self.pointer).get("slot")
+        try:
+            value = read_json(self.pointer)
+        except (OSError, ValueError) as exc:
+            raise StorageError(f"{self.pointer} is unreadable ({exc})") from exc
+        if not isinstance(value, dict):
+            raise StorageError(f"{self.pointer} is not a JSON object")
+        return value
+
+    def active_slot(self) -> str | None:
+        pointer = self._read_pointer()
+        slot = None if pointer is None else pointer.get("slot")
         return slot if slot in SLOTS else None
 
     def spare_slot(self) -> str:
@@ -109,9 +120,8 @@ class SlotStore:
         atomic_write_json(self.pointer, {"slot": slot, "deployment_id": deployment_id})
 
     def active_deployment(self) -> str | None:
-        if not self.pointer.exists():
-            return None
-        value = read_json(self.pointer).get("deployment_id")
+        pointer = self._read_pointer()
+        value = None if pointer is None else pointer.get("deployment_id")
         return value if isinstance(value, str) else None
 
     def digest_of_active(self) -> str | None:
