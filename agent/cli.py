@@ -65,7 +65,7 @@ def agent_group(ctx: click.Context, config_path: Path | None) -> None:
     service.run()
 
 
-@agent_group.command("check-config")
+@agent_group.command("check-config", short_help="Check agent.toml offline; --connect: reach the broker too.")
 @CONFIG_OPTION
 @click.option("--connect", is_flag=True,
               help="Also connect to the broker (MQTT 5) and disconnect; exit 1 if that fails.")
@@ -113,7 +113,8 @@ committed, update, trusted and outbox are {error: "..."} when unreadable.
 """
 
 
-@agent_group.command("status", help=STATUS_JSON_HELP)
+@agent_group.command("status", help=STATUS_JSON_HELP,
+                     short_help="Slots, committed model, last update, trust, outbox: from disk.")
 @CONFIG_OPTION
 @click.option("--json", "as_json", is_flag=True, help="One JSON object instead of lines (keys above).")
 def status_command(config_path: Path, as_json: bool) -> None:

@@ -86,8 +86,9 @@ class LazyGroup(click.Group):
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="warning",
     envvar="EDGEFLEET_LOG_LEVEL",
+    show_envvar=True,
     show_default="warning; info for 'server' and 'agent --config', which run until stopped",
-    help="Logging detail on stderr [env: EDGEFLEET_LOG_LEVEL].",
+    help="Logging detail on stderr.",
 )
 @click.version_option(package_name="edgefleet")
 @click.pass_context
