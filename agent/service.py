@@ -33,6 +33,7 @@ from shared.messages import (
     DesiredState,
     DeviceState,
     Event,
+    PreviousModel,
     ReportAck,
     Telemetry,
     UpdateState,
@@ -137,10 +138,17 @@ class AgentService:
         except EdgefleetError as exc:
             logger.warning("could not report a rejected desired state: %s", exc)
 
-    def telemetry(self, deployment_id: str, benchmark: BenchmarkResult, accuracy: float, samples: int) -> None:
+    def telemetry(
+        self, deployment_id: str, benchmark: BenchmarkResult, accuracy: float, samples: int,
+        previous: PreviousModel | None,
+    ) -> None:
+        compared = "" if previous is None else (
+            f" (replaced {previous.model} v{previous.version}: p50 {previous.p50_ms:.3f} ms, "
+            f"p95 {previous.p95_ms:.3f} ms, accuracy {previous.accuracy:.4f})"
+        )
         logger.info(
-            "trial of %s: p50 %.3f ms, p95 %.3f ms, accuracy %.4f on %d samples",
-            deployment_id, benchmark.p50_ms, benchmark.p95_ms, accuracy, samples,
+            "trial of %s: p50 %.3f ms, p95 %.3f ms, accuracy %.4f on %d samples%s",
+            deployment_id, benchmark.p50_ms, benchmark.p95_ms, accuracy, samples, compared,
         )
         self._report(
             TopicKind.TELEMETRY,
@@ -155,6 +163,7 @@ class AgentService:
                 benchmark=benchmark,
                 accuracy=accuracy,
                 samples=samples,
+                previous=previous,
             ),
         )
 
@@ -229,8 +238,7 @@ class AgentService:
 
     def handle(self, item: Any) -> None:
         """Dispatch one inbox record; malformed input is logged and dropped."""
-        if isinstance(item, LinkUp):
-            logger.info("connected to %s", self.link.broker.url())
+        if isinstance(item, LinkUp):  # the link itself logs connects, failed attempts and losses
             self._publish(
                 TopicKind.AVAILABILITY, Availability(v=PROTOCOL_VERSION, online=True, boot_id=self.boot_id), retain=True
             )
@@ -242,7 +250,7 @@ class AgentService:
                 logger.error("could not ask for the missing chunks: %s", exc)
             return
         if isinstance(item, LinkDown):
-            logger.warning("disconnected from broker: %s", item.reason)
+            logger.debug("link down: %s", item.reason)
             return
         assert isinstance(item, Inbound)
         try:

@@ -17,11 +17,12 @@ import hashlib
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from agent.download import verify_file
 from agent.files import atomic_write_json, read_json, storage_error
 from shared.codec import decode, encode
-from shared.errors import StorageError
+from shared.errors import EdgefleetError, StorageError
 from shared.failpoints import failpoint
 from shared.messages import FileEntry, Manifest
 
@@ -33,10 +34,20 @@ class SlotStore:
         self.root = data_dir / "slots"
         self.pointer = data_dir / "active.json"
 
-    def active_slot(self) -> str | None:
+    def _read_pointer(self) -> dict[str, Any] | None:
         if not self.pointer.exists():
             return None
-        slot = read_json(self.pointer).get("slot")
+        try:
+            value = read_json(self.pointer)
+        except (OSError, ValueError) as exc:
+            raise StorageError(f"{self.pointer} is unreadable ({exc})") from exc
+        if not isinstance(value, dict):
+            raise StorageError(f"{self.pointer} is not a JSON object")
+        return value
+
+    def active_slot(self) -> str | None:
+        pointer = self._read_pointer()
+        slot = None if pointer is None else pointer.get("slot")
         return slot if slot in SLOTS else None
 
     def spare_slot(self) -> str:
@@ -59,9 +70,13 @@ class SlotStore:
         return self.slot_dir(slot) / entry.name
 
     def find_local(self, entry: FileEntry) -> Path | None:
-        """A file with the same digest already held in a slot, to copy instead of download."""
+        """A file with the same digest already held in a slot, to copy instead of download. A slot whose
+        manifest is unreadable holds nothing to trust: its files are downloaded again instead."""
         for slot in SLOTS:
-            manifest = self.manifest(slot)
+            try:
+                manifest = self.manifest(slot)
+            except (EdgefleetError, OSError, ValueError):
+                continue
             if manifest is None:
                 continue
             for held in manifest.files:
@@ -105,9 +120,8 @@ class SlotStore:
         atomic_write_json(self.pointer, {"slot": slot, "deployment_id": deployment_id})
 
     def active_deployment(self) -> str | None:
-        if not self.pointer.exists():
-            return None
-        value = read_json(self.pointer).get("deployment_id")
+        pointer = self._read_pointer()
+        value = None if pointer is None else pointer.get("deployment_id")
         return value if isinstance(value, str) else None
 
     def digest_of_active(self) -> str | None:

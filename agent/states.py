@@ -4,7 +4,8 @@ State and event values are persisted in the update record: never rename them.
 ``TRANSITIONS`` is the only place an edge exists; ``next_state`` raises on an
 unknown (state, event). ``RESUME_FROM`` says where each saved state continues
 after a restart: a crash during the trial means the model may have crashed
-us, so it rolls back.
+us, so it rolls back. ``SUPERSEDABLE`` names the states a newer directive
+cancels through their FAILURE edge.
 """
 
 from __future__ import annotations
@@ -63,6 +64,11 @@ RESUME_FROM: dict[State, State] = {
     State.ROLLING_BACK: State.ROLLING_BACK,
     State.FAILED: State.FAILED,
 }
+
+# States a verified newer directive cancels (FAILURE, reason "superseded by deployment <id>"): nothing of
+# the current deployment runs yet, so the operator's newer word wins at once; an aborted rollout must never
+# go on to install. From the trial on, the newer directive waits until the current deployment ends.
+SUPERSEDABLE: frozenset[State] = frozenset({State.DOWNLOADING, State.VERIFYING, State.STAGED})
 
 # What the server sees for each state (the deployment's reported state).
 REPORTED: dict[State, UpdateState | None] = {

@@ -10,6 +10,11 @@ Only a desired state whose signatures verify can change what the agent does
 or which deployment it reports on: one that fails a check is reported as a
 *rejection* (naming the deployment it merely claims), never as the failure of
 a deployment, and it never displaces a verified directive waiting its turn.
+
+A verified newer directive cancels an install that has not reached its trial
+(``SUPERSEDABLE``): the current deployment ends FAILED, "superseded by
+deployment <id>", its downloads discarded and a half-staged spare slot
+cleared, and the newer one is accepted. From the trial on it waits its turn.
 """
 
 from __future__ import annotations
@@ -31,10 +36,12 @@ from agent.download import (
     verify_file,
 )
 from agent.files import fsync_file
+from agent.gates import gate_failures
 from agent.memory import MemoryBudget, available_memory_bytes, trial_memory_budget
 from agent.record import RecordStore, UpdateRecord
 from agent.slots import SlotStore
-from agent.states import REPORTED, RESUME_FROM, Event, State, next_state
+from agent.states import REPORTED, RESUME_FROM, SUPERSEDABLE, Event, State, next_state
+from agent.trials import ReplacedModel, previous_model, replaced_model, trial_request
 from agent.trust import claimed_deployment, trusted_after, verify_desired
 from shared.canonical import canonical_digest
 from shared.codec import decode, encode
@@ -46,6 +53,7 @@ from shared.messages import (
     DesiredState,
     Directive,
     Manifest,
+    PreviousModel,
     UpdateState,
     clip_reason,
 )
@@ -63,7 +71,10 @@ class Reporter(Protocol):
 
     def rejected(self, claimed_deployment: str, reason: str) -> None: ...
 
-    def telemetry(self, deployment_id: str, benchmark: BenchmarkResult, accuracy: float, samples: int) -> None: ...
+    def telemetry(
+        self, deployment_id: str, benchmark: BenchmarkResult, accuracy: float, samples: int,
+        previous: PreviousModel | None,
+    ) -> None: ...
 
     def state_changed(self) -> None: ...
 
@@ -97,10 +108,12 @@ class Updater:
         self.trusted = self.records.load_trusted()
         self.pending: DesiredState | None = None  # verified, newer than anything accepted, waiting its turn
         self._pending_seq = 0
+        self._pending_id = ""
         self._last_rejection: str | None = None  # digest of the last rejected desired state, reported once
         self._download: Download | None = None
         self._trial: TrialHandle | None = None
         self._budget: MemoryBudget | None = None
+        self._replaced: ReplacedModel | None = None  # the committed model the running trial also measures
         self._last_retry = float("-inf")
         self._resumed = True  # resume() clears it until it has run to the end
         self._handlers: dict[State, Callable[[], Event | None]] = {
@@ -140,7 +153,8 @@ class Updater:
         self.step()
 
     def offer(self, desired: DesiredState) -> None:
-        """A desired state arrived: verify it, then install it now or once the current update ends."""
+        """A desired state arrived: verify it, then install it now, instead of an install that has not
+        reached its trial, or once the current update ends."""
         try:
             manifest, directive = self._verify(desired)
         except TrustError as exc:
@@ -150,7 +164,9 @@ class Updater:
             return  # the deployment already accepted: its retained message came again
         if self.state is not State.IDLE:
             if self.pending is None or directive.seq > self._pending_seq:
-                self.pending, self._pending_seq = desired, directive.seq
+                self.pending, self._pending_seq, self._pending_id = desired, directive.seq, directive.deployment_id
+            if self.state in SUPERSEDABLE:
+                self.step()  # cancels the current install (see step), then on_idle accepts the pending one
             return
         self._accept(desired, manifest, directive)
         self.step()
@@ -192,6 +208,9 @@ class Updater:
             return
         if self.state is State.IDLE:
             return
+        if self.state in SUPERSEDABLE and self.pending is not None:
+            self.step()  # a cancel the disk interrupted: try again
+            return
         if self.state is State.TRIAL and self._trial is not None:
             self.step()
             return
@@ -227,10 +246,14 @@ class Updater:
         download.last_request = self.monotonic()
 
     def step(self) -> None:
-        """Run handlers until one waits in an unchanged state."""
+        """Run handlers until one waits in an unchanged state. A verified newer directive waiting while
+        the current install has not reached its trial ends that install first (``_superseded``)."""
         while True:
             before = self.state
-            event = self._handlers[before]()
+            if before in SUPERSEDABLE and self.pending is not None:
+                event: Event | None = self._superseded()
+            else:
+                event = self._handlers[before]()
             if event is not None:
                 self._fire(event)
             elif self.state is before:
@@ -357,6 +380,14 @@ class Updater:
             return Event.DOWNLOADED
         return None
 
+    def _superseded(self) -> Event:
+        """The FAILURE that ends an install before its trial when a newer directive came: FAILED
+        discards its downloads and a half-staged slot, IDLE accepts the newer one."""
+        reason = f"superseded by deployment {self._pending_id}"
+        logger.info("deployment %s %s before its trial: cancelling it", self.record.deployment_id, reason)
+        self._save(self.record.moved(self.state, reason=reason))
+        return Event.FAILURE
+
     def _fail(self, exc: Exception) -> Event:
         self._save(self.record.moved(self.state, reason=str(exc)))
         return Event.FAILURE
@@ -382,20 +413,6 @@ class Updater:
     def _start_trial_in_child(self, request: TrialRequest) -> TrialHandle:
         return start_trial(request, timeout=self.config.trial.timeout_seconds)
 
-    def _trial_request(self, manifest: Manifest, slot: str, budget: MemoryBudget) -> TrialRequest:
-        bench = self.config.benchmark
-        return TrialRequest(
-            model_path=str(self.slots.file_path(slot, manifest.file("model"))),
-            eval_path=str(self.slots.file_path(slot, manifest.file("eval"))),
-            threads=self.config.runtime.threads,
-            runtime=self.config.runtime.preferred,
-            warmup_runs=bench.warmup_runs,
-            warmup_seconds=bench.warmup_seconds,
-            min_runs=bench.min_runs,
-            min_seconds=bench.min_seconds,
-            memory_limit_mb=budget.limit_mb,
-        )
-
     def on_trial(self) -> Event | None:
         """Start the trial child, then (on later ticks) collect its result: the loop stays free."""
         if self._trial is None:
@@ -404,7 +421,10 @@ class Updater:
             self._budget = trial_memory_budget(
                 manifest.max_ram_bytes, self.config.trial.memory_limit_mb, self.available_memory()
             )
-            self._trial = self.start_trial(self._trial_request(manifest, slot, self._budget))
+            self._replaced = replaced_model(self.slots, slot)
+            self._trial = self.start_trial(
+                trial_request(self.config, self.slots, manifest, slot, self._budget, self._replaced)
+            )
             failpoint("agent.trial.started")
         result = self._trial.poll()
         if result is None:
@@ -418,13 +438,11 @@ class Updater:
             self._save(self.record.moved(State.TRIAL, reason=reason))
             return Event.FAILURE
         assert self.record.deployment_id is not None
-        self.reporter.telemetry(self.record.deployment_id, result.benchmark, result.accuracy, result.samples or 0)
-        gates = self._directive().gates
-        problems = []
-        if result.accuracy < gates.min_accuracy:
-            problems.append(f"accuracy {result.accuracy:.4f} below the gate {gates.min_accuracy:.4f}")
-        if gates.max_p95_ms is not None and result.benchmark.p95_ms > gates.max_p95_ms:
-            problems.append(f"p95 latency {result.benchmark.p95_ms:.3f} ms above the gate {gates.max_p95_ms:.3f} ms")
+        previous = previous_model(self._replaced, result)
+        self.reporter.telemetry(
+            self.record.deployment_id, result.benchmark, result.accuracy, result.samples or 0, previous
+        )
+        problems = gate_failures(self._directive().gates, result.accuracy, result.benchmark.p95_ms, previous)
         if problems:
             self._save(self.record.moved(State.TRIAL, reason="; ".join(problems)))
             return Event.GATES_FAILED
@@ -452,7 +470,25 @@ class Updater:
 
     def on_failed(self) -> Event:
         self._discard_downloads()
+        self._clear_half_staged()
         return self._finish(UpdateState.FAILED)
+
+    def _clear_half_staged(self) -> None:
+        """A failure before the trial may come after staging began (a full disk, or a newer directive
+        while the record still said STAGED): clear the spare slot if it holds a half-staged model (no
+        manifest) or this deployment's own copy. A previous model kept there as the fallback stays."""
+        try:
+            spare = self.slots.spare_slot()
+        except (EdgefleetError, OSError, ValueError):
+            return  # which slot is active is unclear: touch neither
+        if not self.slots.slot_dir(spare).exists():
+            return
+        try:
+            held = self.slots.manifest(spare)
+        except (EdgefleetError, OSError, ValueError):
+            held = None
+        if held is None or held == self._manifest():
+            self.slots.clear_spare()
 
     def _discard_downloads(self) -> None:
         if self._download is not None:

@@ -4,17 +4,25 @@ Subcommands load lazily, so ``edgefleet agent`` on a Pi needs only
 ``edgefleet[agent]`` and never imports the server's TensorFlow or SQLAlchemy.
 Every EdgefleetError becomes a one-line message and exit code 1; only a
 programming error shows a traceback.
+
+Logging goes to stderr at ``--log-level`` (or ``EDGEFLEET_LOG_LEVEL``). Left
+to the default, the commands that run until stopped log at info, so that an
+operator sees them connect to the broker, or fail to, and what they do;
+everything else stays at warning. ``edgefleet server`` is decided here;
+``edgefleet agent --config`` raises its own level the same way
+(``agent/cli.py``), since ``agent status`` and ``agent check-config`` are not
+long-running.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
-import os
 import sys
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from shared.errors import EdgefleetError, RuntimeMissingError
 
@@ -31,6 +39,15 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "agent": ("agent.cli", "agent_group", "Run the device agent."),
     "demo": ("server.demo", "demo_command", "Run a local demo fleet end to end."),
 }
+
+
+# Subcommands that run until stopped: at the default log level they log at info.
+LONG_RUNNING = frozenset({"server"})
+
+
+def log_level_chosen(ctx: click.Context) -> bool:
+    """Whether the user chose the log level (``--log-level`` or ``EDGEFLEET_LOG_LEVEL``)."""
+    return ctx.find_root().get_parameter_source("log_level") not in (ParameterSource.DEFAULT, None)
 
 
 class LazyGroup(click.Group):
@@ -69,13 +86,18 @@ class LazyGroup(click.Group):
 @click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
-    default=lambda: os.environ.get("EDGEFLEET_LOG_LEVEL", "warning"),
-    show_default="warning",
+    default="warning",
+    envvar="EDGEFLEET_LOG_LEVEL",
+    show_envvar=True,
+    show_default="warning; info for 'server' and 'agent --config', which run until stopped",
     help="Logging detail on stderr.",
 )
 @click.version_option(package_name="edgefleet")
-def cli(log_level: str) -> None:
+@click.pass_context
+def cli(ctx: click.Context, log_level: str) -> None:
     """Compress models per device profile and roll them out to edge fleets over MQTT."""
+    if ctx.invoked_subcommand in LONG_RUNNING and not log_level_chosen(ctx):
+        log_level = "info"
     logging.basicConfig(
         level=getattr(logging, log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -4,8 +4,19 @@ paho callbacks run on its network thread and only hand off: each message
 becomes an immutable ``Inbound`` record, each connection change a
 ``LinkUp``/``LinkDown``, put on the owner's queue. The owner's single loop
 does all the work. Subscriptions are remembered and renewed on every
-reconnect; paho reconnects by itself with back-off and re-sends the QoS 1
-messages it still holds.
+reconnect; paho reconnects by itself and re-sends the QoS 1 messages it still
+holds.
+
+The link says what happens to the connection at the default level of the
+long-running commands: "connected to mqtt://host:port" (info), and for every
+failed attempt "cannot reach broker mqtt://host:port (reason), retrying in
+N s" (warning), or that the broker refused the connection, or that a working
+connection was lost. N is the truth because the link sets it: before each of
+paho's waits (which always follow its ``on_connect_fail`` or
+``on_disconnect``) it tells paho the next delay of its own back-off (1 s,
+doubling to 10 s, back to 1 s once connected). The back-off is also what keeps
+these lines from flooding a log while the broker is away. Logging is the only
+thing besides the hand-off that these callbacks do.
 
 Two kinds of owner: an agent connects with a clean session and acknowledges
 on receipt; the server keeps a persistent session (``session_expiry_s``) and
@@ -19,18 +30,22 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from shared.errors import ConfigError, TransportError
 
 logger = logging.getLogger(__name__)
+
+RECONNECT_MIN_S = 1
+RECONNECT_MAX_S = 10
 
 
 @dataclass(frozen=True)
@@ -83,6 +98,28 @@ class Will:
     retain: bool = True
 
 
+def connect_error_text(exc: BaseException | None) -> str:
+    """Why a connection attempt failed, as a short phrase ("Connection refused", "timed out")."""
+    if exc is None:
+        return "unknown error"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+class _Client(paho.Client):
+    """paho's client, remembering why its last connection attempt failed (``on_connect_fail`` is not told)."""
+
+    last_connect_error: OSError | None = None
+
+    def reconnect(self) -> MQTTErrorCode:
+        try:
+            return super().reconnect()
+        except OSError as exc:
+            self.last_connect_error = exc
+            raise
+
+
 class MqttLink:
     def __init__(
         self,
@@ -93,6 +130,7 @@ class MqttLink:
         will: Will | None = None,
         session_expiry_s: int = 0,
         manual_ack: bool = False,
+        reconnect_delay_s: tuple[int, int] = (RECONNECT_MIN_S, RECONNECT_MAX_S),
     ) -> None:
         self.broker = broker
         self._inbox = inbox
@@ -102,7 +140,14 @@ class MqttLink:
         self._connection = 0
         self._session_expiry_s = session_expiry_s
         self._manual_ack = manual_ack
-        self._client = paho.Client(
+        self._min_delay, self._max_delay = reconnect_delay_s
+        # Touched by paho's thread only, once started: the next wait, and what the next on_disconnect reports.
+        self._next_delay = self._min_delay
+        self._first_attempt = True  # paho waits twice after a failed first attempt (see _on_connect_fail)
+        self._refused: str | None = None
+        self._was_connected = False
+        self._stopping = False
+        self._client = _Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=paho.MQTTv5,
@@ -111,21 +156,35 @@ class MqttLink:
         )
         self._client.max_queued_messages_set(0)  # keep QoS 1 messages published while offline
         self._client.max_inflight_messages_set(100)
-        self._client.reconnect_delay_set(min_delay=1, max_delay=10)
+        self._client.reconnect_delay_set(min_delay=self._min_delay, max_delay=self._min_delay)
         if broker.username:
             self._client.username_pw_set(broker.username, broker.password)
         if will is not None:
             self._client.will_set(will.topic, will.payload, qos=1, retain=will.retain)
         self._client.on_connect = self._on_connect
+        self._client.on_connect_fail = self._on_connect_fail
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
 
     # -- paho thread: hand off only ---------------------------------------
 
+    def _retry_in(self, *, waits_twice: bool = False) -> int:
+        """The wait paho starts next, in seconds: set here, so what the log says is what happens."""
+        delay = self._next_delay
+        self._next_delay = min(delay * 2, self._max_delay)
+        self._first_attempt = False
+        self._client.reconnect_delay_set(min_delay=delay, max_delay=delay)
+        return 2 * delay if waits_twice else delay
+
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        self._first_attempt = False
         if reason_code.is_failure:
+            self._refused = str(reason_code)  # the on_disconnect that follows logs it, with the wait
             self._inbox.put(LinkDown(f"broker refused the connection: {reason_code}"))
             return
+        self._next_delay = self._min_delay
+        self._refused, self._was_connected = None, True
+        logger.info("connected to %s", self.broker.url())
         with self._lock:
             subscriptions = list(self._subscriptions.items())
         for topic_filter, qos in subscriptions:
@@ -135,9 +194,28 @@ class MqttLink:
         self.connected.set()
         self._inbox.put(LinkUp(session_present=bool(flags.session_present)))
 
+    def _on_connect_fail(self, client: Any, userdata: Any) -> None:
+        error = connect_error_text(self._client.last_connect_error)
+        # When the very first attempt (connect_async's) fails, paho's loop waits once in its connect
+        # phase and once more in its reconnect phase before it tries again.
+        delay = self._retry_in(waits_twice=self._first_attempt)
+        logger.warning("cannot reach broker %s (%s), retrying in %d s", self.broker.url(), error, delay)
+
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         self.connected.clear()
         self._inbox.put(LinkDown(str(reason_code)))
+        if self._stopping:
+            return
+        if self._refused is not None:
+            logger.warning("broker %s refused the connection (%s), retrying in %d s", self.broker.url(),
+                           self._refused, self._retry_in())
+        elif self._was_connected:
+            logger.warning("lost the connection to %s (%s), reconnecting in %d s", self.broker.url(), reason_code,
+                           self._retry_in())
+        else:  # closed before it answered the connect
+            logger.warning("cannot reach broker %s (%s), retrying in %d s", self.broker.url(), reason_code,
+                           self._retry_in())
+        self._refused, self._was_connected = None, False
 
     def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
         self._inbox.put(
@@ -148,6 +226,7 @@ class MqttLink:
     # -- owner's thread ----------------------------------------------------
 
     def start(self) -> None:
+        self._stopping, self._first_attempt, self._next_delay = False, True, self._min_delay
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = self._session_expiry_s
         persistent = self._session_expiry_s > 0  # then every connect resumes the session, the first one too
@@ -215,6 +294,7 @@ class MqttLink:
 
     def stop(self, *, final: tuple[str, bytes] | None = None) -> None:
         """Disconnect cleanly, optionally publishing one last retained message first."""
+        self._stopping = True
         if final is not None and self.connected.is_set():
             info = self._client.publish(final[0], final[1], qos=1, retain=True)
             try:
@@ -223,3 +303,33 @@ class MqttLink:
                 pass
         self._client.disconnect()
         self._client.loop_stop()
+
+
+def probe_broker(broker: BrokerAddress, *, client_id: str, timeout: float = 5.0) -> None:
+    """Connect once (MQTT 5, clean start, no session kept) and disconnect; TransportError says why not.
+
+    ``client_id`` must differ from the one the agent runs with: a second client under the same id
+    would take over the running agent's connection.
+    """
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+    client.connect_timeout = timeout
+    if broker.username:
+        client.username_pw_set(broker.username, broker.password)
+    answers: list[Any] = []
+    client.on_connect = lambda c, userdata, flags, reason_code, properties: answers.append(reason_code)
+    try:
+        client.connect(broker.host, broker.port, keepalive=max(5, int(timeout) + 1), clean_start=True)
+    except (OSError, ValueError) as exc:
+        raise TransportError(f"cannot reach broker {broker.url()} ({connect_error_text(exc)})") from exc
+    deadline = time.monotonic() + timeout
+    try:
+        while not answers and time.monotonic() < deadline:
+            rc = client.loop(timeout=0.1)
+            if rc != paho.MQTT_ERR_SUCCESS and not answers:
+                raise TransportError(f"cannot reach broker {broker.url()} ({paho.error_string(rc)})")
+    finally:
+        client.disconnect()
+    if not answers:
+        raise TransportError(f"cannot reach broker {broker.url()} (no answer to the connect within {timeout:g} s)")
+    if answers[0].is_failure:
+        raise TransportError(f"broker {broker.url()} refused the connection ({answers[0]})")

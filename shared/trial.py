@@ -16,10 +16,19 @@ runtime itself takes once imported, limits its address space to that plus
 what is left of the limit, and refuses up front a model whose largest tensor
 alone would not fit: such a model reports ``oom`` with the numbers instead of
 meeting the kernel's out-of-memory killer, which might pick the agent.
+
+With ``previous_model_path`` the child also measures the model the candidate
+would replace, after the candidate and with its interpreter released: same
+settings, threads, runtime and memory limit, on the same eval samples, so the
+device can compare the two (``agent/gates.py``). The candidate's result stands
+whatever happens to that second measurement: the child prints the candidate's
+result first, so even a crash or a timeout while the replaced model runs only
+leaves ``previous_error`` saying why there is nothing to compare with.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import resource
@@ -30,8 +39,8 @@ import tempfile
 import time
 import zipfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from typing import IO, Protocol
+from dataclasses import asdict, dataclass, replace
+from typing import IO, Any, Protocol
 
 from shared.codec import decode, encode
 from shared.errors import ProtocolError
@@ -52,6 +61,7 @@ class TrialRequest:
     min_seconds: float
     memory_limit_mb: int = 4096  # the whole trial process, runtime included
     with_predictions: bool = False  # the host evaluation compares them with the float model's
+    previous_model_path: str | None = None  # the model the candidate would replace: measured after it
 
 
 LOAD_ERROR = "load_error: "  # how a trial's reason starts when the interpreter cannot load the model
@@ -70,6 +80,11 @@ class TrialResult:
     ops: tuple[str, ...] = ()
     delegate_partitions: int = 0
     predictions: tuple[int, ...] = ()
+    # The replaced model (``previous_model_path``), measured the same way; when it could not be,
+    # both numbers are None and previous_error says why.
+    previous_benchmark: BenchmarkResult | None = None
+    previous_accuracy: float | None = None
+    previous_error: str = ""
 
     @property
     def reason(self) -> str:
@@ -85,6 +100,10 @@ class TrialHandle(Protocol):
 
     def cancel(self) -> None: ...
 
+
+# The candidate's result as the child prints it before it measures the replaced model: a child that
+# dies or runs out of time after that line still has a result, without the comparison.
+PREVIOUS_NOT_MEASURED = "the trial ended before the replaced model was measured"
 
 # What a child that ran out of memory leaves on stderr (C++, Python, libc).
 _OOM_MARKS = ("std::bad_alloc", "MemoryError", "Cannot allocate memory", "out of memory")
@@ -135,7 +154,7 @@ class TrialProcess:
             if self.monotonic() < self._deadline:
                 return None
             self._kill()
-            return self._finish(TrialResult(ok=False, error=f"trial timed out after {self.timeout:g} s"))
+            return self._finish(self._salvage(TrialResult(ok=False, error=f"trial timed out after {self.timeout:g} s")))
         return self._finish(self._read_result(code))
 
     def wait(self, interval: float = 0.05) -> TrialResult:
@@ -160,16 +179,36 @@ class TrialProcess:
                 output.close()
         return result
 
+    def _lines(self) -> list[str]:
+        assert self._stdout is not None
+        self._stdout.seek(0)
+        return self._stdout.read().decode(errors="replace").strip().splitlines()
+
+    def _salvage(self, failure: TrialResult) -> TrialResult:
+        """A child that failed after it printed the candidate's result (while the replaced model ran):
+        that result, with the failure as the reason the comparison is missing."""
+        for line in reversed(self._lines()):
+            try:
+                provisional = decode(TrialResult, json.loads(line))
+            except (json.JSONDecodeError, ProtocolError):
+                continue
+            if provisional.ok and provisional.previous_error == PREVIOUS_NOT_MEASURED:
+                return replace(provisional, previous_error=f"{PREVIOUS_NOT_MEASURED}: {failure.reason}")
+        return failure
+
     def _read_result(self, code: int) -> TrialResult:
         assert self._stdout is not None and self._stderr is not None
-        self._stdout.seek(0)
-        self._stderr.seek(0)
-        lines = self._stdout.read().decode(errors="replace").strip().splitlines()
+        lines = self._lines()
         if code == 0 and lines:
             try:
                 return decode(TrialResult, json.loads(lines[-1]))
             except (json.JSONDecodeError, ProtocolError) as exc:
                 return TrialResult(ok=False, error=f"trial process sent an unreadable result: {exc}")
+        return self._salvage(self._crash_result(code))
+
+    def _crash_result(self, code: int) -> TrialResult:
+        assert self._stderr is not None
+        self._stderr.seek(0)
         stderr = self._stderr.read().decode(errors="replace")
         tail = " | ".join(stderr.strip().splitlines()[-3:])
         if code == -signal.SIGKILL:  # not our timeout: the kernel's out-of-memory killer is the usual sender
@@ -235,12 +274,45 @@ def _die_with_parent() -> None:
         os._exit(1)  # the parent died before prctl took effect
 
 
-def _child(request: TrialRequest, budget_bytes: int) -> TrialResult:
+@dataclass(frozen=True)
+class _Measured:
+    benchmark: BenchmarkResult
+    predicted: list[int]
+    ops: tuple[str, ...]
+    delegate_partitions: int
+
+
+def _measure(path: str, x: Any, request: TrialRequest, budget_bytes: int) -> _Measured:
+    """Benchmark the model at ``path`` on the first sample and predict every sample; the interpreter is
+    released before this returns. Raises EdgefleetError (or MemoryError)."""
+    from shared.benchmark import BenchmarkSettings, benchmark_model
+    from shared.interpreter import predict_classes
+
+    settings = BenchmarkSettings(
+        warmup_runs=request.warmup_runs,
+        warmup_seconds=request.warmup_seconds,
+        min_runs=request.min_runs,
+        min_seconds=request.min_seconds,
+    )
+    benchmark, model = benchmark_model(
+        path, x[:1], threads=request.threads, settings=settings, runtime=request.runtime or None,
+        memory_budget_bytes=budget_bytes,
+    )
+    try:
+        predicted = predict_classes(model, x)
+        ops, partitions = model.graph_ops()
+    finally:
+        model.close()
+    return _Measured(benchmark, predicted, ops, partitions)
+
+
+def _child(request: TrialRequest, budget_bytes: int, emit: Callable[[TrialResult], None]) -> TrialResult:
+    """The candidate's trial, then the replaced model's when asked for; ``emit`` prints the candidate's
+    result before the replaced model runs (see the module docstring)."""
     import numpy as np
 
-    from shared.benchmark import BenchmarkSettings, benchmark_model
     from shared.errors import EdgefleetError, ModelLoadError, OutOfMemoryError
-    from shared.interpreter import predict_classes, top1_accuracy
+    from shared.interpreter import top1_accuracy
 
     if budget_bytes <= 0:
         return TrialResult(ok=False, oom=True, error=f"the runtime alone uses more than the trial's limit of "
@@ -254,18 +326,8 @@ def _child(request: TrialRequest, budget_bytes: int) -> TrialResult:
         return TrialResult(ok=False, error=f"eval set unreadable: {exc}")
     if len(x) == 0 or len(x) != len(y):
         return TrialResult(ok=False, error=f"eval set has {len(x)} inputs and {len(y)} labels")
-    settings = BenchmarkSettings(
-        warmup_runs=request.warmup_runs,
-        warmup_seconds=request.warmup_seconds,
-        min_runs=request.min_runs,
-        min_seconds=request.min_seconds,
-    )
     try:
-        result, model = benchmark_model(
-            request.model_path, x[:1], threads=request.threads, settings=settings, runtime=request.runtime or None,
-            memory_budget_bytes=budget_bytes,
-        )
-        predicted = predict_classes(model, x)
+        candidate = _measure(request.model_path, x, request, budget_bytes)
     except OutOfMemoryError as exc:
         return TrialResult(ok=False, error=str(exc), oom=True)
     except ModelLoadError as exc:
@@ -274,16 +336,38 @@ def _child(request: TrialRequest, budget_bytes: int) -> TrialResult:
         return TrialResult(ok=False, error=str(exc))
     except MemoryError:
         return TrialResult(ok=False, oom=True, error=f"the model ran out of its {budget_bytes // MiB} MiB")
-    ops, partitions = model.graph_ops()
-    return TrialResult(
+    result = TrialResult(
         ok=True,
-        benchmark=result,
-        accuracy=round(top1_accuracy(predicted, y), 6),
+        benchmark=candidate.benchmark,
+        accuracy=round(top1_accuracy(candidate.predicted, y), 6),
         samples=len(x),
-        ops=ops,
-        delegate_partitions=partitions,
-        predictions=tuple(predicted) if request.with_predictions else (),
+        ops=candidate.ops,
+        delegate_partitions=candidate.delegate_partitions,
+        predictions=tuple(candidate.predicted) if request.with_predictions else (),
     )
+    if request.previous_model_path is None:
+        return result
+    gc.collect()  # _measure closed the candidate's interpreter: its arena goes before the replaced model loads
+    emit(replace(result, previous_error=PREVIOUS_NOT_MEASURED))
+    from shared.benchmark import reset_peak_rss
+
+    reset_peak_rss()
+    try:
+        previous = _measure(request.previous_model_path, x, request, budget_bytes)
+    except EdgefleetError as exc:
+        return replace(result, previous_error=str(exc))
+    except MemoryError:
+        return replace(result, previous_error=f"the replaced model ran out of the trial's {budget_bytes // MiB} MiB")
+    return replace(
+        result,
+        previous_benchmark=previous.benchmark,
+        previous_accuracy=round(top1_accuracy(previous.predicted, y), 6),
+    )
+
+
+def _emit(result: TrialResult) -> None:
+    sys.stdout.write(json.dumps(encode(result)) + "\n")
+    sys.stdout.flush()
 
 
 def main() -> None:
@@ -301,8 +385,7 @@ def main() -> None:
     except EdgefleetError:
         pass  # the load below reports a missing runtime properly
     budget = _limit_memory(request.memory_limit_mb * MiB)
-    result = _child(request, budget)
-    sys.stdout.write(json.dumps(encode(result)) + "\n")
+    _emit(_child(request, budget, _emit))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import pytest
 from agent.config import AgentConfig
 from agent.states import State
 from agent.updater import Updater
-from shared.messages import BenchmarkResult, UpdateState
+from shared.messages import BenchmarkResult, PreviousModel, UpdateState
 from shared.trial import TrialRequest, TrialResult
 from tests.agent.material import BENCHMARK, NOW, Keys, Release, chunk_of, make_release
 
@@ -33,7 +33,7 @@ class RecordingReporter:
     def __init__(self) -> None:
         self.events: list[tuple[str, UpdateState, str]] = []
         self.rejections: list[tuple[str, str]] = []
-        self.telemetry_calls: list[tuple[str, BenchmarkResult, float, int]] = []
+        self.telemetry_calls: list[tuple[str, BenchmarkResult, float, int, PreviousModel | None]] = []
         self.wants: list[tuple[str, list[tuple[int, int]]]] = []
         self.unanswered: collections.deque[tuple[str, list[tuple[int, int]]]] = collections.deque()
         self.watching: set[str] = set()
@@ -46,8 +46,11 @@ class RecordingReporter:
     def rejected(self, claimed_deployment: str, reason: str) -> None:
         self.rejections.append((claimed_deployment, reason))
 
-    def telemetry(self, deployment_id: str, benchmark: BenchmarkResult, accuracy: float, samples: int) -> None:
-        self.telemetry_calls.append((deployment_id, benchmark, accuracy, samples))
+    def telemetry(
+        self, deployment_id: str, benchmark: BenchmarkResult, accuracy: float, samples: int,
+        previous: PreviousModel | None,
+    ) -> None:
+        self.telemetry_calls.append((deployment_id, benchmark, accuracy, samples, previous))
 
     def state_changed(self) -> None:
         self.state_changes += 1

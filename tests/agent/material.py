@@ -9,7 +9,8 @@ tests script the trial.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -210,3 +211,15 @@ def trusted_bytes(state: TrustedState) -> bytes:
     return canonical_json(encode(state))
 
 
+
+
+def write_config_toml(path: Path, config: AgentConfig) -> Path:
+    """``config`` as the agent.toml ``load_config`` reads (a JSON string or list is valid TOML)."""
+    lines: list[str] = []
+    for section, values in asdict(config).items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {json.dumps(list(value) if isinstance(value, tuple) else value)}"
+                  for key, value in values.items()]
+        lines.append("")
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path

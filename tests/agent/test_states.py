@@ -7,7 +7,16 @@ import itertools
 
 import pytest
 
-from agent.states import REPORTED, RESUME_FROM, TRANSITIONS, Event, State, TransitionError, next_state
+from agent.states import (
+    REPORTED,
+    RESUME_FROM,
+    SUPERSEDABLE,
+    TRANSITIONS,
+    Event,
+    State,
+    TransitionError,
+    next_state,
+)
 from shared.messages import UpdateState
 
 IN_FLIGHT = (State.DOWNLOADING, State.VERIFYING, State.STAGED, State.TRIAL, State.COMMITTED)
@@ -81,6 +90,13 @@ def test_transition_error_examples() -> None:
         next_state(State.IDLE, Event.FAILURE)  # nothing in flight: a failure here is a programming error
     with pytest.raises(TransitionError):
         next_state(State.DOWNLOADING, Event.GATES_PASSED)
+
+
+def test_a_newer_directive_cancels_only_before_the_trial_through_the_failure_edge() -> None:
+    """Superseding is no new edge: the FAILURE edge to FAILED, which leaves the previous model untouched."""
+    assert SUPERSEDABLE == set(BEFORE_TRIAL)
+    for state in SUPERSEDABLE:
+        assert next_state(state, Event.FAILURE) is State.FAILED
 
 
 def test_resume_table_covers_every_state() -> None:

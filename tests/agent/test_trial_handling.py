@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
 
 from agent.memory import FLOOR_BYTES, UNKNOWN_LIMIT_BYTES, available_memory_bytes, trial_memory_budget
 from agent.states import State
-from shared.messages import UpdateState
+from agent.trials import replaced_model
+from shared.messages import Gates, PreviousModel, UpdateState
 from shared.trial import TrialResult
 from tests.agent.fakes import HAPPY, UNTIL_TRIAL, Harness, assert_idle, install_first
+from tests.agent.material import BENCHMARK
 
 MiB = 1024 * 1024
 
@@ -114,3 +117,64 @@ def test_a_small_device_gets_what_it_has_not_the_profile_limit(harness: Harness)
     h.install(h.release(version=1, max_ram_bytes=2048 * MiB))
     assert h.trial.requests[-1].memory_limit_mb == 540
     assert h.reporter.states() == HAPPY
+
+
+# -- the replaced model in the same trial ---------------------------------------------------------
+
+
+def test_the_committed_model_is_measured_beside_the_candidate(harness: Harness) -> None:
+    h = harness
+    first = install_first(h)
+    assert h.trial.requests[-1].previous_model_path is None  # the first install replaces nothing
+    h.trial.result = TrialResult(ok=True, benchmark=BENCHMARK, accuracy=0.9, samples=120,
+                                 previous_benchmark=BENCHMARK, previous_accuracy=0.92)
+
+    h.install(h.release(version=2))
+
+    request = h.trial.requests[-1]
+    assert request.model_path == str(h.slot_file("b")) and request.previous_model_path == str(h.slot_file("a"))
+    (call,) = h.reporter.telemetry_calls
+    assert call[4] == PreviousModel(model="kws", version=1, sha256=first.model_sha, accuracy=0.92,
+                                    p50_ms=BENCHMARK.p50_ms, p95_ms=BENCHMARK.p95_ms)
+
+
+def test_the_slot_on_trial_is_never_its_own_replaced_model(harness: Harness) -> None:
+    h = harness
+    install_first(h)
+    assert replaced_model(h.updater.slots, "a") is None  # the active slot itself
+    replaced = replaced_model(h.updater.slots, "b")
+    assert replaced is not None and replaced.path == h.slot_file("a")
+
+
+def test_an_unreadable_committed_manifest_means_no_comparison_not_a_failed_trial(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    h = harness
+    install_first(h)
+    (h.data_dir / "slots" / "a" / "manifest.json").write_text("{not json")
+    h.trial.result = TrialResult(ok=True, benchmark=BENCHMARK, accuracy=0.9, samples=120)
+    caplog.set_level(logging.WARNING, logger="agent.trials")
+
+    h.install(h.release(version=2, gates=Gates(min_accuracy=0.5, max_regression=0.0)))
+
+    assert h.trial.requests[-1].previous_model_path is None
+    assert h.reporter.states() == HAPPY
+    assert h.reporter.telemetry_calls[0][4] is None
+    assert "the committed model is unreadable" in caplog.text
+
+
+def test_a_replaced_model_that_could_not_run_is_logged_and_skipped(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    h = harness
+    install_first(h)
+    h.trial.result = TrialResult(ok=True, benchmark=BENCHMARK, accuracy=0.5, samples=120,
+                                 previous_error="benchmark failed: cannot reshape array of size 4 into shape (1,7)")
+    caplog.set_level(logging.WARNING, logger="agent.trials")
+
+    h.install(h.release(version=2, gates=Gates(min_accuracy=0.5, max_regression=0.0, max_latency_ratio=1.0)))
+
+    assert h.reporter.states() == HAPPY  # only the absolute gates applied
+    assert h.reporter.telemetry_calls[0][4] is None
+    assert ("could not measure the replaced model kws v1 on this eval set, so the gates do not compare with it: "
+            "benchmark failed: cannot reshape array of size 4 into shape (1,7)") in caplog.text

@@ -7,6 +7,7 @@ A tiny Keras classifier (4 features, 3 classes) is built and converted to
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -206,3 +207,138 @@ def test_the_limit_caps_what_the_child_can_allocate(tmp_path: Path) -> None:
     verdict, budget = proc.stdout.split()
     assert verdict == "refused"
     assert 200 * 1024 * 1024 < int(budget) < 300 * 1024 * 1024  # the limit less the interpreter's own memory
+
+
+# -- the replaced model, measured in the same trial ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def wider_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model whose input takes 3 more features: it cannot run on the candidate's eval set."""
+    import tensorflow as tf
+
+    model = tf.keras.Sequential([tf.keras.Input(shape=(FEATURES + 3,)), tf.keras.layers.Dense(CLASSES)])
+    path = tmp_path_factory.mktemp("wider") / "model.tflite"
+    path.write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+    return path
+
+
+def test_the_replaced_model_is_measured_on_the_same_samples(tflite_model: Path, eval_npz: Path) -> None:
+    result = trial(request(tflite_model, eval_npz, previous_model_path=str(tflite_model)))
+
+    assert result.ok, result.error
+    assert result.previous_error == ""
+    previous = result.previous_benchmark
+    assert previous is not None and result.benchmark is not None
+    assert previous.runs >= 50 and previous.threads == result.benchmark.threads
+    assert previous.runtime == result.benchmark.runtime
+    assert 0 < previous.min_ms <= previous.p50_ms <= previous.p95_ms <= previous.max_ms
+    assert previous.peak_rss_bytes > 1_000_000
+    # The same model on the same samples: the same predictions, so exactly the same accuracy.
+    assert result.previous_accuracy == result.accuracy
+    assert result.samples == SAMPLES
+
+
+def test_without_a_replaced_model_nothing_is_compared(tflite_model: Path, eval_npz: Path) -> None:
+    result = trial(request(tflite_model, eval_npz))
+    assert result.ok
+    assert (result.previous_benchmark, result.previous_accuracy, result.previous_error) == (None, None, "")
+
+
+def test_a_replaced_model_with_another_input_shape_leaves_the_candidates_result_standing(
+    tflite_model: Path, wider_model: Path, eval_npz: Path
+) -> None:
+    alone = trial(request(tflite_model, eval_npz))
+    result = trial(request(tflite_model, eval_npz, previous_model_path=str(wider_model)))
+
+    assert result.ok and result.error == ""
+    assert result.benchmark is not None and result.accuracy == alone.accuracy
+    assert result.previous_benchmark is None and result.previous_accuracy is None
+    assert "cannot reshape" in result.previous_error
+
+
+@pytest.mark.parametrize("broken", ["garbage", "missing"])
+def test_a_replaced_model_that_does_not_load_leaves_the_candidates_result_standing(
+    broken: str, tflite_model: Path, eval_npz: Path, tmp_path: Path
+) -> None:
+    previous = tmp_path / "previous.tflite"
+    if broken == "garbage":
+        previous.write_bytes(b"not a flatbuffer" * 10)
+    result = trial(request(tflite_model, eval_npz, previous_model_path=str(previous)))
+
+    assert result.ok and result.benchmark is not None and result.accuracy is not None
+    assert result.previous_benchmark is None and result.previous_accuracy is None
+    assert "previous.tflite" in result.previous_error
+
+
+def test_the_replaced_model_gets_the_same_memory_limit(
+    tflite_model: Path, huge_tensor_model: Path, eval_npz: Path
+) -> None:
+    result = trial(request(tflite_model, eval_npz, memory_limit_mb=1024, previous_model_path=str(huge_tensor_model)))
+    assert result.ok and result.benchmark is not None
+    assert result.previous_benchmark is None
+    assert result.previous_error.startswith("huge.tflite has a tensor of 4,096 MiB, more than the ")
+
+
+def test_a_failing_candidate_never_measures_the_replaced_model(tmp_path: Path, tflite_model: Path,
+                                                                eval_npz: Path) -> None:
+    garbage = tmp_path / "model.tflite"
+    garbage.write_bytes(b"junk" * 10)
+    result = trial(request(garbage, eval_npz, previous_model_path=str(tflite_model)))
+    assert result.ok is False and result.load_error is True
+    assert (result.previous_benchmark, result.previous_error) == (None, "")
+
+
+# -- a child that dies or hangs while the replaced model runs (a stand-in child, no interpreter) -----
+
+
+def fake_child(tmp_path: Path, then: str) -> str:
+    """An executable standing in for ``python -m shared.trial``: it prints what the real child prints
+    before it measures the replaced model, then does ``then`` (a shell command)."""
+    from shared.codec import encode
+    from shared.trial import PREVIOUS_NOT_MEASURED
+    from tests.agent.material import BENCHMARK
+
+    provisional = TrialResult(ok=True, benchmark=BENCHMARK, accuracy=0.9, samples=SAMPLES,
+                              previous_error=PREVIOUS_NOT_MEASURED)
+    script = tmp_path / "fake-python"
+    line = json.dumps(encode(provisional))
+    script.write_text(f"#!/bin/sh\ncat > /dev/null\necho '{line}'\n{then}\n")
+    script.chmod(0o755)
+    return str(script)
+
+
+@pytest.mark.parametrize(
+    ("then", "timeout", "reason"),
+    [
+        ("kill -9 $$", TIMEOUT, "the trial process was killed (SIGKILL)"),
+        ("echo 'Segmentation fault' >&2; exit 139", TIMEOUT, "trial process died with exit code 139"),
+        ("sleep 30", 1.0, "trial timed out after 1 s"),
+    ],
+    ids=["killed", "crashed", "timed-out"],
+)
+def test_a_child_lost_while_measuring_the_replaced_model_keeps_the_candidates_result(
+    then: str, timeout: float, reason: str, tmp_path: Path
+) -> None:
+    from shared.trial import PREVIOUS_NOT_MEASURED, start_trial
+
+    python = fake_child(tmp_path, then)
+    result = start_trial(request(tmp_path / "m", tmp_path / "e", previous_model_path="p"), timeout=timeout,
+                         python=python).wait()
+
+    assert result.ok and result.accuracy == 0.9 and result.benchmark is not None
+    assert result.previous_benchmark is None and result.previous_accuracy is None
+    assert result.previous_error.startswith(f"{PREVIOUS_NOT_MEASURED}: ")
+    assert reason in result.previous_error
+
+
+def test_a_child_lost_before_the_candidates_result_is_a_failed_trial(tmp_path: Path) -> None:
+    from shared.trial import start_trial
+
+    script = tmp_path / "fake-python"
+    script.write_text("#!/bin/sh\ncat > /dev/null\nkill -9 $$\n")
+    script.chmod(0o755)
+    result = start_trial(request(tmp_path / "m", tmp_path / "e", previous_model_path="p"), timeout=TIMEOUT,
+                         python=str(script)).wait()
+    assert result.ok is False and result.oom is True
+    assert result.previous_error == ""

@@ -291,6 +291,7 @@ def test_disk_full_while_staging_via_atomic_write(harness: Harness, monkeypatch:
     assert h.active_model_bytes() == first.model
     assert h.updater.slots.active_slot() == "a"
     assert h.updater.slots.manifest("b") is None  # never a usable half slot
+    assert not (h.data_dir / "slots" / "b").exists()  # nor a half slot left on the disk
 
     monkeypatch.undo()
     h.reporter.clear()

@@ -17,9 +17,10 @@ from typing import Any
 
 import pytest
 
-from agent.record import TrustedState
+from agent.record import TrustedState, UpdateRecord
 from agent.states import State
-from shared.messages import DesiredState, SignedEnvelope, UpdateState
+from shared.errors import StorageError
+from shared.messages import BenchmarkResult, DesiredState, Gates, PreviousModel, SignedEnvelope, UpdateState
 from shared.signing import public_key_text
 from shared.trial import TrialResult
 from tests.agent.fakes import (
@@ -32,7 +33,15 @@ from tests.agent.fakes import (
     install_first,
     settle_corrupt_download,
 )
-from tests.agent.material import BENCHMARK, NOW, REQUEST_INTERVAL, Release, make_config, trusted_bytes
+from tests.agent.material import (
+    BENCHMARK,
+    GATES,
+    NOW,
+    REQUEST_INTERVAL,
+    Release,
+    make_config,
+    trusted_bytes,
+)
 
 # -- the scenario table ------------------------------------------------------------------
 
@@ -47,6 +56,8 @@ class Scenario:
     disk_full: str | None = None  # "stage" or "commit"
     reason_prefix: str = ""
     telemetry: int = 1
+    gates: Gates = GATES
+    exact_reason: str | None = None  # the whole final reason, when a row pins it
 
     @property
     def commits(self) -> bool:
@@ -54,6 +65,16 @@ class Scenario:
 
 
 SLOW = dataclasses.replace(BENCHMARK, p95_ms=42.5, p99_ms=50.0, max_ms=60.0)
+FAST = dataclasses.replace(BENCHMARK, p50_ms=0.5, p95_ms=1.0)  # what the replaced model measures in these rows
+COMPARED = Gates(min_accuracy=0.8, max_p95_ms=10.0, max_regression=0.01, max_latency_ratio=1.5)
+
+
+def with_previous(accuracy: float, benchmark: BenchmarkResult = BENCHMARK, previous_accuracy: float = 0.95,
+                  previous: BenchmarkResult | None = FAST, previous_error: str = "") -> TrialResult:
+    return TrialResult(ok=True, benchmark=benchmark, accuracy=accuracy, samples=120, previous_benchmark=previous,
+                       previous_accuracy=None if previous is None else previous_accuracy,
+                       previous_error=previous_error)
+
 
 SCENARIOS = [
     Scenario("happy path", HAPPY),
@@ -74,6 +95,42 @@ SCENARIOS = [
         UNTIL_TRIAL + ["rolled_back"],
         reason=("accuracy", "p95"),
         trial=TrialResult(ok=True, benchmark=SLOW, accuracy=0.1, samples=120),
+    ),
+    Scenario(
+        "within the budgets against the replaced model",
+        HAPPY,
+        gates=COMPARED,
+        trial=with_previous(0.94, dataclasses.replace(BENCHMARK, p95_ms=1.5)),  # 0.01 and 1.5x: at both limits
+    ),
+    Scenario(
+        "accuracy regressed against the replaced model",
+        UNTIL_TRIAL + ["rolled_back"],
+        gates=COMPARED,
+        trial=with_previous(0.93, dataclasses.replace(BENCHMARK, p95_ms=1.2), previous_accuracy=0.95),
+        exact_reason="accuracy 0.9300 is 0.0200 below the replaced model's 0.9500 (max regression 0.0100)",
+    ),
+    Scenario(
+        "slower than the replaced model",
+        UNTIL_TRIAL + ["rolled_back"],
+        gates=COMPARED,
+        trial=with_previous(0.95),
+        exact_reason="p95 latency 1.600 ms is 1.60x the replaced model's 1.000 ms (max 1.50x)",
+    ),
+    Scenario(
+        "every check fails, each named with its numbers",
+        UNTIL_TRIAL + ["rolled_back"],
+        gates=COMPARED,
+        trial=with_previous(0.5, SLOW, previous_accuracy=0.9),
+        exact_reason="accuracy 0.5000 below the gate 0.8000; "
+        "accuracy 0.5000 is 0.4000 below the replaced model's 0.9000 (max regression 0.0100); "
+        "p95 latency 42.500 ms above the gate 10.000 ms; "
+        "p95 latency 42.500 ms is 42.50x the replaced model's 1.000 ms (max 1.50x)",
+    ),
+    Scenario(
+        "the replaced model could not run on this eval set: no comparison",
+        HAPPY,
+        gates=Gates(min_accuracy=0.8, max_regression=0.0, max_latency_ratio=1.0),
+        trial=with_previous(0.85, SLOW, previous=None, previous_error="benchmark failed: cannot reshape"),
     ),
     Scenario(
         "model does not load",
@@ -125,7 +182,7 @@ SCENARIOS = [
 def test_update_scenario(sc: Scenario, harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
     h = harness
     first = install_first(h)
-    second = h.release(version=2)
+    second = h.release(version=2, gates=sc.gates)
     before_active = h.snapshot("slots/a", "active.json")
 
     h.trial.result = sc.trial
@@ -153,13 +210,25 @@ def test_update_scenario(sc: Scenario, harness: Harness, monkeypatch: pytest.Mon
     for part in sc.reason:
         assert part in reason
     assert reason.startswith(sc.reason_prefix)
-    if not sc.reason and not sc.reason_prefix:
+    if sc.exact_reason is not None:
+        assert reason == sc.exact_reason
+        assert h.updater.record.reason == sc.exact_reason  # stored as reported
+    elif not sc.reason and not sc.reason_prefix:
         assert reason == ""
     assert all(r == "" for _, s, r in h.reporter.events if not s.is_final)  # in-flight events carry no reason
     assert len(h.reporter.telemetry_calls) == sc.telemetry
     if sc.telemetry:
-        assert h.reporter.telemetry_calls[0][0] == second.deployment_id
-        assert h.reporter.telemetry_calls[0][2] == sc.trial.accuracy
+        deployment, _, accuracy, _, previous = h.reporter.telemetry_calls[0]
+        assert (deployment, accuracy) == (second.deployment_id, sc.trial.accuracy)
+        if sc.trial.previous_benchmark is None:
+            assert previous is None
+        else:  # the replaced model's numbers from this trial, named by the active slot's manifest
+            assert previous == PreviousModel(
+                model="kws", version=1, sha256=first.model_sha, accuracy=sc.trial.previous_accuracy,
+                p50_ms=sc.trial.previous_benchmark.p50_ms, p95_ms=sc.trial.previous_benchmark.p95_ms,
+            )
+    if "trial" in sc.events:  # the trial measured the committed model too
+        assert h.trial.requests[-1].previous_model_path == str(h.slot_file("a"))
     if sc.disk_full:
         assert refused, "the injected disk-full never triggered"
 
@@ -202,8 +271,9 @@ def test_first_install_from_nothing(harness: Harness) -> None:
 
     assert h.reporter.events == [(release.deployment_id, UpdateState(s), "") for s in HAPPY]
     assert len(h.reporter.telemetry_calls) == 1
-    deployment, benchmark, accuracy, samples = h.reporter.telemetry_calls[0]
+    deployment, benchmark, accuracy, samples, previous = h.reporter.telemetry_calls[0]
     assert (deployment, benchmark, accuracy, samples) == (release.deployment_id, BENCHMARK, 0.95, 120)
+    assert previous is None  # nothing installed before: nothing to compare with
     assert_idle(h)
     assert h.updater.slots.active_slot() == "a"
     assert h.slot_file("a").read_bytes() == release.model
@@ -216,6 +286,7 @@ def test_first_install_from_nothing(harness: Harness) -> None:
     assert Path(request.model_path) == h.slot_file("a")
     assert Path(request.eval_path) == h.slot_file("a", "eval.npz")
     assert (request.min_runs, request.threads) == (h.config.benchmark.min_runs, h.config.runtime.threads)
+    assert request.previous_model_path is None
 
 
 def test_second_install_uses_the_other_slot_and_leaves_the_first_alone_until_commit(harness: Harness) -> None:
@@ -458,45 +529,185 @@ def test_the_same_failed_desired_state_is_not_retried(harness: Harness) -> None:
     assert h.updater.state is State.IDLE
 
 
-# -- a directive while busy -------------------------------------------------------------------
+# -- a newer directive before the trial: the current install is cancelled ----------------------
 
 
-def test_a_directive_while_busy_is_kept_pending_and_accepted_after(harness: Harness) -> None:
+def refuse_once(h: Harness, monkeypatch: pytest.MonkeyPatch, when: Callable[[UpdateRecord], bool]) -> None:
+    """The disk refuses the first save of a record matching ``when``: the step stops where it was."""
+    real_save = h.updater.records.save_record
+    refused: list[UpdateRecord] = []
+
+    def save_record(record: UpdateRecord) -> None:
+        if not refused and when(record):
+            refused.append(record)
+            raise StorageError("disk full while writing update-record.json")
+        real_save(record)
+
+    monkeypatch.setattr(h.updater.records, "save_record", save_record)
+
+
+def stop_in(where: str, h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bring the deployment on offer to rest in ``where``: mid-download, or a verifying or staging step
+    that a full disk interrupted (the service loop logs the error; the next message or tick goes on)."""
+    if where == "downloading":
+        assert h.pump(max_chunks=3) == 3
+        return
+    if where == "verifying":
+        refuse_once(h, monkeypatch, lambda r: r.current is State.STAGED)
+    else:  # staged: the files are in the slot, the record naming the slot is refused
+        refuse_once(h, monkeypatch, lambda r: r.current is State.STAGED and r.slot is not None)
+    with pytest.raises(StorageError):
+        h.pump()
+    monkeypatch.undo()
+
+
+@pytest.mark.parametrize(
+    ("where", "reported"),
+    [
+        ("downloading", ["downloading"]),
+        ("verifying", ["downloading", "verifying"]),
+        ("staged", ["downloading", "verifying", "staged"]),
+    ],
+)
+def test_a_newer_directive_cancels_an_install_before_its_trial(
+    where: str, reported: list[str], harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An operator aborts or rolls back a rollout: the server sends a newer directive. A device that has
+    not started the trial of the aborted version must never go on to install it."""
     h = harness
-    first = h.release(version=1)
-    second = h.release(version=2)
-    h.updater.offer(first.desired)
-    h.updater.offer(second.desired)
-    assert h.updater.pending == second.desired
-    assert h.reporter.states(second.deployment_id) == []  # nothing said about it yet
-    assert h.updater.records.load_trusted().directive_seq == 1  # nor trusted yet
+    first = install_first(h)
+    aborted, newer = h.release(version=2), h.release(version=3)
+    before_active = h.snapshot("slots/a", "active.json")
+    trials = len(h.trial.requests)
+    h.updater.offer(aborted.desired)
+    stop_in(where, h, monkeypatch)
+    assert h.updater.state is State(where)
 
-    h.pump()
+    h.updater.offer(newer.desired)
 
-    assert h.reporter.states(first.deployment_id) == HAPPY
+    # The aborted deployment ends FAILED, naming what superseded it; it never reached a trial.
+    assert h.reporter.states(aborted.deployment_id) == [*reported, "failed"]
+    assert h.reporter.final(aborted.deployment_id) == (aborted.deployment_id, UpdateState.FAILED,
+                                                       f"superseded by deployment {newer.deployment_id}")
+    assert len(h.trial.requests) == trials
+    # Nothing of it is left: no download, no slot, no chunk subscription; the active model untouched.
+    held = h.snapshot("downloads", "slots")
+    assert not any(aborted.model_sha in name for name in held)
+    assert aborted.model not in held.values() and aborted.eval not in held.values()
+    assert not h.slot_file("b").exists()
+    assert h.snapshot("slots/a", "active.json") == before_active
+    assert h.reporter.watching == {newer.model_sha, newer.eval_sha}
+    # The newer one is accepted at once and installs.
     assert h.updater.pending is None
-    assert h.updater.record.deployment_id == second.deployment_id
-    assert h.reporter.states(second.deployment_id)[0] == "downloading"
-    assert h.updater.records.load_trusted() == TrustedState(2, 2, second.deployment_id)
+    assert h.updater.state is State.DOWNLOADING and h.updater.record.deployment_id == newer.deployment_id
+    assert h.reporter.states(newer.deployment_id) == ["downloading"]
+    assert h.trusted_path.read_bytes() == trusted_bytes(TrustedState(3, 3, newer.deployment_id))
+    h.pump()
+    assert h.reporter.states(newer.deployment_id) == HAPPY
+    assert h.active_model_bytes() == newer.model
+    assert h.slot_file("a").read_bytes() == first.model  # the fallback stays
+    assert_idle(h)
 
 
-def test_a_newer_directive_while_busy_replaces_the_pending_one(harness: Harness) -> None:
+def test_a_cancel_the_disk_interrupts_is_retried_and_the_aborted_version_never_installs(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
     h = harness
-    first, second, third = (h.release(version=v) for v in (1, 2, 3))
-    h.updater.offer(first.desired)
-    h.updater.offer(second.desired)
+    first = install_first(h)
+    aborted, newer = h.release(version=2), h.release(version=3)
+    h.updater.offer(aborted.desired)
+    h.pump(max_chunks=3)
+    refuse_once(h, monkeypatch, lambda r: r.current is State.DOWNLOADING and r.reason.startswith("superseded"))
+
+    with pytest.raises(StorageError):
+        h.updater.offer(newer.desired)
+    assert h.updater.state is State.DOWNLOADING and h.updater.pending == newer.desired
+
+    # The rest of the aborted download arrives meanwhile: it must not go on to verify, stage or trial.
+    h.pump()
+    assert h.reporter.states(aborted.deployment_id) == ["downloading", "failed"]
+    assert h.reporter.final(aborted.deployment_id)[2] == f"superseded by deployment {newer.deployment_id}"
+    assert h.updater.record.deployment_id == newer.deployment_id
+    h.pump()
+    assert h.reporter.states(newer.deployment_id) == HAPPY
+    assert h.active_model_bytes() == newer.model
+    assert h.slot_file("a").read_bytes() == first.model
+
+
+def test_a_cancel_the_disk_interrupts_is_retried_by_tick(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    h = harness
+    install_first(h)
+    aborted, newer = h.release(version=2), h.release(version=3)
+    h.updater.offer(aborted.desired)
+    refuse_once(h, monkeypatch, lambda r: r.reason.startswith("superseded"))
+    with pytest.raises(StorageError):
+        h.updater.offer(newer.desired)
+    h.reporter.unanswered.clear()  # no chunk arrives: only the loop's tick can move it on
+
+    h.updater.tick()
+
+    assert h.reporter.final(aborted.deployment_id)[1] is UpdateState.FAILED
+    assert h.updater.record.deployment_id == newer.deployment_id and h.updater.state is State.DOWNLOADING
+
+
+def test_the_first_install_is_cancelled_too(harness: Harness) -> None:
+    h = harness
+    aborted, newer = h.release(version=1), h.release(version=2)
+    h.updater.offer(aborted.desired)
+    h.updater.offer(newer.desired)
+    assert h.reporter.states(aborted.deployment_id) == ["downloading", "failed"]
+    h.pump()
+    assert h.reporter.states(newer.deployment_id) == HAPPY
+    assert h.updater.slots.active_slot() == "a" and h.active_model_bytes() == newer.model
+
+
+# -- a newer directive during the trial waits its turn ----------------------------------------------
+
+
+def test_a_directive_during_the_trial_is_kept_pending_and_accepted_after(harness: Harness) -> None:
+    h = harness
+    install_first(h)
+    second, third = h.release(version=2), h.release(version=3)
+    h.trial.hold = True
+    h.install(second)
+    assert h.updater.state is State.TRIAL
+
     h.updater.offer(third.desired)
+
     assert h.updater.pending == third.desired
+    assert h.reporter.states(third.deployment_id) == []  # nothing said about it yet
+    assert h.updater.records.load_trusted().directive_seq == 2  # nor trusted yet
+    assert h.reporter.states(second.deployment_id) == UNTIL_TRIAL  # the trial goes on
+    h.trial.hold = False
+    h.updater.tick()
+
+    assert h.reporter.states(second.deployment_id) == HAPPY
+    assert h.updater.pending is None
+    assert h.updater.record.deployment_id == third.deployment_id
+    assert h.reporter.states(third.deployment_id)[0] == "downloading"
+    assert h.updater.records.load_trusted() == TrustedState(3, 3, third.deployment_id)
+
+
+def test_a_newer_directive_during_the_trial_replaces_the_pending_one(harness: Harness) -> None:
+    h = harness
+    install_first(h)
+    second, third, fourth = (h.release(version=v) for v in (2, 3, 4))
+    h.trial.hold = True
+    h.install(second)
+    h.updater.offer(fourth.desired)
+    h.updater.offer(third.desired)  # older than the pending one: it does not replace it
+    assert h.updater.pending == fourth.desired
+    assert h.updater.state is State.TRIAL
 
 
 def test_a_pending_directive_is_installed_after_the_current_one(harness: Harness) -> None:
     h = harness
-    first = h.release(version=1)
-    second = h.release(version=2)
-    h.updater.offer(first.desired)
-    h.updater.offer(second.desired)
-    h.pump()
-    assert h.reporter.states(first.deployment_id) == HAPPY
+    install_first(h)
+    second, third = h.release(version=2), h.release(version=3)
+    h.trial.hold = True
+    h.install(second)
+    h.updater.offer(third.desired)
+    h.trial.hold = False
 
     # Give it every chance: the periodic tick, as the service loop would.
     h.mono.advance(REQUEST_INTERVAL)
@@ -504,8 +715,9 @@ def test_a_pending_directive_is_installed_after_the_current_one(harness: Harness
     h.pump()
 
     assert h.reporter.states(second.deployment_id) == HAPPY
+    assert h.reporter.states(third.deployment_id) == HAPPY
     assert_idle(h)
-    assert h.active_model_bytes() == second.model
+    assert h.active_model_bytes() == third.model
 
 
 def test_a_directive_that_fails_verification_while_busy_never_becomes_pending(harness: Harness) -> None:

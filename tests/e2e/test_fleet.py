@@ -9,6 +9,7 @@ off, each time leaving the previous model untouched.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -212,7 +213,9 @@ def test_broker_restart_is_survived_and_rollouts_still_land(fleet: Fleet, first_
     fleet.assert_alive()  # nobody crashes while the broker is gone
     fleet.broker = Mosquitto(fleet.root / "broker-2", port=port).start()
     deadline = time.monotonic() + 60
-    while any(fleet.log(name).count("connected to mqtt://") < 2 for name in ("server", "pi", "nano")):
+    # The MQTT link's own line, once per connection ("connected to mqtt://HOST:PORT" and nothing after).
+    connects = re.compile(rf"connected to mqtt://127\.0\.0\.1:{port}$", re.MULTILINE)
+    while any(len(connects.findall(fleet.log(name))) < 2 for name in ("server", "pi", "nano")):
         fleet.assert_alive()
         assert time.monotonic() < deadline, "not everyone reconnected to the restarted broker"
         time.sleep(0.5)

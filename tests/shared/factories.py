@@ -26,6 +26,7 @@ from shared.messages import (
     FileEntry,
     Gates,
     Manifest,
+    PreviousModel,
     ReferenceMetrics,
     ReportAck,
     Signature,
@@ -165,6 +166,8 @@ SAMPLES: dict[TopicKind, Any] = {
         benchmark=BENCHMARK,
         accuracy=0.9,
         samples=500,
+        previous=PreviousModel(model="mobilenet-v2", version=2, sha256="cd" * 32, accuracy=0.91, p50_ms=4.1,
+                               p95_ms=5.0),
     ),
     TopicKind.ACK: ReportAck(v=1, boot_id="b-1", seqs=(3, 4)),
     TopicKind.WANT: ChunkRequest(v=1, device_id="pi-kitchen-01", ranges=((0, 2), (5, 9))),
@@ -231,7 +234,13 @@ def manifests(draw: st.DrawFn) -> Manifest:
     )
 
 
-gates = st.builds(Gates, min_accuracy=finite_floats, max_p95_ms=st.none() | finite_floats)
+gates = st.builds(
+    Gates,
+    min_accuracy=finite_floats,
+    max_p95_ms=st.none() | finite_floats,
+    max_regression=st.none() | finite_floats,
+    max_latency_ratio=st.none() | finite_floats,
+)
 directives = st.builds(
     Directive,
     v=st.just(1),
@@ -311,6 +320,10 @@ telemetries = st.builds(
     benchmark=st.none() | benchmarks,
     accuracy=st.none() | finite_floats,
     samples=st.none() | counters,
+    previous=st.none() | st.builds(
+        PreviousModel, model=texts, version=counters, sha256=sha256s, accuracy=finite_floats, p50_ms=finite_floats,
+        p95_ms=finite_floats,
+    ),
 )
 
 
