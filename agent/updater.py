@@ -48,6 +48,7 @@ from shared.codec import decode, encode
 from shared.errors import EdgefleetError, StorageError, TrustError
 from shared.failpoints import failpoint
 from shared.messages import (
+    SUPERSEDED_BY,
     BenchmarkResult,
     DeploymentOutcome,
     DesiredState,
@@ -383,7 +384,7 @@ class Updater:
     def _superseded(self) -> Event:
         """The FAILURE that ends an install before its trial when a newer directive came: FAILED
         discards its downloads and a half-staged slot, IDLE accepts the newer one."""
-        reason = f"superseded by deployment {self._pending_id}"
+        reason = f"{SUPERSEDED_BY}{self._pending_id}"
         logger.info("deployment %s %s before its trial: cancelling it", self.record.deployment_id, reason)
         self._save(self.record.moved(self.state, reason=reason))
         return Event.FAILURE

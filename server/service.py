@@ -155,11 +155,11 @@ class ServerService:
         with self.db.session() as session:
             for item in items:
                 if isinstance(item, LinkUp):
-                    logger.info("connected to %s (%s session)", self.link.broker.url(),
-                                "resumed" if item.session_present else "new")
+                    logger.debug("connected to %s (%s session)", self.link.broker.url(),
+                                 "resumed" if item.session_present else "new")
                     continue
                 if isinstance(item, LinkDown):
-                    logger.warning("disconnected from broker: %s", item.reason)
+                    logger.debug("disconnected from broker: %s", item.reason)  # the link said so
                     continue
                 assert isinstance(item, Inbound)
                 try:

@@ -49,6 +49,9 @@ class UpdateState(enum.Enum):
 # An event in this state reports a desired state the agent refused before trusting it. Its
 # deployment id is only what the unverified message claimed: it never settles a deployment.
 REJECTED = "rejected"
+# How an agent's reason starts when a newer verified directive cancelled an install before its trial: the
+# device was sent something newer, not a sign that this version is bad.
+SUPERSEDED_BY = "superseded by deployment "
 MAX_ID_LENGTH = 64
 MAX_REASON_LENGTH = 4096
 

@@ -37,6 +37,7 @@ from server.rollouts.policy import OnFailure, RolloutPolicy, size_of
 from server.rollouts.states import SUPERSEDED, DeploymentKind, DeploymentState, RolloutState, WaveState, move
 from server.selection import Selection
 from shared.failpoints import failpoint
+from shared.messages import SUPERSEDED_BY
 from shared.topics import TopicKind, device_topic
 
 logger = logging.getLogger(__name__)
@@ -248,7 +249,8 @@ class RolloutStep:
     def _excluded(deployment: Deployment) -> bool:
         """Not part of the wave's verdict: withdrawn, its device removed, or a newer rollout took over."""
         state = DeploymentState(deployment.state)
-        return state in (DeploymentState.CANCELLED, DeploymentState.REMOVED) or deployment.reason == SUPERSEDED
+        return (state in (DeploymentState.CANCELLED, DeploymentState.REMOVED) or deployment.reason == SUPERSEDED
+                or deployment.reason.startswith(SUPERSEDED_BY))
 
     def _report(self, deployment: Deployment) -> DeviceReport:
         state = DeploymentState(deployment.state)

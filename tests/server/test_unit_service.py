@@ -203,7 +203,7 @@ def test_link_changes_and_cleared_retained_messages_are_not_errors(
         valid_event(setup, 2, "staged"),
     ]
 
-    with caplog.at_level(logging.INFO, logger="server.service"):
+    with caplog.at_level(logging.DEBUG, logger="server.service"):
         setup.service.handle_batch(batch)
 
     assert deployment_state(setup) == "staged"
