@@ -170,10 +170,10 @@ def deployments_by_ids(session: Session, ids: Collection[str]) -> Sequence[Deplo
     return session.scalars(select(Deployment).where(Deployment.id.in_(ids))).all()
 
 
-def audit_logged(session: Session, kind: str, rollout_id: str | None, device_id: str | None) -> bool:
-    """Whether the audit log already has this kind of entry for the rollout and device (log once)."""
-    return bool(session.scalar(select(exists().where(
-        AuditEvent.kind == kind, AuditEvent.rollout_id == rollout_id, AuditEvent.device_id == device_id))))
+def audited_devices(session: Session, kind: str, rollout_id: str) -> set[str | None]:
+    """The devices this rollout's audit log has an entry of ``kind`` for (to log some things once)."""
+    return set(session.scalars(select(AuditEvent.device_id).where(AuditEvent.kind == kind,
+                                                                  AuditEvent.rollout_id == rollout_id)))
 
 
 def audit_events(

@@ -36,6 +36,7 @@ from server.rollouts.gates import Decision, DeviceReport, WaveVerdict, evaluate_
 from server.rollouts.policy import OnFailure, RolloutPolicy, size_of
 from server.rollouts.states import SUPERSEDED, DeploymentKind, DeploymentState, RolloutState, WaveState, move
 from server.selection import Selection
+from shared.canonical import canonical_json
 from shared.failpoints import failpoint
 from shared.messages import SUPERSEDED_BY
 from shared.topics import TopicKind, device_topic
@@ -43,6 +44,7 @@ from shared.topics import TopicKind, device_topic
 logger = logging.getLogger(__name__)
 
 Publish = Callable[[str, bytes, bool], None]  # topic, payload, retain
+CONVERGING = frozenset({RolloutState.RUNNING.value, RolloutState.PAUSED.value, RolloutState.SUCCEEDED.value})
 CANCELLED_BY = {
     RolloutState.ROLLED_BACK: "the rollout was rolled back before this device finished",
     RolloutState.ABORTED: "the rollout was aborted before this device started",
@@ -103,9 +105,18 @@ class RolloutEngine:
         latest = queries.latest_deployment_by_device(session)
         devices = list(queries.devices(session))  # every live device, once per tick
         claimed: set[str] = set()  # devices a newer live rollout looks after
+        selections: set[str] = set()  # of the newer rollouts still converging their selection
         for rollout in queries.live_rollouts(session, stopped_since=_ts(now - DIRECTIVE_LIFETIME_S)):  # newest first
-            RolloutStep(self, session, rollout, now, latest, claimed).run(devices)
-            session.flush()
+            selection = canonical_json(rollout.selection).decode()
+            if rollout.state == RolloutState.SUCCEEDED.value and selection in selections:
+                continue  # a newer rollout to the same selection has every device it could converge
+            if rollout.state in CONVERGING:
+                selections.add(selection)
+            try:
+                with session.begin_nested():  # one broken rollout must not stop the others
+                    RolloutStep(self, session, rollout, now, latest, claimed).run(devices)
+            except Exception:
+                logger.exception("rollout %s: this tick's step failed; the others went on", rollout.id)
 
     def outgoing(self, session: Session, now: float) -> tuple[list[Outgoing], list[str]]:
         """The desired states to publish (directives signed now if needed) and the deployments they cover."""
@@ -152,6 +163,7 @@ class RolloutStep:
         self.policy = RolloutPolicy.from_json(rollout.policy)
         self.state = RolloutState(rollout.state)
         self.installs = self._installs()
+        self._logged: dict[str, set[str | None]] = {}  # audit kinds logged once per device, read once per step
 
     def _installs(self) -> dict[str, Deployment]:
         """The latest install deployment of each device in this rollout."""
@@ -343,7 +355,7 @@ class RolloutStep:
             return held.release
         artifact = queries.artifact_for_ids(self.session, self.rollout.model_version_id, device.profile_name)
         if artifact is None or self.engine.blobs is None:
-            if not queries.audit_logged(self.session, "device.skipped", self.rollout.id, device.id):
+            if self._first("device.skipped", device):
                 version = self.rollout.model_version
                 self.log("device.skipped", f"{device.name} joined, but no variant of {version.model.name}:"
                          f"{version.version} is built for profile {device.profile_name}: run 'edgefleet model build "
@@ -382,7 +394,7 @@ class RolloutStep:
     def _revert(self, deployment: Deployment) -> None:
         device = deployment.device
         if deployment.previous_release is None:
-            if not queries.audit_logged(self.session, "rollback.no_previous", self.rollout.id, device.id):
+            if self._first("rollback.no_previous", device):
                 self.log("rollback.no_previous", f"{device.name} had no previous model: it keeps this version",
                          device=device)
             return
@@ -415,6 +427,15 @@ class RolloutStep:
                 wave.state = move(WaveState(wave.state), WaveState.CANCELLED).value
 
     # -- bookkeeping -------------------------------------------------------------------
+
+    def _first(self, kind: str, device: Device) -> bool:
+        """True the first time this rollout logs ``kind`` for ``device`` (one query per kind and step)."""
+        if kind not in self._logged:
+            self._logged[kind] = queries.audited_devices(self.session, kind, self.rollout.id)
+        if device.id in self._logged[kind]:
+            return False
+        self._logged[kind].add(device.id)
+        return True
 
     def set_state(self, target: RolloutState, reason: str) -> None:
         self.rollout.state = move(self.state, target).value

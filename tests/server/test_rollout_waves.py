@@ -421,6 +421,21 @@ def test_a_server_that_died_mid_tick_sends_the_same_directive_again_and_starts_n
     assert canary.seq == 1 and fleet.audit(rollout_id).count("wave.started") == 1
 
 
+def test_a_rollout_whose_step_breaks_does_not_stop_the_others(fleet: Fleet, caplog: pytest.LogCaptureFixture) -> None:
+    broken = start_rollout(fleet.workspace.db, fleet.workspace.blobs, fleet.workspace.keys(), "digits",
+                           Selection(devices=("cam-1",)), RolloutPolicy(waves=("100%",)))
+    with fleet.workspace.db.session() as session:  # say, a row a future version wrote differently
+        rollout = session.get(Rollout, broken)
+        assert rollout is not None
+        rollout.policy = {**rollout.policy, "waves": ["many"]}
+
+    healthy = fleet.start(waves="100%", names=("cam-2",))
+
+    assert list(fleet.deployments(healthy)) == ["cam-2"]
+    assert fleet.deployments(broken) == {}
+    assert f"rollout {broken}: this tick's step failed" in caplog.text
+
+
 def test_the_running_server_never_imports_tensorflow_to_drive_rollouts() -> None:
     """Planning may build variants (TensorFlow) in the operator's command; the server's engine never does."""
     import subprocess
