@@ -427,7 +427,7 @@ def test_a_rollout_whose_step_breaks_does_not_stop_the_others(fleet: Fleet, capl
     with fleet.workspace.db.session() as session:  # say, a row a future version wrote differently
         rollout = session.get(Rollout, broken)
         assert rollout is not None
-        rollout.policy = {**rollout.policy, "waves": ["many"]}
+        rollout.policy = {**rollout.policy, "on_failure": "explode"}
 
     healthy = fleet.start(waves="100%", names=("cam-2",))
 
