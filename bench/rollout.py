@@ -75,26 +75,13 @@ from server.rollouts.read_model import status_json
 from shared.codec import decode
 from shared.errors import EdgefleetError
 from shared.messages import Manifest
-from tests.e2e.fleet import Fleet, cli, wait_for
+from tests.e2e.fleet import QUICK_AGENT_TOML, Fleet, cli, wait_for
 
 PROFILE = "benchbox"
 MODEL = "digits"
 DEFAULT_AGENTS = (5, 20, 50)
 DEFAULT_WAVES = "1,10%,50%,100%"
-AGENT_TOML = """\
-[benchmark]
-warmup_runs = 1
-warmup_seconds = 0.0
-min_runs = 20
-min_seconds = 0.3
-
-[trial]
-timeout_seconds = 120.0
-
-[download]
-request_interval_seconds = 1.0
-stall_timeout_seconds = 300.0
-"""
+AGENT_TOML = QUICK_AGENT_TOML
 POLL_S = 0.5
 
 

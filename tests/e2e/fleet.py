@@ -23,6 +23,21 @@ from agent.slots import SlotStore
 from server.broker import Mosquitto
 
 CLI_TIMEOUT_S = 300
+# Appended to an agent's TOML: a short benchmark and quick re-asks, so installs take seconds.
+QUICK_AGENT_TOML = """\
+[benchmark]
+warmup_runs = 1
+warmup_seconds = 0.0
+min_runs = 20
+min_seconds = 0.3
+
+[trial]
+timeout_seconds = 120.0
+
+[download]
+request_interval_seconds = 1.0
+stall_timeout_seconds = 300.0
+"""
 
 
 def cli(*args: str) -> str:

@@ -42,7 +42,7 @@ from server.selection import Selection
 from server.setup import Workspace, open_workspace
 from shared.messages import DeviceState, decode_payload
 from shared.topics import TopicKind, device_topic
-from tests.e2e.fleet import Fleet, cli, wait_for
+from tests.e2e.fleet import QUICK_AGENT_TOML, Fleet, cli, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -50,20 +50,7 @@ PROFILE = "crashbox"
 SETTLE_S = 120  # generous: two cores, TensorFlow in the test process, three Python processes
 OUTAGE_S = 3.0  # how long the broker stays away while the restarted agent resumes
 
-QUICK_AGENT = """\
-[benchmark]
-warmup_runs = 1
-warmup_seconds = 0.0
-min_runs = 20
-min_seconds = 0.3
-
-[trial]
-timeout_seconds = 120.0
-
-[download]
-request_interval_seconds = 1.0
-stall_timeout_seconds = 300.0
-"""
+QUICK_AGENT = QUICK_AGENT_TOML
 # A trial that lasts long enough to do things to the world while it runs.
 SLOW_TRIAL_S = 8.0
 SLOW_AGENT = QUICK_AGENT.replace("min_seconds = 0.3", f"min_seconds = {SLOW_TRIAL_S}")
