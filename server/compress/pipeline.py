@@ -144,7 +144,8 @@ def _apply(transform: Transform, model: Any, inputs: CompressionInputs) -> tuple
 
 def transformed_model(recipe: Recipe, inputs: CompressionInputs) -> tuple[Any, dict[str, Any]]:
     """The Keras model after the recipe's transforms; each prefix is built once per run."""
-    model, details = inputs.source.keras_model, {}
+    model = inputs.source.keras_model
+    details: dict[str, Any] = {}
     if recipe.transforms and model is None:
         raise UserInputError(
             f"{recipe} needs a Keras model (.keras or .h5): pruning, distillation and low-rank retrain it"

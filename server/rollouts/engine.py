@@ -34,11 +34,18 @@ from server.releases import resign_release, sign_release
 from server.rollouts.directives import DIRECTIVE_LIFETIME_S, desired_payload, fresh_directive
 from server.rollouts.gates import Decision, DeviceReport, WaveVerdict, evaluate_wave
 from server.rollouts.policy import OnFailure, RolloutPolicy, size_of
-from server.rollouts.states import SUPERSEDED, DeploymentKind, DeploymentState, RolloutState, WaveState, move
+from server.rollouts.states import (
+    SUPERSEDED,
+    DeploymentKind,
+    DeploymentState,
+    RolloutState,
+    WaveState,
+    move,
+    superseded,
+)
 from server.selection import Selection
 from shared.canonical import canonical_json
 from shared.failpoints import failpoint
-from shared.messages import SUPERSEDED_BY
 from shared.topics import TopicKind, device_topic
 
 logger = logging.getLogger(__name__)
@@ -261,8 +268,7 @@ class RolloutStep:
     def _excluded(deployment: Deployment) -> bool:
         """Not part of the wave's verdict: withdrawn, its device removed, or a newer rollout took over."""
         state = DeploymentState(deployment.state)
-        return (state in (DeploymentState.CANCELLED, DeploymentState.REMOVED) or deployment.reason == SUPERSEDED
-                or deployment.reason.startswith(SUPERSEDED_BY))
+        return state in (DeploymentState.CANCELLED, DeploymentState.REMOVED) or superseded(deployment.reason)
 
     def _report(self, deployment: Deployment) -> DeviceReport:
         state = DeploymentState(deployment.state)

@@ -16,7 +16,7 @@ from server.db import Database, Session, queries
 from server.db.models import AuditEvent, Deployment, Rollout
 from server.devices import find_device
 from server.rollouts.policy import RolloutPolicy
-from server.rollouts.states import DeploymentKind, DeploymentState, RolloutState
+from server.rollouts.states import DeploymentKind, DeploymentState, RolloutState, superseded
 from server.selection import Selection
 from shared.codec import decode
 from shared.errors import NotFoundError
@@ -191,7 +191,8 @@ def list_rollouts(db: Database, limit: int = 50) -> list[RolloutSummary]:
                 state=rollout.state, selection=Selection.from_json(rollout.selection).describe(),
                 waves=f"{passed}/{len(rollout.waves)} passed", devices=len({d.device_id for d in installs}),
                 committed=sum(d.state == "committed" for d in installs),
-                failed=sum(DeploymentState(d.state).is_failure for d in installs), created_at=rollout.created_at,
+                failed=sum(DeploymentState(d.state).is_failure and not superseded(d.reason) for d in installs),
+                created_at=rollout.created_at,
             ))
         return rows
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from typing import TypeVar
 
-from shared.messages import UpdateState
+from shared.messages import SUPERSEDED_BY, UpdateState
 
 
 class RolloutState(enum.Enum):
@@ -102,6 +102,12 @@ PROGRESS = (DeploymentState.PENDING, DeploymentState.DOWNLOADING, DeploymentStat
 # The reason of a deployment the server failed because its device took a newer directive without a word
 # about it: like CANCELLED, a conclusion the device's own final report replaces.
 SUPERSEDED = "superseded by a newer rollout"
+
+
+def superseded(reason: str) -> bool:
+    """The deployment ended because something newer took its device: the server saw it go unsent, or the
+    agent cancelled it before its trial for a newer directive. Not a verdict on the version."""
+    return reason == SUPERSEDED or reason.startswith(SUPERSEDED_BY)
 
 
 class DeploymentKind(enum.Enum):

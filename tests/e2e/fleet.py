@@ -136,10 +136,10 @@ class Fleet:
 
     # -- the operator's view ----------------------------------------------------------
 
-    def register(self, name: str, profile: str, *, extra_toml: str = "") -> Path:
+    def register(self, name: str, profile: str, *, extra_toml: str = "", tags: tuple[str, ...] = ()) -> Path:
         config = self.root / f"{name}.toml"
         cli("device", "register", name, "--profile", profile, "--data-dir", str(self.data_dir),
-            "--out", str(config), "--broker", self.broker.url)
+            "--out", str(config), "--broker", self.broker.url, *(f"--tag={tag}" for tag in tags))
         if extra_toml:
             with open(config, "a", encoding="utf-8") as fh:
                 fh.write("\n" + extra_toml)

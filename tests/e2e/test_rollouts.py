@@ -36,6 +36,10 @@ pytestmark = pytest.mark.e2e
 SETTLE_S = 240  # two cores, six agents and TensorFlow in the test process
 PROFILES = {"boxa": "float32", "boxb": "float16"}  # two profiles, each with one fixed recipe (fast builds)
 DEVICES = {"a1": "boxa", "a2": "boxa", "a3": "boxa", "b1": "boxb", "b2": "boxb", "b3": "boxb"}
+# The models run in microseconds, and up to six trials share two cores: a p95 ratio between two runs of the
+# same model can reach 1.4 here (measured). The good versions get headroom; the degraded and slower ones face
+# the defaults (the slower one measured 9.5x).
+NOISY_LATENCY = ("--max-latency-ratio", "2.5")
 AGENT = """\
 [benchmark]
 warmup_runs = 5
@@ -171,13 +175,14 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
                 str(fleet.data_dir))
         for name, profile in DEVICES.items():
             fleet.register(name, profile, extra_toml=AGENT)
-            cli("device", "tag", name, "site=lab", "--data-dir", str(fleet.data_dir))
+            cli("device", "tag", name, "site=lab", "--data-dir", str(fleet.data_dir))  # tagged after the fact
         fleet.start_server()
         for name in DEVICES:
             fleet.start_agent(name)
         fleet.wait_online(*DEVICES)
         lab = Lab(fleet, Models(root / "models", fleet.data_dir))
-        first = lab.start(lab.models.good(), "--profile", "boxa", "--profile", "boxb", "--waves", "100%")
+        first = lab.start(lab.models.good(), "--profile", "boxa", "--profile", "boxb", "--waves", "100%",
+                          *NOISY_LATENCY)
         assert lab.wait_state(first, "succeeded")["state"] == "succeeded"
         yield lab
     finally:
@@ -189,7 +194,7 @@ def test_a_good_version_passes_every_wave_and_every_device_commits(lab: Lab) -> 
     before = lab.active_versions()
     ref = lab.models.good()
 
-    rollout_id = lab.start(ref, "--profile", "boxa", "--profile", "boxb", "--waves", "1,50%,100%")
+    rollout_id = lab.start(ref, "--profile", "boxa", "--profile", "boxb", "--waves", "1,50%,100%", *NOISY_LATENCY)
     status = lab.wait_state(rollout_id, "succeeded", "rolled_back", "paused")
 
     assert status["state"] == "succeeded", status
@@ -244,7 +249,7 @@ def test_a_slower_version_fails_its_wave_on_latency(lab: Lab) -> None:
 
 def test_a_server_killed_mid_rollout_resumes_without_repeating_a_wave(lab: Lab) -> None:
     ref = lab.models.good()
-    rollout_id = lab.start(ref, "--profile", "boxa", "--profile", "boxb", "--waves", "1,50%,100%")
+    rollout_id = lab.start(ref, "--profile", "boxa", "--profile", "boxb", "--waves", "1,50%,100%", *NOISY_LATENCY)
     wait_for(lambda: lab.status(rollout_id)["waves"][1]["state"] == "running", SETTLE_S, "the second wave")
 
     lab.fleet.kill("server")
@@ -264,10 +269,9 @@ def test_an_offline_agent_and_a_device_tagged_in_later_both_converge(lab: Lab) -
     wait_for(lambda: not lab.fleet.device_list()["b3"]["online"], 60, "b3 to be offline")
     ref = lab.models.good()
 
-    rollout_id = lab.start(ref, "--tag", "site=lab", "--waves", "1,100%")
+    rollout_id = lab.start(ref, "--tag", "site=lab", "--waves", "1,100%", *NOISY_LATENCY)
     wait_for(lambda: lab.status(rollout_id)["waves"][1]["state"] == "running", SETTLE_S, "the last wave")
-    lab.fleet.register("late", "boxb", extra_toml=AGENT)
-    cli("device", "tag", "late", "site=lab", "--data-dir", lab.data())
+    lab.fleet.register("late", "boxb", extra_toml=AGENT, tags=("site=lab",))
     lab.fleet.start_agent("late")
     lab.fleet.start_agent("b3")
     status = lab.wait_state(rollout_id, "succeeded", "rolled_back", "paused")
@@ -283,7 +287,7 @@ def test_an_offline_agent_and_a_device_tagged_in_later_both_converge(lab: Lab) -
 def test_pause_resume_and_rollback_on_a_live_rollout(lab: Lab) -> None:
     before = lab.active_versions()
     ref = lab.models.good()
-    rollout_id = lab.start(ref, "--profile", "boxa", "--profile", "boxb", "--waves", "1,50%,100%")
+    rollout_id = lab.start(ref, "--profile", "boxa", "--profile", "boxb", "--waves", "1,50%,100%", *NOISY_LATENCY)
     cli("rollout", "pause", rollout_id, "--data-dir", lab.data())
     wait_for(lambda: lab.status(rollout_id)["waves"][0]["state"] == "passed", SETTLE_S, "the canary to pass")
     time.sleep(3)
