@@ -285,7 +285,7 @@ class RolloutStep:
     def _was_reset(device: Device, deployment: Deployment) -> bool:
         return (
             deployment.state == DeploymentState.COMMITTED.value and device.online
-            and device.reported_seq is not None and device.reported_seq < deployment.seq
+            and device.reported_seq is not None and device.reported_seq <= deployment.seq
             and device.active_deployment_id != deployment.id and device.update_state == "idle"
         )
 
