@@ -348,7 +348,9 @@ class RolloutStep:
         for deployment in list(self.installs.values()):
             device = deployment.device
             state = DeploymentState(deployment.state)
-            if state is DeploymentState.COMMITTED:
+            # committed, or recorded failed while the device says it runs it (reinstalled from its retained
+            # desired state after a reset)
+            if state is DeploymentState.COMMITTED or device.active_deployment_id == deployment.id:
                 if deployment.id in reverted or device.removed_at is not None or self._moved_on(deployment):
                     continue
                 self._revert(deployment)
