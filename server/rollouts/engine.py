@@ -304,6 +304,8 @@ class RolloutStep:
         if kind is DeploymentKind.INSTALL and device.active_deployment_id is not None:
             active = self.session.get(Deployment, device.active_deployment_id)
             previous = active.release_id if active is not None and active.device_id == device.id else None
+        if kind is DeploymentKind.INSTALL and previous is None and device.id in self.installs:
+            previous = self.installs[device.id].previous_release_id  # sent again after a reset: still owed that
         device.directive_seq += 1
         deployment = Deployment(
             id=f"dep-{secrets.token_hex(6)}", rollout_id=self.rollout.id, device_id=device.id, release_id=release.id,
