@@ -741,7 +741,7 @@ class EngineMachine(RuleBasedStateMachine):
 
 # A longer hunt: EDGEFLEET_ENGINE_EXAMPLES=500 pytest tests/server/test_engine_properties.py
 MACHINE_SETTINGS = settings(
-    max_examples=int(os.environ.get("EDGEFLEET_ENGINE_EXAMPLES", "30")), stateful_step_count=30, deadline=None,
+    max_examples=int(os.environ.get("EDGEFLEET_ENGINE_EXAMPLES", "50")), stateful_step_count=30, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
