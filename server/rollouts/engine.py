@@ -319,7 +319,7 @@ class RolloutStep:
     def _was_reset(device: Device, deployment: Deployment) -> bool:
         return (
             deployment.state == DeploymentState.COMMITTED.value and device.online
-            and device.reported_seq is not None and device.reported_seq < deployment.seq
+            and device.reported_seq is not None and device.reported_seq <= deployment.seq
             and device.active_deployment_id != deployment.id and device.update_state == "idle"
         )
 
@@ -338,6 +338,8 @@ class RolloutStep:
         if kind is DeploymentKind.INSTALL and device.active_deployment_id is not None:
             active = self.session.get(Deployment, device.active_deployment_id)
             previous = active.release_id if active is not None and active.device_id == device.id else None
+        if kind is DeploymentKind.INSTALL and previous is None and device.id in self.installs:
+            previous = self.installs[device.id].previous_release_id  # sent again after a reset: still owed that
         device.directive_seq += 1
         deployment = Deployment(
             id=f"dep-{secrets.token_hex(6)}", rollout_id=self.rollout.id, device_id=device.id, release_id=release.id,
@@ -382,7 +384,9 @@ class RolloutStep:
         for deployment in list(self.installs.values()):
             device = deployment.device
             state = DeploymentState(deployment.state)
-            if state is DeploymentState.COMMITTED:
+            # committed, or recorded failed while the device says it runs it (reinstalled from its retained
+            # desired state after a reset)
+            if state is DeploymentState.COMMITTED or device.active_deployment_id == deployment.id:
                 if deployment.id in reverted or device.removed_at is not None or self._moved_on(deployment):
                     continue
                 self._revert(deployment)

@@ -79,11 +79,11 @@ class RolloutPolicy:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise UserInputError(f"--{name.replace('_', '-')} must be between 0 and 1, got {value:g}")
-        if self.max_p95_ms is not None and self.max_p95_ms <= 0:
+        if self.max_p95_ms is not None and not self.max_p95_ms > 0:  # NaN too
             raise UserInputError(f"--max-p95-ms must be positive, got {self.max_p95_ms:g}")
-        if self.max_latency_ratio <= 0:
+        if not self.max_latency_ratio > 0:
             raise UserInputError(f"--max-latency-ratio must be positive, got {self.max_latency_ratio:g}")
-        if self.report_timeout_s <= 0:
+        if not self.report_timeout_s > 0:
             raise UserInputError(f"--report-timeout must be positive, got {self.report_timeout_s:g}")
 
     def accuracy_gate(self, reference_accuracy: float) -> float:
