@@ -75,6 +75,11 @@ class RolloutPolicy:
     on_failure: OnFailure = OnFailure.ROLLBACK
 
     def __post_init__(self) -> None:
+        if not self.waves or any(parse_size(spec) != spec for spec in self.waves) or self.waves[-1] != "100%":
+            raise UserInputError(f"invalid waves {','.join(self.waves)!r}: normalised sizes ending in 100% "
+                                 "(parse them with parse_waves)")
+        if self.min_reports is not None and parse_size(self.min_reports, "--min-reports") != self.min_reports:
+            raise UserInputError(f"invalid --min-reports {self.min_reports!r}")
         for name in ("max_failure_ratio", "min_accuracy", "max_accuracy_drop", "max_regression"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:

@@ -694,3 +694,14 @@ def test_a_stored_policy_is_validated_again() -> None:
         RolloutPolicy.from_json({**policy().to_json(), "max_failure_ratio": 2.0})
     with pytest.raises(ValueError):
         RolloutPolicy.from_json({**policy().to_json(), "on_failure": "explode"})
+
+
+@pytest.mark.parametrize("waves", [(), ("1",), ("1", "50"), ("0", "100%"), ("10.0%", "100%"), ("many", "100%")])
+def test_a_policy_refuses_waves_not_normalised_or_not_ending_at_every_device(waves: tuple[str, ...]) -> None:
+    with pytest.raises(UserInputError):
+        RolloutPolicy(waves=waves)
+
+
+def test_a_policy_refuses_a_bad_min_reports() -> None:
+    with pytest.raises(UserInputError, match="--min-reports"):
+        RolloutPolicy(min_reports="none")
