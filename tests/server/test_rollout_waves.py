@@ -445,3 +445,14 @@ def test_the_running_server_never_imports_tensorflow_to_drive_rollouts() -> None
             "print(sorted(m for m in ('tensorflow', 'keras', 'tf_keras') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_the_servers_deployment_states_extend_what_agents_report() -> None:
+    """DeploymentState repeats UpdateState's values (plus two the server draws): they must never drift apart."""
+    from server.db import queries
+    from server.rollouts.states import FINAL_DEPLOYMENT_STATES, DeploymentState
+    from shared.messages import UpdateState
+
+    assert {s.value for s in UpdateState} <= {s.value for s in DeploymentState}
+    assert all(DeploymentState.of(s).is_final == s.is_final for s in UpdateState)
+    assert set(queries.FINAL_STATES) == {s.value for s in FINAL_DEPLOYMENT_STATES}
