@@ -7,10 +7,11 @@ or removed device is dropped with a warning.
 A deployment moves only forward (pending → downloading → … → a final state)
 and never leaves a final state, whatever arrives later: a replayed, late or
 forged report can add a row to the event log, not reopen or flip settled
-work. The one final state the server draws itself — superseded, when the
-device has moved on to a newer directive without a word about this one —
-gives way to the device's own account if that arrives after all. A *rejection* (a desired state the agent refused before trusting it)
-names a deployment only as the unverified message claimed it, so it is logged
+work. The two final states the server draws itself give way to the device's
+own account if that arrives after all: superseded (the device moved on to a
+newer directive without a word about this one) and cancelled (the rollout was
+stopped before the device finished). A *rejection* (a desired state the agent
+refused before trusting it) names a deployment only as the unverified message claimed it, so it is logged
 and kept, never applied. The device's retained state carries the outcome of
 its last deployment and the deployment its active model came from, which
 settles an open deployment whose final event never arrived.
@@ -107,7 +108,7 @@ def reconcile_deployments(session: Session, device: Device, message: DeviceState
 
 def settle_superseded(session: Session, device: Device, seq: int) -> None:
     """The device has taken the directive numbered ``seq``: its older deployments still open are over
-    (it finishes one install before it takes the next, so it never ran them or its word was lost)."""
+    (it ends or cancels one install before it takes the next, so it never ran them or its word was lost)."""
     for deployment in queries.open_deployments(session, device.id):
         if deployment.seq < seq:
             advance_deployment(session, device, deployment, UpdateState.FAILED.value, SUPERSEDED)

@@ -140,10 +140,6 @@ def rollout(session: Session, rollout_id: str) -> Rollout | None:
     return session.get(Rollout, rollout_id)
 
 
-def running_rollouts(session: Session) -> Sequence[Rollout]:
-    return session.scalars(select(Rollout).where(Rollout.state == "running")).all()
-
-
 def live_rollouts(session: Session, stopped_since: datetime) -> Sequence[Rollout]:
     """Rollouts the engine still drives, newest first: running, paused, succeeded (newcomers converge), and
     those rolled back or aborted since ``stopped_since`` (a device may still finish what was withdrawn)."""
