@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import math
 
-from shared.messages import Gates, PreviousModel
+from shared.messages import GATE_EPSILON, Gates, PreviousModel
 
-EPSILON = 1e-9  # how close to a threshold still counts as at it (see the module docstring)
+EPSILON = GATE_EPSILON  # how close to a threshold still counts as at it (see the module docstring)
 MAX_DIGITS = 9  # a value beyond EPSILON of its threshold prints distinct from it with this many decimals
 
 

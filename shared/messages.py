@@ -141,6 +141,12 @@ class Manifest:
         return next(f for f in self.files if f.role == role)
 
 
+# How close to a gate's threshold a measured value still counts as at it (thresholds are inclusive): 0.87 - 0.86
+# is 0.010000000000000009 in binary floating point, and must pass a 0.01 limit. The device's gates and the
+# server's wave gates both use it, so they never disagree at a boundary.
+GATE_EPSILON = 1e-9
+
+
 @dataclass(frozen=True)
 class Gates:
     """What the device checks before it commits (see ``agent/gates.py``). The comparisons with the model

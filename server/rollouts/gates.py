@@ -15,8 +15,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from server.rollouts.policy import RolloutPolicy
+from shared.messages import GATE_EPSILON
 
-EPSILON = 1e-9  # 0.87 - 0.86 is 0.010000000000000009 in binary floating point: still "at" a 0.01 threshold
+EPSILON = GATE_EPSILON  # the device's own gates use the same tolerance
 
 
 @dataclass(frozen=True)
