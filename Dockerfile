@@ -7,5 +7,9 @@ COPY shared shared
 COPY agent agent
 COPY server server
 ARG EXTRAS=server
+# BROKER=1: Mosquitto too, for 'edgefleet broker' (the fleet broker of docker-compose.yml)
+ARG BROKER=0
+RUN if [ "$BROKER" = 1 ]; then apt-get update && apt-get install -y --no-install-recommends mosquitto \
+    && rm -rf /var/lib/apt/lists/*; fi
 RUN pip install --no-cache-dir ".[${EXTRAS}]"
 ENTRYPOINT ["edgefleet"]

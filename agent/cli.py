@@ -14,6 +14,8 @@ from agent.config import AgentConfig, load_config
 from edgefleet.cli import log_level_chosen
 from shared.interpreter import runtime_info
 from shared.mqtt import probe_broker
+from shared.root import read_root_file
+from shared.serve_address import DEFAULT_SERVE_LISTEN, ServeAddress
 
 CONFIG_OPTION = click.option(
     "--config",
@@ -49,6 +51,11 @@ def agent_group(ctx: click.Context, config_path: Path | None) -> None:
         return
     if config_path is None:
         raise click.UsageError("missing --config agent.toml")
+    run_agent(ctx, config_path)
+
+
+def run_agent(ctx: click.Context, config_path: Path) -> None:
+    """Run the agent of ``config_path`` until SIGTERM or Ctrl-C."""
     from agent.service import AgentService
 
     if not log_level_chosen(ctx):
@@ -65,6 +72,31 @@ def agent_group(ctx: click.Context, config_path: Path | None) -> None:
     service.run()
 
 
+@agent_group.command("enrol", short_help="Redeem an enrolment token: write agent.toml, then run the agent.")
+@click.option("--server", required=True, metavar="URL", help="The server's https:// address (its --http).")
+@click.option("--token", required=True, help="The one-time token 'edgefleet device register --token' printed.")
+@click.option("--data-dir", "data_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
+              help="This device's agent directory: agent.toml, its certificates and its model slots go here.")
+@click.option("--serve-listen", default=DEFAULT_SERVE_LISTEN, show_default=True,
+              help="Where the agent serves its model: HOST:PORT or unix:/path.")
+@click.option("--start/--no-start", default=True, show_default=True, help="Run the agent once enrolled.")
+@click.pass_context
+def enrol_command(ctx: click.Context, server: str, token: str, data_dir: Path, serve_listen: str, start: bool) -> None:
+    """Enrol this device with a one-time token: check the server's CA against the token, get this device's
+    broker identity, pinned keys and a client certificate (its key stays here), write agent.toml (0600), and
+    run the agent."""
+    from agent.enrol import enrol
+
+    try:
+        ServeAddress.parse(serve_listen)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--serve-listen") from None
+    config_path = enrol(server, token, data_dir.resolve(), serve_listen=serve_listen)
+    click.echo(f"enrolled: {config_path}")
+    if start:
+        run_agent(ctx, config_path)
+
+
 @agent_group.command("check-config", short_help="Check agent.toml offline; --connect: reach the broker too.")
 @CONFIG_OPTION
 @click.option("--connect", is_flag=True,
@@ -78,9 +110,15 @@ def check_config(config_path: Path, connect: bool, timeout: float) -> None:
     url = config.broker_address().url()
     click.echo(f"device   {config.device.name} ({config.device.id}), profile {config.device.profile}")
     click.echo(f"broker   {url}")
-    click.echo(f"keys     {len(config.keys.release)} release, {len(config.keys.director)} director")
+    if config.keys.uses_root:
+        root, _ = read_root_file(Path(config.keys.root_file))
+        click.echo(f"keys     root of trust v{root.version} from {config.keys.root_file} (follows rotations)")
+    else:
+        click.echo(f"keys     {len(config.keys.release)} release, {len(config.keys.director)} director pinned "
+                   "(no rotation)")
     click.echo(f"runtime  {runtime.name} {runtime.version}")
     click.echo(f"data     {config.data_dir}")
+    click.echo(f"serve    {config.serve.listen if config.serve.enabled else 'off'}")
     if connect:
         # Its own client id: connecting under the agent's would take over a running agent's connection.
         probe_broker(config.broker_address(), client_id=f"ef-check-{config.device.id}", timeout=timeout)
@@ -108,13 +146,21 @@ is missing or corrupt shows as a line saying so.
   update         the last update record: {state, deployment_id, outcome,
                  reason}
   trusted        {release_counter, directive_seq, deployment_id}
+  root           the root of trust: {version, expires (unix s), source:
+                 "config" (root_file) or "data_dir" (received since)};
+                 with pinned keys {version: null, pinned: {release,
+                 director}: how many}
   outbox         {waiting: reports not yet acknowledged by the server}
-committed, update, trusted and outbox are {error: "..."} when unreadable.
+  serve          {enabled, listen (configured), address: where the running
+                 agent serves inference (http://HOST:PORT or unix:/path),
+                 null when it is not running}
+committed, update, trusted, root, outbox and serve are {error: "..."} when
+unreadable.
 """
 
 
 @agent_group.command("status", help=STATUS_JSON_HELP,
-                     short_help="Slots, committed model, last update, trust, outbox: from disk.")
+                     short_help="Slots, committed model, last update, trust, outbox, serve address: from disk.")
 @CONFIG_OPTION
 @click.option("--json", "as_json", is_flag=True, help="One JSON object instead of lines (keys above).")
 def status_command(config_path: Path, as_json: bool) -> None:

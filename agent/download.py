@@ -33,12 +33,15 @@ from shared.messages import FileEntry
 BARREN_ROUNDS_TO_FAIL = 3
 CORRUPT_RETRY_S = 1.0  # how soon a chunk that came corrupt is asked for again
 CORRUPT_PATIENCE_REQUESTS = 3  # ... and for how many regular request intervals without a good chunk
+PROGRESS_LOG_S = 5.0  # download progress is logged at most this often, and at every quarter
+MiB = 1024 * 1024
 
 
 class ChunkVerdict(enum.Enum):
     STORED = "stored"
-    ALREADY_HELD = "already_held"  # a duplicate, or an index past the end: ignored
-    CORRUPT = "corrupt"  # does not match its signed sha256: dropped
+    ALREADY_HELD = "already_held"  # a duplicate (QoS 1 redelivery, or another device's request): ignored
+    OUT_OF_RANGE = "out_of_range"  # an index the signed manifest does not list: dropped
+    CORRUPT = "corrupt"  # does not match its signed size and sha256: dropped
 
 
 class ChunkAssembler:
@@ -47,6 +50,8 @@ class ChunkAssembler:
         self.part = directory / f"{entry.sha256}.part"
         self.count = len(entry.chunks)
         self.held: set[int] = set()
+        self._logged_at = float("-inf")
+        self._logged_quarter = 0
         try:
             directory.mkdir(parents=True, exist_ok=True)
             if self.part.exists() and self.part.stat().st_size == entry.size:
@@ -87,10 +92,12 @@ class ChunkAssembler:
 
     def accept(self, index: int, data: bytes) -> ChunkVerdict:
         """Check one chunk against its signed digest and write it; raises StorageError only."""
-        if index >= self.count or index in self.held:
+        if not 0 <= index < self.count:
+            return ChunkVerdict.OUT_OF_RANGE
+        if index in self.held:
             return ChunkVerdict.ALREADY_HELD
-        if hashlib.sha256(data).hexdigest() != self.entry.chunks[index]:
-            return ChunkVerdict.CORRUPT
+        if len(data) != self.chunk_length(index) or hashlib.sha256(data).hexdigest() != self.entry.chunks[index]:
+            return ChunkVerdict.CORRUPT  # a copy of the wrong size is not even hashed
         try:
             fd = os.open(self.part, os.O_WRONLY)
             try:
@@ -101,6 +108,24 @@ class ChunkAssembler:
             raise storage_error(exc, str(self.part)) from exc
         self.held.add(index)
         return ChunkVerdict.STORED
+
+    def chunk_length(self, index: int) -> int:
+        """How many bytes chunk ``index`` holds: ``chunk_size``, less for the last one."""
+        return min(self.entry.chunk_size, self.entry.size - index * self.entry.chunk_size)
+
+    def held_bytes(self) -> int:
+        return sum(self.chunk_length(i) for i in self.held)
+
+    def progress(self, now: float) -> str | None:
+        """A line such as "1.2/4.8 MiB (25%)" when one is due: at each quarter, at the end, and at most
+        every PROGRESS_LOG_S seconds in between; None otherwise."""
+        held, size = self.held_bytes(), max(self.entry.size, 1)
+        quarter = 4 * held // size
+        if quarter <= self._logged_quarter and now - self._logged_at < PROGRESS_LOG_S:
+            return None
+        self._logged_at, self._logged_quarter = now, max(quarter, self._logged_quarter)
+        unit, factor = ("MiB", MiB) if self.entry.size >= MiB else ("KiB", 1024)
+        return f"{held / factor:.1f}/{self.entry.size / factor:.1f} {unit} ({100 * held // size}%)"
 
     def flush(self) -> None:
         """Make the complete file durable: the one fsync of the download."""

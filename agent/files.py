@@ -2,54 +2,20 @@
 
 from __future__ import annotations
 
-import errno
-import os
 from pathlib import Path
 from typing import Any
 
 from shared.canonical import canonical_json, loads_strict
-from shared.errors import StorageError
+from shared.files import atomic_write_bytes as _atomic_write_bytes
+from shared.files import fsync_file, storage_error
 
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def storage_error(exc: OSError, what: str) -> StorageError:
-    if exc.errno == errno.ENOSPC:
-        return StorageError(f"disk full while writing {what}")
-    return StorageError(f"cannot write {what}: {exc.strerror or exc}")
-
-
-def fsync_file(path: Path) -> None:
-    """Make a file's contents durable (its directory entry is made durable when the file is renamed)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        raise storage_error(exc, str(path)) from exc
+__all__ = ["atomic_write_bytes", "atomic_write_json", "fsync_file", "read_json", "storage_error"]
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise storage_error(exc, str(path)) from exc
+    """``shared.files.atomic_write_bytes`` with a failpoint ``agent.write.<file name>`` between the new bytes
+    in the temp file and the rename (the crash tests kill the agent there)."""
+    _atomic_write_bytes(path, data, failpoint_name=f"agent.write.{path.name}")
 
 
 def atomic_write_json(path: Path, value: Any) -> None:

@@ -45,6 +45,7 @@ class _Entry:
     payload: bytes
     wait_s: float
     resend_at: float = 0.0
+    kind: str = ""  # what the report is, for ``waiting`` (e.g. "serving"); "" when untold
 
 
 def report_key(payload: bytes) -> ReportKey:
@@ -83,18 +84,19 @@ class Outbox:
         except EdgefleetError as exc:
             logger.warning("could not publish %s yet (kept in the outbox): %s", entry.topic, exc)
 
-    def send(self, topic: str, payload: bytes) -> None:
-        """Keep a report (it must carry boot_id and seq) and publish it."""
+    def send(self, topic: str, payload: bytes, *, kind: str = "") -> None:
+        """Keep a report (it must carry boot_id and seq) and publish it; ``kind`` tags it for ``waiting``."""
         key = report_key(payload)
         self._counter += 1
         entry = _Entry(self.directory / f"{time.time_ns():020d}-{self._counter:06d}.msg", topic, payload,
-                       self.ack_timeout_s)
+                       self.ack_timeout_s, kind=kind)
         try:
             files = self._files()
             for old in files[: max(0, len(files) - self.limit + 1)]:
                 logger.warning("outbox full: dropping the oldest report %s", old.name)
                 self._drop(old)
-            atomic_write_bytes(entry.path, json.dumps({"topic": topic, "payload": payload.decode()}).encode())
+            stored = {"topic": topic, "payload": payload.decode(), **({"kind": kind} if kind else {})}
+            atomic_write_bytes(entry.path, json.dumps(stored).encode())
         except (StorageError, OSError) as exc:
             logger.warning("outbox not writable (%s): sending %s without a durable copy", exc, topic)
         failpoint("agent.report.written")
@@ -111,7 +113,8 @@ class Outbox:
             try:
                 message = json.loads(path.read_text())
                 payload = str(message["payload"]).encode()
-                entry = _Entry(path, str(message["topic"]), payload, self.ack_timeout_s)
+                entry = _Entry(path, str(message["topic"]), payload, self.ack_timeout_s,
+                               kind=str(message.get("kind", "")))
                 key = report_key(payload)
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 logger.warning("dropping unreadable outbox entry %s: %s", path.name, exc)
@@ -156,6 +159,10 @@ class Outbox:
             path.unlink(missing_ok=True)
         except OSError as exc:  # an outbox that was never writable holds no copy to remove
             logger.warning("could not remove %s from the outbox: %s", path.name, exc)
+
+    def waiting(self, kind: str) -> int:
+        """How many reports of ``kind`` wait for the server's acknowledgement (this run's and replayed)."""
+        return sum(1 for entry in self._entries.values() if entry.kind == kind)
 
     def __len__(self) -> int:
         return len(self._files())

@@ -15,15 +15,18 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from agent.config import AgentConfig
 from agent.outbox import Outbox
+from agent.root import RootTrust
+from agent.serving import Serving
 from agent.updater import Updater
 from shared import PROTOCOL_VERSION
 from shared.errors import EdgefleetError, ProtocolError
 from shared.interpreter import RuntimeInfo, runtime_info
 from shared.messages import (
+    MAX_AGENT_PACKET,
     REJECTED,
     ActiveModel,
     Availability,
@@ -35,22 +38,44 @@ from shared.messages import (
     Event,
     PreviousModel,
     ReportAck,
+    RootChain,
+    ServingReport,
     Telemetry,
     UpdateState,
     clip_reason,
     decode_payload,
     encode_payload,
 )
-from shared.mqtt import Inbound, LinkDown, LinkUp, MqttLink, Will
-from shared.topics import Topic, TopicKind, chunk_filter, device_topic, parse_topic, want_topic
+from shared.mqtt import Inbound, LinkDown, LinkUp, MqttLink, NetworkLoop, Will
+from shared.topics import ROOT_TOPIC, Topic, TopicKind, chunk_filter, device_topic, parse_topic, want_topic
 
 logger = logging.getLogger(__name__)
 
 WANT_EXPIRY_S = 30  # a chunk request nobody served by then is stale: the agent has asked again
 REJECTION_INTERVAL_S = 10.0
+SERVING = "serving"  # the outbox's tag for serving reports (see agent/serving/reporter.py)
+
+
+class ServingPart(Protocol):
+    """What the loop asks of its serving side (``agent/serving``; a simulated device has none)."""
+
+    def start(self) -> None: ...
+
+    def sync(self) -> None: ...
+
+    def tick(self) -> None: ...
+
+    def stop(self) -> None: ...
+
 
 class AgentService:
-    def __init__(self, config: AgentConfig, *, updater_factory: Callable[..., Updater] = Updater) -> None:
+    def __init__(
+        self, config: AgentConfig, *, updater_factory: Callable[..., Updater] = Updater,
+        serving_factory: Callable[..., ServingPart] = Serving, inbox: queue.Queue[Any] | None = None,
+        network: NetworkLoop | None = None,
+    ) -> None:
+        """``inbox`` and ``network``: a simulated fleet (``agent/simulate``) runs many services on a few
+        threads: it is told which inbox has work, and one network loop serves every link."""
         self.config = config
         self.device_id = config.device.id
         self.boot_id = uuid.uuid4().hex[:16]
@@ -58,7 +83,7 @@ class AgentService:
         self._rejection_seq = 0
         self._last_rejection_sent = float("-inf")
         self._rejections_held = 0
-        self.inbox: queue.Queue[Any] = queue.Queue()
+        self.inbox: queue.Queue[Any] = queue.Queue() if inbox is None else inbox
         self.stopping = threading.Event()
         offline = encode_payload(Availability(v=PROTOCOL_VERSION, online=False))
         self.link = MqttLink(
@@ -66,15 +91,23 @@ class AgentService:
             client_id=f"ef-agent-{self.device_id}",
             inbox=self.inbox,
             will=Will(device_topic(TopicKind.AVAILABILITY, self.device_id), offline),
+            max_packet_bytes=MAX_AGENT_PACKET,
+            network=network,
         )
         self.runtime = self._runtime()
         self.outbox = Outbox(config.data_dir / "outbox", lambda topic, payload: self.link.publish(topic, payload))
+        # None with pinned keys (the older [keys] form): such an agent never rotates
+        self.root = RootTrust(config) if config.keys.uses_root else None
         self.updater = updater_factory(config, self)
+        if self.root is not None:
+            self.updater.use_keys(self.root.keys)
+        self.serving = serving_factory(config, send=self.serving_report, backlog=lambda: self.outbox.waiting(SERVING))
         self._handlers: dict[TopicKind, Callable[[Topic, Inbound], None]] = {
             TopicKind.DESIRED: self._on_desired,
             TopicKind.CMD: self._on_command,
             TopicKind.ACK: self._on_ack,
             TopicKind.CHUNK: self._on_chunk,
+            TopicKind.ROOT: self._on_root,
         }
 
     def _runtime(self) -> RuntimeInfo:
@@ -167,7 +200,19 @@ class AgentService:
             ),
         )
 
+    def serving_report(self, report: ServingReport, deployment_id: str) -> None:
+        """One interval of the served model's calls (agent/serving/reporter.py), through the outbox."""
+        self.outbox.send(
+            device_topic(TopicKind.TELEMETRY, self.device_id),
+            encode_payload(Telemetry(
+                v=PROTOCOL_VERSION, device_id=self.device_id, boot_id=self.boot_id, seq=self._next_seq(),
+                deployment_id=deployment_id or None, kind="serving", ts=time.time(), serving=report,
+            )),
+            kind=SERVING,
+        )
+
     def state_changed(self, *, hello: bool = False) -> None:
+        self.serving.sync()  # a commit or a rollback may have changed the model to serve
         manifest, active_deployment = self.updater.active_summary()
         active = None
         if manifest is not None and active_deployment is not None:
@@ -201,7 +246,7 @@ class AgentService:
             return
         message = ChunkRequest(v=PROTOCOL_VERSION, device_id=self.device_id, ranges=tuple(ranges))
         try:  # each connect asks again for what is missing, so a request is not kept while offline
-            self.link.publish(want_topic(sha256), encode_payload(message), when_offline="drop",
+            self.link.publish(want_topic(self.device_id, sha256), encode_payload(message), when_offline="drop",
                               expiry_s=WANT_EXPIRY_S)
         except EdgefleetError as exc:
             logger.warning("could not ask for chunks: %s", exc)
@@ -235,6 +280,14 @@ class AgentService:
     def _on_chunk(self, topic: Topic, message: Inbound) -> None:
         assert topic.sha256 is not None and topic.chunk_index is not None
         self.updater.on_chunk(topic.sha256, topic.chunk_index, message.payload)
+
+    def _on_root(self, topic: Topic, message: Inbound) -> None:
+        if not message.payload or self.root is None:
+            return  # a cleared retained message; or pinned keys, which never rotate
+        chain = decode_payload(TopicKind.ROOT, message.payload)
+        assert isinstance(chain, RootChain)
+        if self.root.receive(chain, rejected=lambda reason: self.rejected("", reason)):
+            self.updater.use_keys(self.root.keys)
 
     def handle(self, item: Any) -> None:
         """Dispatch one inbox record; malformed input is logged and dropped."""
@@ -270,9 +323,27 @@ class AgentService:
     # -- lifecycle -------------------------------------------------------
 
     def run(self) -> None:
+        self.begin()
+        try:
+            while not self.stopping.is_set():
+                try:
+                    item = self.inbox.get(timeout=0.5)
+                except queue.Empty:
+                    item = None
+                if item is not None:
+                    self.handle(item)
+                self.tick()
+        finally:
+            self.finish()
+
+    def begin(self) -> None:
+        """Subscribe, replay the outbox, resume an update in flight, connect and start serving."""
         self.link.subscribe(device_topic(TopicKind.DESIRED, self.device_id))
         self.link.subscribe(device_topic(TopicKind.CMD, self.device_id))
         self.link.subscribe(device_topic(TopicKind.ACK, self.device_id))
+        if self.root is not None:
+            self.link.subscribe(ROOT_TOPIC)
+            logger.info("root of trust v%d", self.root.version)
         replayed = self.outbox.replay()
         if replayed:
             logger.info("re-sending %d reports a previous run could not deliver", replayed)
@@ -283,25 +354,36 @@ class AgentService:
         self.link.start()
         logger.info("agent %s (%s) starting, runtime %s %s", self.config.device.name, self.device_id,
                     self.runtime.name, self.runtime.version)
+        self.serving.start()
+
+    def tick(self) -> None:
+        """The periodic work of one pass of the loop: update step, serving reports, resends."""
         try:
-            while not self.stopping.is_set():
-                try:
-                    item = self.inbox.get(timeout=0.5)
-                except queue.Empty:
-                    item = None
-                if item is not None:
-                    self.handle(item)
-                try:
-                    self.updater.tick()
-                except EdgefleetError as exc:
-                    logger.error("update step failed: %s", exc)
-                except Exception:  # a bug: the agent must keep answering and reporting all the same
-                    logger.exception("unexpected error in an update step")
-                self.outbox.retry_due(connected=self.link.connected.is_set())
-        finally:
-            self.updater.stop()
-            offline = encode_payload(Availability(v=PROTOCOL_VERSION, online=False, boot_id=self.boot_id))
-            self.link.stop(final=(device_topic(TopicKind.AVAILABILITY, self.device_id), offline))
+            self.updater.tick()
+        except EdgefleetError as exc:
+            logger.error("update step failed: %s", exc)
+        except Exception:  # a bug: the agent must keep answering and reporting all the same
+            logger.exception("unexpected error in an update step")
+        self._serving_tick()
+        self.outbox.retry_due(connected=self.link.connected.is_set())
+
+    def finish(self) -> None:
+        """End a trial, stop serving (its last report into the outbox), say offline and disconnect."""
+        self.updater.stop()
+        try:
+            self.serving.stop()  # the last report goes into the outbox before the link closes
+        except Exception:
+            logger.exception("unexpected error stopping the inference endpoint")
+        offline = encode_payload(Availability(v=PROTOCOL_VERSION, online=False, boot_id=self.boot_id))
+        self.link.stop(final=(device_topic(TopicKind.AVAILABILITY, self.device_id), offline))
+
+    def _serving_tick(self) -> None:
+        try:
+            self.serving.tick()
+        except EdgefleetError as exc:
+            logger.error("serving report failed: %s", exc)
+        except Exception:  # a bug: the agent must keep updating all the same
+            logger.exception("unexpected error in the serving reports")
 
     def stop(self) -> None:
         self.stopping.set()

@@ -10,12 +10,15 @@ the same for a terminal. The JSON keys are documented on the command
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
 from agent.config import AgentConfig
+from agent.files import read_json
 from agent.outbox import Outbox
 from agent.record import RecordStore
+from agent.root import RootTrust, load_saved_root
 from agent.slots import SLOTS, SlotStore
 from shared.errors import EdgefleetError
 
@@ -103,10 +106,40 @@ def read_status(config: AgentConfig) -> Status:
         return {"release_counter": state.release_counter, "directive_seq": state.directive_seq,
                 "deployment_id": state.deployment_id}
 
+    def root() -> Status:
+        if not config.keys.uses_root:
+            return {"version": None, "pinned": {"release": len(config.keys.release),
+                                                "director": len(config.keys.director)}}
+        trust = RootTrust(config)
+        return {"version": trust.version, "expires": trust.root.expires,
+                "source": "data_dir" if _saved_is(trust) else "config"}
+
     status["update"] = _guarded(update)
     status["trusted"] = _guarded(trusted)
+    status["root"] = _guarded(root)
     status["outbox"] = _guarded(lambda: {"waiting": len(Outbox(data_dir / "outbox", publish=_never))})
+    status["serve"] = _guarded(lambda: _serve(config))
     return status
+
+
+def _saved_is(trust: RootTrust) -> bool:
+    """Whether the root in use is the one saved in the data directory (else the configured root_file's)."""
+    saved = load_saved_root(trust.path)
+    return saved is not None and saved[1] == trust.envelope
+
+
+def _serve(config: AgentConfig) -> Status:
+    """The inference endpoint: where the running agent bound it (serve.json), else what is configured."""
+    from shared.inference_client import SERVE_FILE
+
+    serve: Status = {"enabled": config.serve.enabled, "listen": config.serve.listen, "address": None}
+    path = config.data_dir / SERVE_FILE
+    if config.serve.enabled and path.exists():
+        document = read_json(path)
+        if not isinstance(document, dict):
+            raise ValueError(f"{path} is not a JSON object")
+        serve["address"] = f"unix:{document['unix']}" if "unix" in document else document.get("url")
+    return serve
 
 
 def _never(topic: str, payload: bytes) -> None:
@@ -176,10 +209,31 @@ def status_lines(status: Status) -> list[str]:
         lines.append(f"trusted   release counter {trusted['release_counter']}, directive seq "
                      f"{trusted['directive_seq']}" + (f" ({trusted['deployment_id']})" if trusted["deployment_id"] else ""))
 
+    root = status["root"]
+    if "error" in root:
+        lines.append(f"root      unreadable: {root['error']}")
+    elif root["version"] is None:
+        pinned = root["pinned"]
+        lines.append(f"root      none: keys pinned in the config ({pinned['release']} release, "
+                     f"{pinned['director']} director), no rotation")
+    else:
+        lines.append(f"root      v{root['version']} (from the {'data dir' if root['source'] == 'data_dir' else 'config'}), "
+                     f"expires {time.strftime('%Y-%m-%d', time.gmtime(root['expires']))}")
+
     outbox = status["outbox"]
     if "error" in outbox:
         lines.append(f"outbox    unreadable: {outbox['error']}")
     else:
         waiting = outbox["waiting"]
         lines.append(f"outbox    {waiting} report{'' if waiting == 1 else 's'} waiting for the server")
+
+    serve = status["serve"]
+    if "error" in serve:
+        lines.append(f"serve     unreadable: {serve['error']}")
+    elif not serve["enabled"]:
+        lines.append("serve     off ([serve] enabled = false)")
+    elif serve["address"]:
+        lines.append(f"serve     {serve['address']} (POST /v1/infer, GET /v1/model, GET /healthz)")
+    else:
+        lines.append(f"serve     not running (configured to listen on {serve['listen']})")
     return lines

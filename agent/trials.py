@@ -3,7 +3,8 @@
 The updater starts the trial child with ``trial_request`` and reads the
 replaced model's numbers back with ``previous_model``; both sides of the
 comparison come from the same child, the same settings and the same eval
-samples (``shared/trial.py``), and ``agent/gates.py`` compares them.
+samples, timed interleaved when both fit in memory at once (``shared/trial.py``),
+and ``agent/gates.py`` compares them.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def trial_request(
     return TrialRequest(
         model_path=str(slots.file_path(slot, manifest.file("model"))),
         eval_path=str(slots.file_path(slot, manifest.file("eval"))),
-        threads=config.runtime.threads,
+        threads=config.runtime.threads_for(manifest.threads),
         runtime=config.runtime.preferred,
         warmup_runs=bench.warmup_runs,
         warmup_seconds=bench.warmup_seconds,
@@ -74,6 +75,12 @@ def previous_model(replaced: ReplacedModel | None, result: TrialResult) -> Previ
             "it: %s", manifest.model, manifest.version, result.previous_error or "no numbers came back",
         )
         return None
+    if not result.paired:
+        logger.info(
+            "the replaced model %s v%s did not fit in the trial's memory beside the candidate: it was timed "
+            "alone after it, so a burst of load on the device may skew the latency ratio", manifest.model,
+            manifest.version,
+        )
     return PreviousModel(
         model=manifest.model,
         version=manifest.version,

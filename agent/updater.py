@@ -39,12 +39,13 @@ from agent.files import fsync_file
 from agent.gates import gate_failures
 from agent.memory import MemoryBudget, available_memory_bytes, trial_memory_budget
 from agent.record import RecordStore, UpdateRecord
+from agent.root import trusted_keys
 from agent.slots import SlotStore
 from agent.states import REPORTED, RESUME_FROM, SUPERSEDABLE, Event, State, next_state
 from agent.trials import ReplacedModel, previous_model, replaced_model, trial_request
 from agent.trust import claimed_deployment, trusted_after, verify_desired
 from shared.canonical import canonical_digest
-from shared.codec import decode, encode
+from shared.codec import encode
 from shared.errors import EdgefleetError, StorageError, TrustError
 from shared.failpoints import failpoint
 from shared.messages import (
@@ -58,6 +59,8 @@ from shared.messages import (
     UpdateState,
     clip_reason,
 )
+from shared.protocol import decode_versioned
+from shared.signing import TrustedKeys
 from shared.trial import TrialHandle, TrialRequest, start_trial
 
 logger = logging.getLogger(__name__)
@@ -100,7 +103,7 @@ class Updater:
         self.records = RecordStore(config.data_dir)
         self.slots = SlotStore(config.data_dir)
         self.downloads_dir = config.data_dir / "downloads"
-        self.keys = config.trusted_keys()
+        self.keys = trusted_keys(config)
         self.clock = clock
         self.monotonic = monotonic
         self.available_memory = available_memory
@@ -111,6 +114,7 @@ class Updater:
         self._pending_seq = 0
         self._pending_id = ""
         self._last_rejection: str | None = None  # digest of the last rejected desired state, reported once
+        self._rejected: DesiredState | None = None  # ... and itself: a newer root of trust may vouch for it
         self._download: Download | None = None
         self._trial: TrialHandle | None = None
         self._budget: MemoryBudget | None = None
@@ -172,9 +176,20 @@ class Updater:
         self._accept(desired, manifest, directive)
         self.step()
 
+    def use_keys(self, keys: TrustedKeys) -> None:
+        """A newer root of trust: verify with its keys from now on, and offer the last refused desired state
+        again (its directive or release may be signed by a key only the new root lists: the two travel on
+        different topics, so the desired state may have arrived first)."""
+        self.keys = keys
+        desired, self._rejected, self._last_rejection = self._rejected, None, None
+        if desired is not None:
+            self.offer(desired)
+
     def on_chunk(self, sha256: str, index: int, data: bytes) -> None:
         download = self._download
         if self.state is not State.DOWNLOADING or download is None or sha256 not in download.assemblers:
+            # e.g. a redelivery after the file was complete: the subscription is gone, its queue is not
+            logger.debug("ignored chunk %d of %s: no download of it is under way", index, sha256)
             return
         assembler = download.assemblers[sha256]
         try:
@@ -182,6 +197,10 @@ class Updater:
         except StorageError as exc:
             self._fire(Event.FAILURE, reason=str(exc))
             self.step()
+            return
+        if verdict is ChunkVerdict.OUT_OF_RANGE:
+            logger.warning("dropped %s chunk %d: the signed manifest lists chunks 0 to %d", assembler.entry.name,
+                           index, assembler.count - 1)
             return
         if verdict is ChunkVerdict.CORRUPT:
             logger.warning("dropped a copy of %s chunk %d that does not match its signed sha256: asking again",
@@ -193,6 +212,10 @@ class Updater:
         failpoint("agent.chunk.stored")
         download.stored_this_round = True
         download.last_progress = self.monotonic()
+        progress = assembler.progress(download.last_progress)
+        if progress is not None:
+            logger.info("downloading %s for deployment %s: %s", assembler.entry.name, self.record.deployment_id,
+                        progress)
         if assembler.complete:
             self.reporter.watch_chunks(sha256, False)
             self.step()
@@ -296,11 +319,11 @@ class Updater:
 
     def _manifest(self) -> Manifest:
         assert self.record.manifest is not None
-        return decode(Manifest, self.record.manifest.signed)
+        return decode_versioned(Manifest, self.record.manifest.signed)
 
     def _directive(self) -> Directive:
         assert self.record.directive is not None
-        return decode(Directive, self.record.directive.signed)
+        return decode_versioned(Directive, self.record.directive.signed)
 
     # -- trust -------------------------------------------------------------
 
@@ -311,6 +334,7 @@ class Updater:
     def _reject(self, desired: DesiredState, exc: TrustError) -> None:
         """Log and report a refused desired state once; it names no deployment we trust."""
         logger.warning("rejected desired state: %s", exc)
+        self._rejected = desired
         digest = canonical_digest(encode(desired))
         if digest == self._last_rejection:
             return  # the same retained message again (every reconnect delivers it)

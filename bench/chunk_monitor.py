@@ -30,10 +30,12 @@ class MonitorError(Exception):
 class ChunkMonitor:
     """An MQTT client that counts the payload bytes of every artifact chunk, per file."""
 
-    def __init__(self, url: str) -> None:
-        address = BrokerAddress.parse(url)
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-monitor-{os.getpid()}",
+    def __init__(self, url: str | BrokerAddress) -> None:
+        """``url``, or a device's broker address (the fleet broker: its identity, TLS and pinned CA)."""
+        address = url if isinstance(url, BrokerAddress) else BrokerAddress.parse(url)
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=address.username or f"bench-monitor-{os.getpid()}",
                                   protocol=paho.MQTTv5)
+        address.configure(self.client)
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = self._on_subscribe
         self.client.on_message = self._on_message

@@ -72,9 +72,9 @@ from server.db.models import Deployment, Wave
 from server.devices import list_devices
 from server.rollouts import parse_waves, rollout_status
 from server.rollouts.read_model import status_json
-from shared.codec import decode
 from shared.errors import EdgefleetError
 from shared.messages import Manifest
+from shared.protocol import decode_versioned
 from tests.e2e.fleet import QUICK_AGENT_TOML, Fleet, cli, wait_for
 
 PROFILE = "benchbox"
@@ -136,7 +136,7 @@ def artifact_files(db: Database, rollout_id: str) -> dict[str, int]:
     with db.session() as session:
         rollout = queries.rollout(session, rollout_id)
         assert rollout is not None
-        manifests = [decode(Manifest, r.release.manifest["signed"]) for r in rollout.releases]
+        manifests = [decode_versioned(Manifest, r.release.manifest["signed"]) for r in rollout.releases]
         return {f.sha256: f.size for m in manifests for f in m.files}
 
 
@@ -217,7 +217,7 @@ class FleetRun:
         """Everything before the clock starts: workspace, profile, devices, the model added and built."""
         started = time.monotonic()
         self.fleet = Fleet(self.root, Mosquitto(self.root / "broker").start(), self.root / "server")
-        cli("init", "--data-dir", self.data())
+        cli("init", "--data-dir", self.data(), "--release-key", "online")
         cli("profile", "add", PROFILE, "--quantizations", "float32", "--recipe", "float32", "--data-dir", self.data())
         for i in range(self.agents):
             self.fleet.register(f"dev{i}", PROFILE, extra_toml=AGENT_TOML)

@@ -34,6 +34,16 @@ if ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ]; then
   apt_install mosquitto
 fi
 
+# The dashboard's browser tests drive Debian's Chromium through playwright (no browser download).
+if [ "$EXTRAS" = "dev" ] && ! command -v chromium >/dev/null; then
+  apt_install chromium
+fi
+
+# The server and end-to-end tests also run on PostgreSQL, started by the tests themselves (initdb/pg_ctl).
+if [ "$EXTRAS" = "dev" ] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null; then
+  apt_install postgresql
+fi
+
 PY="$(find_python)"
 if [ ! -x "$VENV/bin/python" ]; then
   if ! "$PY" -m venv "$VENV" 2>/dev/null; then

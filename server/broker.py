@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from shared.errors import ConfigError, TransportError
@@ -33,6 +34,19 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def wait_listening(port: int, alive: Callable[[], bool], timeout: float) -> bool:
+    """Poll 127.0.0.1:``port`` until it accepts a connection (True); False as soon as ``alive()`` says the
+    process that should listen there is gone, or after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and alive():
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return True
+        except OSError:
+            time.sleep(0.05)
+    return False
 
 
 def find_mosquitto() -> str:
@@ -69,17 +83,13 @@ class Mosquitto:
         stderr = self.workdir / "mosquitto.stderr"
         with open(stderr, "wb") as err:
             self.process = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=err)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                self.process = None
-                said = stderr.read_text(errors="replace").strip() or (self.log.read_text() if self.log.exists() else "")
-                raise TransportError(f"mosquitto exited at start: {said}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return self
-            except OSError:
-                time.sleep(0.05)
+        process = self.process
+        if wait_listening(self.port, lambda: process.poll() is None, timeout):
+            return self
+        if process.poll() is not None:
+            self.process = None
+            said = stderr.read_text(errors="replace").strip() or (self.log.read_text() if self.log.exists() else "")
+            raise TransportError(f"mosquitto exited at start: {said}")
         self.stop()
         raise TransportError(f"mosquitto did not listen on port {self.port} within {timeout:.0f} s")
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from server.blobs import BlobStore
 from server.catalog import resolve_version
 from server.compress.evalset import EvalSet, load_eval_file
 from server.compress.pipeline import CompressionInputs, ProfileGoal, VariantReport, compress_for_profile
+from server.compress.progress import BuildEvent, ProgressCallback, Step, ignore
 from server.compress.quantization import Quantization
 from server.compress.recipes import Recipe, auto_candidates, parse_recipe
 from server.compress.sources import ModelSource, open_source, unpack_source
@@ -194,7 +194,7 @@ def build_profiles(
     recipe: str | None = None,
     student: Path | None = None,
     settings: BenchmarkSettings | None = None,
-    progress: Callable[[str], None] = lambda _: None,
+    progress: ProgressCallback = ignore,
     ship: bool = False,
     actor: str | None = None,
 ) -> list[ProfileReport]:
@@ -205,6 +205,7 @@ def build_profiles(
     With a ``recipe`` other than ``auto`` and the profile's own, the build is an experiment (see the
     module's docstring): it changes what the profile ships only with ``ship``, and only if the variant
     passed the profile's budget and limits. Every profile's recipe is checked before anything is built.
+    ``progress`` hears a ``BuildEvent`` (``server.compress.progress``) at every step.
     """
     with db.session() as session:
         version = resolve_version(session, model_ref)
@@ -230,7 +231,8 @@ def build_profiles(
             raise UserInputError("--ship ships an experiment: give it with --recipe (a build with the profile's "
                                  "own recipe ships its choice anyway)")
         _check_experiments(db, sources, ref, plans, ship)
-        for profile, recipes, experiment in plans:
+        for number, (profile, recipes, experiment) in enumerate(plans, start=1):
+            progress(BuildEvent(Step.PROFILE, profile.name, index=number, total=len(recipes)))
             with native_stderr_to_log(f"compressing {sources.model_name} for {profile.name}"):
                 reference, variants = compress_for_profile(recipes, inputs, goal_of(profile), progress)
             if experiment is None:

@@ -1,8 +1,12 @@
 """``edgefleet demo``: a whole local fleet, end to end, on this machine.
 
-A private Mosquitto on a free port, the server on a fresh SQLite data dir,
+The fleet's own Mosquitto as `edgefleet broker` runs it (TLS, an identity and topic ACLs per
+device) on a free port, the server on a fresh SQLite data dir,
 three agent processes with different profiles, a digits CNN trained here,
-one compressed rollout, and the on-device latency table.
+one compressed rollout, then traffic: a load generator (``server/load_generator.py``)
+calls each agent's local inference endpoint with the digits eval samples, the
+agents report their latency every 2 s, and the demo prints the on-device
+latency table from those calls and the dashboard's address.
 """
 
 from __future__ import annotations
@@ -20,19 +24,29 @@ from types import FrameType
 
 import click
 
-from server.broker import Mosquitto, free_port
+from server.broker import free_port, wait_listening
+from server.broker_identities import new_identity, sync_broker, write_device_files
+from server.broker_setup import BrokerLayout, setup_broker
 from server.catalog import add_model
 from server.cli import report_table
 from server.compression import compression_report
 from server.devices import agent_config_toml, register_device
+from server.load_generator import LoadGenerator, Target, describe, load_samples
 from server.rollout_cli import status_table
 from server.rollouts import RolloutStatus, rollout_status, start_rollout
+from server.roots import ROOT_FILE, RootStore, write_root_file
 from server.selection import Selection
 from server.setup import init_data_dir
 from shared.errors import UserInputError
+from shared.files import write_private
+from shared.inference_client import SERVE_FILE
 
 MARKER = ".edgefleet-demo"
 FLEET = (("pi4-kitchen", "rpi4"), ("nano-dock", "jetson-nano"), ("nuc-lab", "x86-64"))
+AGENT_LISTEN = "127.0.0.1:0"  # each agent's endpoint on a free port; the agent writes it to its serve.json
+REPORT_INTERVAL_S = 2.0  # the agents report their calls' latency this often, so the charts move
+TRAFFIC_S = 12.0  # traffic before the latency table
+TABLE_WINDOW_S = 10.0  # the table's latency and calls/s: the reports of this last span (all under traffic)
 
 
 @dataclass
@@ -45,6 +59,9 @@ class Processes:
                 [sys.executable, "-m", "edgefleet", "--log-level", "info", *args], stdout=out, stderr=subprocess.STDOUT
             )
         self.running.append((name, proc))
+
+    def alive(self) -> bool:
+        return all(proc.poll() is None for _, proc in self.running)
 
     def check(self) -> None:
         for name, proc in self.running:
@@ -60,6 +77,12 @@ class Processes:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def _wait_listening(port: int, processes: Processes, timeout: float = 15.0) -> None:
+    if not wait_listening(port, processes.alive, timeout):
+        processes.check()  # says which one exited
+        raise click.ClickException(f"the broker did not listen on port {port} within {timeout:.0f} s; see its log")
 
 
 def _fresh_workdir(workdir: Path) -> Path:
@@ -108,41 +131,78 @@ def _serving(url: str) -> bool:
         return False
 
 
+def _traffic(generator: LoadGenerator, db: object, processes: Processes, rate: float) -> None:
+    """Start the traffic, wait for a few reports, print the on-device latency table from it."""
+    from rich.console import Console
+
+    from server.db import Database
+    from server.top import fleet_rows, top_table
+
+    assert isinstance(db, Database)
+    generator.start()
+    click.echo(f"traffic    {rate:g} calls/s to each agent's endpoint (POST /v1/infer, the digits eval samples); "
+               f"the agents report every {REPORT_INTERVAL_S:g} s; {TRAFFIC_S:g} s ...")
+    deadline = time.monotonic() + TRAFFIC_S
+    while time.monotonic() < deadline:
+        processes.check()
+        time.sleep(0.5)
+    now = time.time()
+    counts = generator.counts()
+    click.echo("")
+    console = Console(file=sys.stdout, width=None if sys.stdout.isatty() else 120)
+    console.print(top_table(fleet_rows(db, window_s=TABLE_WINDOW_S, now=now), window_s=TABLE_WINDOW_S, now=now,
+                            title="on-device latency from the traffic (edgefleet top)"))
+    click.echo("")
+    click.echo(f"traffic    {sum(c.ok for c in counts.values())} calls answered, "
+               f"{sum(c.errors for c in counts.values())} errors, in {TRAFFIC_S:g} s:")
+    for line in describe(counts):
+        click.echo(f"             {line}")
+    click.echo("")
+
+
 @click.command("demo")
 @click.option("--workdir", type=click.Path(path_type=Path, file_okay=False), default=Path("edgefleet-demo"),
               show_default=True, help="Where the demo keeps its broker, server and agent files (recreated).")
 @click.option("--once", is_flag=True,
               help="Stop everything (the dashboard too) and exit after printing the table.")
 @click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds to wait for the rollout.")
-def demo_command(workdir: Path, once: bool, timeout: float) -> None:
-    """Run a local demo fleet: broker, server, three agents, a real compressed rollout."""
+@click.option("--rate", type=click.FloatRange(min=0.0, min_open=True), default=20.0, show_default=True,
+              help="Calls per second the load generator sends to each agent's endpoint.")
+def demo_command(workdir: Path, once: bool, timeout: float, rate: float) -> None:
+    """Run a local demo fleet: broker, server, three agents, a real compressed rollout, traffic."""
     from server.compress.digits import write_demo_inputs
 
     workdir = _fresh_workdir(workdir)
     logs = workdir / "logs"
     logs.mkdir()
-    broker = Mosquitto(workdir / "broker")
     processes = Processes()
     try:
-        broker.start()
-        click.echo(f"broker     {broker.url} (private Mosquitto)")
         workspace = init_data_dir(workdir / "server")
         keys = workspace.keys()
+        # the fleet's own broker, as 'edgefleet init' and 'edgefleet broker' set it up for a single box
+        layout = BrokerLayout(workspace.data_dir.broker)
+        settings, _ = setup_broker(layout, hosts=("127.0.0.1",), listen=f"127.0.0.1:{free_port()}")
+        processes.start("broker", ["broker", "--data-dir", str(workspace.data_dir.root)], logs / "broker.log")
+        _wait_listening(settings.port, processes)
+        click.echo(f"broker     {settings.device_url()} (the fleet's Mosquitto: TLS with its own CA, an identity and "
+                   "topic ACLs per device, no anonymous access)")
         dashboard = f"127.0.0.1:{free_port()}"
         dashboard_url = f"http://{dashboard}/"
-        processes.start(
-            "server",
-            ["server", "--data-dir", str(workspace.data_dir.root), "--broker", broker.url, "--http", dashboard],
-            logs / "server.log",
-        )
+        processes.start("server", ["server", "--data-dir", str(workspace.data_dir.root), "--http", dashboard],
+                        logs / "server.log")
         click.echo(f"server     data dir {workspace.data_dir.root}")
+        agents = workdir / "agents"
         for name, profile in FLEET:
-            device = register_device(workspace.db, name, profile)
-            config = workdir / "agents" / f"{name}.toml"
-            config.parent.mkdir(exist_ok=True)
-            config.write_text(agent_config_toml(device, broker.url, keys, workdir / "agents" / name))
+            password, hashed = new_identity()
+            device = register_device(workspace.db, name, profile, broker_secret=hashed)
+            sync_broker(workspace.db, layout)
+            identity = write_device_files(layout, device.id, name, password, settings.device_url(), agents)
+            write_root_file(RootStore(workspace.data_dir.keys), agents / ROOT_FILE)
+            config = agents / f"{name}.toml"
+            write_private(config, agent_config_toml(device, identity, agents / name, serve_listen=AGENT_LISTEN,
+                                                    report_interval_s=REPORT_INTERVAL_S).encode())
             processes.start(name, ["agent", "--config", str(config)], logs / f"{name}.log")
-            click.echo(f"agent      {name} ({profile})")
+            click.echo(f"agent      {name} ({profile}), its own broker identity")
         click.echo("training   a digits CNN on scikit-learn's bundled digits data ...")
         model_path, eval_path = write_demo_inputs(workdir / "inputs")
         version = add_model(workspace.db, workspace.blobs, "digits", model_path, eval_path)
@@ -163,24 +223,35 @@ def demo_command(workdir: Path, once: bool, timeout: float) -> None:
         click.echo(f"status     {_edgefleet_command()} rollout status {rollout_id} --data-dir {workspace.data_dir.root}")
         if not status.settled:
             raise click.ClickException(f"the rollout did not settle within {timeout:.0f} s; see {logs}")
-        if once:  # everything stops as this returns: the dashboard too, so no address to visit
-            click.echo(f"dashboard  was served at {dashboard_url} during the run; run without --once to keep it up")
-            return
-        if _serving(dashboard_url):
-            click.echo(f"dashboard  {dashboard_url} (until Ctrl-C)")
-        else:
-            click.echo(f"dashboard  not answering at {dashboard_url}; see {logs / 'server.log'}")
-        click.echo("the fleet keeps running; press Ctrl-C to stop it")
-        stop = {"now": False}
+        generator = LoadGenerator([Target(name, workdir / "agents" / name / SERVE_FILE) for name, _ in FLEET],
+                                  load_samples(eval_path), rate_per_s=rate)
+        try:
+            _traffic(generator, workspace.db, processes, rate)
+            device_url = f"{dashboard_url}devices/{FLEET[0][0]}"
+            if once:  # everything stops as this returns: the dashboard too, so no address to visit
+                click.echo(f"dashboard  was served at {dashboard_url} (a device: {device_url}) during the run; "
+                           "run without --once to keep it up")
+                return
+            if _serving(dashboard_url):
+                click.echo(f"dashboard  {dashboard_url} (until Ctrl-C)")
+                click.echo(f"device     {device_url} (its latency chart moves with the traffic)")
+            else:
+                click.echo(f"dashboard  not answering at {dashboard_url}; see {logs / 'server.log'}")
+            click.echo(f"the fleet keeps running, and the traffic at {rate:g} calls/s per agent; press Ctrl-C to stop")
+            stop = {"now": False}
 
-        def on_signal(signum: int, frame: FrameType | None) -> None:
-            stop["now"] = True
+            def on_signal(signum: int, frame: FrameType | None) -> None:
+                stop["now"] = True
 
-        signal.signal(signal.SIGINT, on_signal)
-        signal.signal(signal.SIGTERM, on_signal)
-        while not stop["now"]:
-            processes.check()
-            time.sleep(0.5)
+            signal.signal(signal.SIGINT, on_signal)
+            signal.signal(signal.SIGTERM, on_signal)
+            while not stop["now"]:
+                processes.check()
+                time.sleep(0.5)
+        finally:
+            generator.stop()
+        counts = generator.counts()
+        click.echo(f"traffic    {sum(c.ok for c in counts.values())} calls answered in all, "
+                   f"{sum(c.errors for c in counts.values())} errors")
     finally:
         processes.stop()
-        broker.stop()

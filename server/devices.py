@@ -8,7 +8,6 @@ its name is free for a new device, and its reports are dropped (``server.ingest`
 
 from __future__ import annotations
 
-import json
 import re
 import secrets
 from collections.abc import Collection, Sequence
@@ -19,10 +18,11 @@ from pathlib import Path
 from server import audit
 from server.db import Database, Session, queries
 from server.db.models import Device, Profile
-from server.keys import SigningKeys
+from server.roots import ROOT_FILE
 from server.selection import MAX_TAGS, Selection, check_tag_key, select_devices, tag_pairs
+from shared.agent_toml import AgentToml, BrokerIdentity
 from shared.errors import AlreadyExistsError, NotFoundError, UserInputError
-from shared.signing import KeyRole
+from shared.serve_address import DEFAULT_SERVE_LISTEN
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 REMOVED = "removed"  # the final state of a deployment whose device was removed while it was open
@@ -96,25 +96,64 @@ def _check_tag_count(name: str, tags: dict[str, str]) -> None:
 
 
 def register_device(
-    db: Database, name: str, profile: str, tags: Sequence[tuple[str, str]] = (), *, actor: str | None = None
+    db: Database, name: str, profile: str, tags: Sequence[tuple[str, str]] = (), *, actor: str | None = None,
+    broker_secret: str | None = None,
 ) -> DeviceRow:
-    if not _NAME.match(name):
-        raise UserInputError(
-            f"invalid device name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
-        )
+    """``broker_secret``: the hash of the device's broker password (``server/broker_identities.py``)."""
+    _check_name(name)
     initial = dict(tag_pairs(tags))
     _check_tag_count(name, initial)
     with db.session() as session:
         get_profile(session, profile)
         if queries.device_by_name(session, name) is not None:
             raise AlreadyExistsError(f"a device named {name!r} is already registered")
-        device = Device(id=f"d-{secrets.token_hex(5)}", name=name, profile_name=profile, tags=initial)
-        session.add(device)
-        audit.record(session, "device.registered", f"registered device {name} ({device.id}), profile {profile}, "
-                     f"tags {_tags_text(initial)}", actor=actor or audit.operator(), device_id=device.id,
-                     data={"name": name, "profile": profile, "tags": initial})
+        device = _add_device(session, name, profile, initial, actor or audit.operator(), broker_secret)
         session.flush()
         return DeviceRow.of(device)
+
+
+def register_devices(
+    db: Database, names: Sequence[str], profile: str, broker_secrets: Sequence[str | None], *,
+    actor: str | None = None,
+) -> list[DeviceRow]:
+    """Register many devices in one transaction (``edgefleet device register-fleet``): all of them, or none
+    when a name is invalid or already taken. ``broker_secrets``: each device's password hash, in order."""
+    if len(set(names)) != len(names):
+        raise UserInputError("the device names to register must be distinct")
+    if len(broker_secrets) != len(names):
+        raise ValueError("one broker secret per device name")
+    for name in names:
+        _check_name(name)
+    actor = actor or audit.operator()
+    with db.session() as session:
+        get_profile(session, profile)
+        wanted = set(names)
+        taken = sorted(d.name for d in queries.devices(session) if d.name in wanted)
+        if taken:
+            shown = ", ".join(taken[:3]) + (f" and {len(taken) - 3} more" if len(taken) > 3 else "")
+            raise AlreadyExistsError(f"{len(taken)} of these names are already registered ({shown}); nothing was "
+                                     "registered")
+        devices = [_add_device(session, name, profile, {}, actor, secret) for name, secret in zip(names, broker_secrets)]
+        session.flush()
+        return [DeviceRow.of(device) for device in devices]
+
+
+def _check_name(name: str) -> None:
+    if not _NAME.match(name):
+        raise UserInputError(
+            f"invalid device name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+
+
+def _add_device(session: Session, name: str, profile: str, tags: dict[str, str], actor: str,
+                broker_secret: str | None) -> Device:
+    device = Device(id=f"d-{secrets.token_hex(5)}", name=name, profile_name=profile, tags=tags,
+                    broker_secret=broker_secret)
+    session.add(device)
+    audit.record(session, "device.registered", f"registered device {name} ({device.id}), profile {profile}, "
+                 f"tags {_tags_text(tags)}", actor=actor, device_id=device.id,
+                 data={"name": name, "profile": profile, "tags": tags})
+    return device
 
 
 def tag_device(
@@ -162,6 +201,7 @@ def remove_device(db: Database, name: str, *, actor: str | None = None) -> Remov
                          actor=actor, rollout_id=deployment.rollout_id, device_id=device.id,
                          data={"deployment": deployment.id, "previous_state": previous})
         device.removed_at = now
+        device.broker_secret = None  # its broker identity goes with it (server/broker_identities.py)
         audit.record(session, "device.removed",
                      f"removed device {name} ({device.id}), profile {device.profile_name}; "
                      f"{len(settled)} open deployment(s) settled as {REMOVED}",
@@ -213,33 +253,20 @@ def find_device(session: Session, name: str) -> Device:
     return device
 
 
-def agent_config_toml(device: DeviceRow, broker_url: str, keys: SigningKeys, agent_data_dir: Path) -> str:
-    """The agent.toml that ``edgefleet agent --config`` reads; pins this server's public keys."""
-    public = keys.public_texts()
 
-    def q(value: str) -> str:
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
 
-    return "\n".join(
-        [
-            "# edgefleet agent configuration, written by 'edgefleet device register'",
-            "[device]",
-            f"id = {q(device.id)}",
-            f"name = {q(device.name)}",
-            f"profile = {q(device.profile)}",
-            "",
-            "[broker]",
-            f"url = {q(broker_url)}",
-            "",
-            "[keys]  # pinned public keys; list several per role to rotate",
-            f"release = [{q(public[KeyRole.RELEASE])}]",
-            f"director = [{q(public[KeyRole.DIRECTOR])}]",
-            "",
-            "[storage]",
-            f"data_dir = {q(str(agent_data_dir))}",
-            "",
-            "[runtime]",
-            "threads = 1",
-            "",
-        ]
-    )
+def agent_config_toml(
+    device: DeviceRow, broker: str | BrokerIdentity, agent_data_dir: Path, *, root_file: str = ROOT_FILE,
+    serve_listen: str = DEFAULT_SERVE_LISTEN, report_interval_s: float = 10.0,
+) -> str:
+    """The agent.toml that ``edgefleet agent --config`` reads; it trusts the root of trust in ``root_file``
+    (relative to the config's directory; ``server.roots.write_root_file`` writes it) and follows its rotations.
+    ``broker``: a URL, or the device's broker identity; ``serve_listen``: where the agent's local inference
+    endpoint listens (HOST:PORT, port 0 for any free port, or unix:/path); ``report_interval_s``: how often it
+    reports the latency of its calls."""
+    return AgentToml(
+        device_id=device.id, name=device.name, profile=device.profile,
+        broker=broker if isinstance(broker, BrokerIdentity) else BrokerIdentity(broker),
+        data_dir=str(agent_data_dir), root_file=root_file, serve_listen=serve_listen,
+        report_interval_s=report_interval_s,
+    ).render()

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime, timezone
+from typing import Any
 
 from server.db import Session, queries
 from server.db.models import Deployment, Device, EventRecord, LoadErrorRecord, TelemetryRecord
+from server.latency.store import store_serving_report
 from server.load_errors import known_load_errors
 from server.rollouts.states import PROGRESS, SUPERSEDED, DeploymentState
 from shared.codec import encode
@@ -119,6 +121,8 @@ def apply_state(session: Session, message: DeviceState) -> Device | None:
     if device is None:
         return None
     device.last_seen = _now()
+    if message.hello:
+        device.last_hello_at = device.last_seen
     device.online = True
     device.boot_id = message.boot_id
     device.runtime = f"{message.runtime} {message.runtime_version}".strip()
@@ -134,32 +138,35 @@ def apply_state(session: Session, message: DeviceState) -> Device | None:
 
 
 def apply_event(session: Session, message: Event) -> bool:
-    """Store and apply an event; True when it is stored (now or before), so the agent may forget it."""
+    """Store and apply an event; True when it is stored (now or before), so the agent may forget it.
+    (The server's loop stores a whole batch's events at once: ``server/report_batch.py``.)"""
     device = _device(session, message.device_id)
     if device is None:
         return False
     if queries.event_seen(session, device.id, message.boot_id, message.seq):
         return True
-    session.add(
-        EventRecord(
-            device_id=device.id,
-            boot_id=message.boot_id,
-            seq=message.seq,
-            deployment_id=message.deployment_id,
-            state=message.state,
-            reason=message.reason,
-            ts=message.ts,
-        )
-    )
+    session.add(EventRecord(**event_row(device.id, message)))
+    apply_new_event(session, device, message)
+    return True
+
+
+def event_row(device_id: str, message: Event) -> dict[str, Any]:
+    """The ``events`` row of ``message``."""
+    return {"device_id": device_id, "boot_id": message.boot_id, "seq": message.seq,
+            "deployment_id": message.deployment_id, "state": message.state, "reason": message.reason,
+            "ts": message.ts, "received_at": _now()}
+
+
+def apply_new_event(session: Session, device: Device, message: Event) -> None:
+    """What an event just stored (not a redelivery) changes: its deployment, unless it is a rejection."""
     if message.is_rejection:
         logger.warning("%s rejected a desired state (it claimed deployment %s): %s", device.name,
                        message.deployment_id or "-", message.reason)
-        return True
+        return
     deployment = _deployment(session, device, message.deployment_id)
     if deployment is not None:
         advance_deployment(session, device, deployment, message.state, message.reason)
         settle_superseded(session, device, deployment.seq)
-    return True
 
 
 def _remember_incompatibility(session: Session, device: Device, deployment: Deployment, reason: str) -> None:
@@ -179,27 +186,34 @@ def _remember_incompatibility(session: Session, device: Device, deployment: Depl
 
 
 def apply_telemetry(session: Session, message: Telemetry) -> bool:
-    """Store telemetry; True when it is stored (now or before), so the agent may forget it."""
+    """Store telemetry; True when it is stored (now or before), so the agent may forget it.
+
+    Serving reports go to the latency store (``server/latency/store.py``); trial results to ``telemetry``
+    (the server's loop stores a whole batch of those at once: ``server/report_batch.py``)."""
     device = _device(session, message.device_id)
     if device is None:
         return False
+    if message.kind == "serving":
+        return store_serving_report(session, device, message)
     if queries.telemetry_seen(session, device.id, message.boot_id, message.seq):
         return True
+    session.add(TelemetryRecord(**telemetry_row(device.id, message)))
+    apply_new_telemetry(session, device, message)
+    return True
+
+
+def telemetry_row(device_id: str, message: Telemetry) -> dict[str, Any]:
+    """The ``telemetry`` row of a trial result (not a serving report)."""
     bench = message.benchmark
-    session.add(
-        TelemetryRecord(
-            device_id=device.id,
-            boot_id=message.boot_id,
-            seq=message.seq,
-            deployment_id=message.deployment_id,
-            kind=message.kind,
-            ts=message.ts,
-            p50_ms=bench.p50_ms if bench else None,
-            p95_ms=bench.p95_ms if bench else None,
-            accuracy=message.accuracy,
-            body=encode(message),
-        )
-    )
+    return {"device_id": device_id, "boot_id": message.boot_id, "seq": message.seq,
+            "deployment_id": message.deployment_id, "kind": message.kind, "ts": message.ts,
+            "p50_ms": bench.p50_ms if bench else None, "p95_ms": bench.p95_ms if bench else None,
+            "accuracy": message.accuracy, "body": encode(message), "received_at": _now()}
+
+
+def apply_new_telemetry(session: Session, device: Device, message: Telemetry) -> None:
+    """What a trial result just stored changes: its deployment's measured metrics."""
+    bench = message.benchmark
     deployment = _deployment(session, device, message.deployment_id)
     if deployment is not None and bench is not None:
         deployment.p50_ms = bench.p50_ms
@@ -209,4 +223,3 @@ def apply_telemetry(session: Session, message: Telemetry) -> bool:
             deployment.previous_accuracy = message.previous.accuracy
             deployment.previous_p95_ms = message.previous.p95_ms
         deployment.updated_at = _now()
-    return True

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from server.cli_options import DATA_DIR, JSON
+from server.cli_options import DATA_DIR, JSON, given_db_url
 from server.profile_service import ProfileRow, add_profile, list_profiles, show_profile, spec_from_options
 from server.render import cell, human_bytes, table
 from server.setup import open_workspace
@@ -50,7 +50,7 @@ def profile_add(
         },
         from_file=from_file,
     )
-    row = add_profile(open_workspace(data_dir).db, spec, replace=replace)
+    row = add_profile(open_workspace(data_dir, db_url=given_db_url()).db, spec, replace=replace)
     click.echo(
         f"{'saved' if replace else 'added'} profile {row.name}: prefers {row.quantization}, "
         f"chooses from {', '.join(row.quantizations)}, objective {row.objective}"
@@ -62,7 +62,7 @@ def profile_add(
 @JSON
 def profile_list(data_dir: Path, as_json: bool) -> None:
     """Every profile: choices, objective, limits and device count."""
-    rows = list_profiles(open_workspace(data_dir).db)
+    rows = list_profiles(open_workspace(data_dir, db_url=given_db_url()).db)
     if as_json:
         click.echo(json.dumps([asdict(r) for r in rows], indent=2))
         return
@@ -110,5 +110,5 @@ def profile_details(row: ProfileRow) -> str:
 @JSON
 def profile_show(name: str, data_dir: Path, as_json: bool) -> None:
     """Everything about profile NAME."""
-    row = show_profile(open_workspace(data_dir).db, name)
+    row = show_profile(open_workspace(data_dir, db_url=given_db_url()).db, name)
     click.echo(json.dumps(asdict(row), indent=2) if as_json else profile_details(row))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from server.cli_options import DATA_DIR, JSON
+from server.cli_options import DATA_DIR, JSON, given_db_url
 from server.render import cell, human_bytes, table
 from server.rollouts.read_model import AuditEntry, RolloutStatus, RolloutSummary
 
@@ -58,6 +58,7 @@ def rollout_start(
     The running server delivers it wave by wave: a wave starts once the one before passed its gate.
     """
     from server import audit
+    from server.build_progress import build_progress
     from server.rollouts import OnFailure, RolloutPolicy, parse_waves, start_rollout
     from server.rollouts.policy import parse_size
     from server.selection import Selection, parse_tag
@@ -71,12 +72,13 @@ def rollout_start(
     )
     selection = Selection(profiles=tuple(profiles), tags=tuple(sorted(parse_tag(t) for t in tags)),
                           devices=tuple(devices))
-    workspace = open_workspace(data_dir)
-    rollout_id = start_rollout(
-        workspace.db, workspace.blobs, workspace.keys(), model_ref, selection, policy,
-        progress=lambda line: click.echo(line, err=True), ignore_load_errors=ignore_load_errors,
-        warn=lambda message: click.echo(f"warning: {message}", err=True), actor=audit.operator(),
-    )
+    workspace = open_workspace(data_dir, db_url=given_db_url())
+    with build_progress() as progress:  # a profile not built yet is built first
+        rollout_id = start_rollout(
+            workspace.db, workspace.blobs, workspace.keys(), model_ref, selection, policy,
+            progress=progress, ignore_load_errors=ignore_load_errors,
+            warn=lambda message: click.echo(f"warning: {message}", err=True), actor=audit.operator(),
+        )
     click.echo(rollout_id)
 
 
@@ -89,7 +91,7 @@ def rollout_list(data_dir: Path, as_json: bool) -> None:
     from server.rollouts.read_model import summary_json
     from server.setup import open_workspace
 
-    rows = list_rollouts(open_workspace(data_dir).db)
+    rows = list_rollouts(open_workspace(data_dir, db_url=given_db_url()).db)
     click.echo(json.dumps([summary_json(r) for r in rows], indent=2) if as_json else list_table(rows))
 
 
@@ -111,7 +113,7 @@ def rollout_status_command(rollout_id: str, data_dir: Path, as_json: bool) -> No
     from server.rollouts.read_model import status_json
     from server.setup import open_workspace
 
-    status = rollout_status(open_workspace(data_dir).db, rollout_id)
+    status = rollout_status(open_workspace(data_dir, db_url=given_db_url()).db, rollout_id)
     click.echo(json.dumps(status_json(status), indent=2) if as_json else status_table(status))
 
 
@@ -159,7 +161,7 @@ def _control(name: str, action: Callable[..., None], done: str, help_text: str) 
         from server import audit
         from server.setup import open_workspace
 
-        action(open_workspace(data_dir).db, rollout_id, audit.operator())
+        action(open_workspace(data_dir, db_url=given_db_url()).db, rollout_id, audit.operator())
         click.echo(f"{rollout_id} {done}; the running server carries it out")
 
     return command
@@ -193,7 +195,7 @@ def events_command(data_dir: Path, rollout_id: str | None, device_name: str | No
     from server.rollouts.read_model import entry_json
     from server.setup import open_workspace
 
-    entries = list_events(open_workspace(data_dir).db, rollout_id=rollout_id, device_name=device_name, limit=limit)
+    entries = list_events(open_workspace(data_dir, db_url=given_db_url()).db, rollout_id=rollout_id, device_name=device_name, limit=limit)
     click.echo(json.dumps([entry_json(e) for e in entries], indent=2) if as_json else events_table(entries))
 
 

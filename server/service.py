@@ -1,10 +1,15 @@
 """The server's loop: ingest agent reports, serve chunks, tick the rollout engine.
 
 paho hands every message to ``inbox``; this loop drains it in batches, decodes
-each payload in one place, dispatches by topic kind, and commits once per
-batch (a savepoint per message, so one bad message never spoils the batch).
-Every subscription is a plain one (see ``run`` for why not MQTT 5 shared
-subscriptions yet).
+each payload in one place, stores the batch's events and trial telemetry with
+one INSERT per table, dispatches the rest by topic kind, and commits once per
+batch (a savepoint per applied message, so one bad message never spoils the batch).
+
+One server on SQLite subscribes to everything with plain subscriptions. Several
+replicas on PostgreSQL (``Subscriptions``) split events and telemetry through
+MQTT 5 shared subscriptions, and only the replica holding the engine lease
+(``server/lease.py``) runs the engine and subscribes to device states,
+availability and chunk requests.
 
 No report is lost to a server restart: the server keeps a persistent MQTT
 session under a stable client id, so the broker queues what agents publish
@@ -24,24 +29,45 @@ import logging
 import os
 import queue
 import secrets
+import socket
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+from server import ingest_counters
 from server.blobs import BlobStore
+from server.broker_identities import sync_broker
+from server.broker_setup import BrokerLayout
 from server.chunks import ChunkServer
-from server.db import Database, Session, open_database, queries
+from server.db import ConcurrentChange, Database, Session, open_database, queries, savepoint
+from server.db.replica_registry import register_replica
+from server.db_location import database_url
 from server.ingest import apply_availability, apply_event, apply_state, apply_telemetry
-from server.keys import load_keys
+from server.keys import keys_stamp, load_keys
+from server.latency.retention import COMPACT_INTERVAL_S, RetentionPolicy, compact_with
+from server.lease import EngineLease
 from server.paths import DataDir
+from server.replicas import DEFAULT_REPLICA, REPLICA_SESSION_EXPIRY_S
+from server.report_batch import (
+    Stored,
+    StoredReports,
+    apply_new_report,
+    changes_more,
+    is_batched_report,
+    store_reports,
+    unstore_report,
+)
 from server.rollouts import RolloutEngine
+from server.roots import RootStore, chain_payload
 from shared import PROTOCOL_VERSION
 from shared.errors import EdgefleetError, ProtocolError, StorageError
 from shared.failpoints import failpoint
 from shared.messages import (
     MAX_ACK_SEQS,
+    MAX_SERVER_PACKET,
     Availability,
     ChunkRequest,
     DeviceState,
@@ -52,7 +78,17 @@ from shared.messages import (
     encode_payload,
 )
 from shared.mqtt import BrokerAddress, Inbound, LinkDown, LinkUp, MqttLink
-from shared.topics import Topic, TopicKind, all_devices_filter, all_wants_filter, device_topic, parse_topic
+from shared.topics import (
+    ROOT_TOPIC,
+    Topic,
+    TopicKind,
+    all_devices_filter,
+    all_wants_filter,
+    device_topic,
+    parse_topic,
+)
+
+SHARE_GROUP = "$share/edgefleet/"
 
 logger = logging.getLogger(__name__)
 
@@ -60,11 +96,13 @@ BATCH = 500
 StoredReport = tuple[str, str, int]  # (device_id, boot_id, seq)
 SESSION_EXPIRY_S = 24 * 3600  # how long the broker queues reports for a server that is down (agents resend after)
 RETRY_BATCH_S = 2.0  # after the database refused a batch (locked, disk full)
+IDENTITY_SYNC_S = 5.0  # how soon a device removed by a command that died before telling the broker is cut off
 
 
-def session_client_id(data_dir: DataDir) -> str:
-    """This data directory's MQTT client id, created once: a restarted server resumes its session."""
-    path = data_dir.session_id
+def session_client_id(data_dir: DataDir, replica: str = DEFAULT_REPLICA) -> str:
+    """This data directory's (and replica's) MQTT client id, created once: a restarted server resumes its
+    session."""
+    path = data_dir.replica_session_id(replica)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError:
@@ -72,7 +110,7 @@ def session_client_id(data_dir: DataDir) -> str:
         if token:
             return f"ef-server-{token}"
         path.unlink()
-        return session_client_id(data_dir)
+        return session_client_id(data_dir, replica)
     except OSError as exc:
         raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from exc
     token = secrets.token_hex(6)
@@ -83,21 +121,63 @@ def session_client_id(data_dir: DataDir) -> str:
     return f"ef-server-{token}"
 
 
+@dataclass(frozen=True)
+class Subscriptions:
+    """What a server subscribes to: always, and while it holds the engine lease.
+
+    Alone (SQLite): everything, plain, on a persistent session that outlives a day's outage. As one of
+    several replicas: events and telemetry (the volume; agents resend them until acknowledged, and ingest
+    is idempotent) through a shared subscription, so each report reaches one replica; states, availability
+    and chunk requests only on the leader, plain, because retained messages (every device's state,
+    replayed on subscribe) are not delivered to shared subscriptions, and chunks are served once per
+    window across replicas only if one replica serves them. A replica's session is short: Mosquitto
+    routes a shared subscription's share to a member's offline session until it expires.
+    """
+
+    always: tuple[str, ...]
+    leading: tuple[str, ...]
+    session_expiry_s: int
+
+    @classmethod
+    def for_mode(cls, replicated: bool) -> Subscriptions:
+        reports = (all_devices_filter(TopicKind.EVENTS), all_devices_filter(TopicKind.TELEMETRY))
+        devices = (all_devices_filter(TopicKind.STATE), all_devices_filter(TopicKind.AVAILABILITY), all_wants_filter())
+        if not replicated:
+            return cls(always=devices[:2] + reports + devices[2:], leading=(), session_expiry_s=SESSION_EXPIRY_S)
+        return cls(always=tuple(SHARE_GROUP + f for f in reports), leading=devices,
+                   session_expiry_s=REPLICA_SESSION_EXPIRY_S)
+
+
 class ServerService:
     def __init__(
-        self, data_dir: DataDir, broker: BrokerAddress, *, db: Database | None = None, tick_interval: float = 0.5
+        self, data_dir: DataDir, broker: BrokerAddress, *, db: Database | None = None, tick_interval: float = 0.5,
+        retention: RetentionPolicy | None = None, replica: str = DEFAULT_REPLICA, replicated: bool | None = None,
+        blobs: BlobStore | None = None,
     ) -> None:
-        self.db = db or open_database(data_dir.database_url())
-        self.keys = load_keys(data_dir.keys)
-        self.blobs = BlobStore(data_dir.blobs)
+        """``replicated``: one of several replicas (shared subscriptions, leader-only duties); by default when the
+        database is not SQLite (several replicas need PostgreSQL; one SQLite file allows one server)."""
+        self.db = db or open_database(database_url(data_dir))
+        self.replica = replica
+        self.replicated = self.db.engine.dialect.name != "sqlite" if replicated is None else replicated
+        self.subscriptions = Subscriptions.for_mode(self.replicated)
+        self.lease = EngineLease(self.db, replica)
+        self._leading = False  # what the subscriptions and duties follow (the lease's last committed renewal)
+        self.broker_layout = BrokerLayout(data_dir.broker)
+        self.retention = retention or RetentionPolicy()
+        self.keys_dir = data_dir.keys
+        self.roots = RootStore(data_dir.keys)
+        self._key_stamp = keys_stamp(data_dir.keys)
+        self._publish_root = True  # at start, after each connect (a broker may have lost it), on a change
+        self.keys = load_keys(data_dir.keys)  # refuses a key the root does not list
+        self.blobs = blobs or BlobStore(data_dir.blobs)
         self.inbox: queue.Queue[Any] = queue.Queue()
         self.stopping = threading.Event()
         self.tick_interval = tick_interval
         self.link = MqttLink(
-            broker, client_id=session_client_id(data_dir), inbox=self.inbox, session_expiry_s=SESSION_EXPIRY_S,
-            manual_ack=True,
+            broker, client_id=session_client_id(data_dir, replica), inbox=self.inbox,
+            session_expiry_s=self.subscriptions.session_expiry_s, manual_ack=True, max_packet_bytes=MAX_SERVER_PACKET,
         )
-        self.engine = RolloutEngine(self.db, self.keys, self._publish, blobs=self.blobs)
+        self.engine = RolloutEngine(self.db, self.keys, self._publish, blobs=self.blobs, lease=self.lease)
         self.chunks = ChunkServer(self.blobs, self._publish_chunk)
         # Each handler returns the (device, boot, seq) of a report it holds for good, if any: the
         # agent keeps a report until the server acknowledges it, after the commit.
@@ -142,53 +222,155 @@ class ServerService:
 
     def _on_want(self, session: Session, topic: Topic, message: ChunkRequest) -> None:
         assert topic.sha256 is not None
+        if message.device_id != topic.device_id:
+            raise ProtocolError(f"chunk request of {message.device_id} published on {topic.device_id}'s topic")
         if not queries.servable_blob(session, topic.sha256):
             raise ProtocolError(f"device {message.device_id} asked for {topic.sha256}, which no release names")
         self.chunks.serve(topic.sha256, message)  # published by the loop's flush when its window closes
 
+    # -- the root of trust ---------------------------------------------------------
+
+    def publish_root(self) -> None:
+        """The chain of every root version, retained on ef/v1/root: agents walk it from the root they trust."""
+        self._publish_root = False
+        try:
+            chain = self.roots.chain()
+            self.link.publish(ROOT_TOPIC, chain_payload(chain), retain=True)
+        except EdgefleetError as exc:
+            logger.error("could not publish the root of trust: %s", exc)
+            return
+        logger.info("published the root of trust v%d", len(chain))
+
+    def check_root(self) -> None:
+        """After 'edgefleet keys rotate' or 'revoke' wrote a new root or key: sign with the keys it lists (a
+        rotated director key), and publish it. Two stats per tick while nothing changed."""
+        try:
+            stamp = keys_stamp(self.keys_dir)
+        except OSError as exc:
+            logger.error("cannot read %s: %s", self.keys_dir, exc)
+            return
+        if stamp != self._key_stamp:
+            self._key_stamp = stamp
+            try:
+                keys = load_keys(self.keys_dir)
+            except EdgefleetError as exc:  # e.g. a rotation half done: keep signing with what we have
+                logger.error("the root of trust changed, but its keys cannot be used (%s): still signing as before",
+                             exc)
+            else:
+                self.keys = self.engine.keys = keys
+                self._publish_root = True
+        if self._publish_root and self._leading:
+            self.publish_root()
+
     # -- loop ------------------------------------------------------------------
 
     def handle_batch(self, items: list[Any]) -> None:
-        """Apply a batch in one transaction, then acknowledge its messages to the broker."""
+        """Apply a batch in one transaction, then acknowledge its messages to the broker.
+
+        Every payload is decoded first; a malformed one is dropped before anything is written. The
+        batch's events and trial telemetry are stored with one INSERT per table (``server/report_batch.py``);
+        then, in arrival order, each other message goes to its handler and each new report is applied,
+        each in a savepoint, so one that raises is dropped (and a report of it taken back) alone."""
         kinds: set[str] = set()  # for the crash tests' failpoints
         stored: list[StoredReport] = []
-        with self.db.session() as session:
-            for item in items:
-                if isinstance(item, LinkUp):
-                    logger.debug("connected to %s (%s session)", self.link.broker.url(),
-                                 "resumed" if item.session_present else "new")
-                    continue
-                if isinstance(item, LinkDown):
-                    logger.debug("disconnected from broker: %s", item.reason)  # the link said so
-                    continue
+        outcomes: list[tuple[str, str]] = []  # (topic kind, result) for /metrics, counted once committed
+        decoded: list[tuple[Inbound, Topic, Any]] = []
+        for item in items:
+            if isinstance(item, LinkUp):
+                self._publish_root = True  # by the next tick: a restarted broker may have lost it
+                logger.debug("connected to %s (%s session)", self.link.broker.url(),
+                             "resumed" if item.session_present else "new")
+            elif isinstance(item, LinkDown):
+                logger.debug("disconnected from broker: %s", item.reason)  # the link said so
+            else:
                 assert isinstance(item, Inbound)
+                message = self._decode(item, outcomes)
+                if message is not None:
+                    decoded.append(message)
+        with self.db.session() as session:
+            # Every device the batch names, in one query: later lookups find them in the session.
+            devices = queries.live_devices(session, {t.device_id for _, t, _ in decoded if t.device_id is not None})
+            batched = [i for i, (_, topic, message) in enumerate(decoded) if is_batched_report(topic.kind, message)]
+            reports = store_reports(session, [decoded[i][2] for i in batched], devices)
+            report_outcome = dict(zip(batched, reports.outcomes, strict=True))
+            for index, (item, topic, message) in enumerate(decoded):
+                kind = topic.kind.value
                 try:
-                    topic = parse_topic(item.topic)
-                    handler = self._handlers.get(topic.kind)
-                    if handler is None:
-                        raise ProtocolError(f"the server does not consume {topic.kind.value}")
-                    if not item.payload:
-                        continue  # a cleared retained message
-                    message = decode_payload(topic.kind, item.payload)
-                    with session.begin_nested():
-                        report = handler(session, topic, message)
-                    kinds.add(topic.kind.value)
+                    if index in report_outcome:
+                        result, report = self._apply_report(session, reports, report_outcome[index], message)
+                    else:
+                        seen = ingest_counters.already_stored(session, topic.kind, message)
+                        with savepoint(session):
+                            report = self._handlers[topic.kind](session, topic, message)
+                        result = ingest_counters.result_of(topic.kind, seen, report)
+                    kinds.add(kind)
+                    outcomes.append((kind, result))
                     if report is not None:
                         stored.append(report)
+                except ConcurrentChange:
+                    raise  # another replica changed what this batch read: the whole batch again, shortly
                 except ProtocolError as exc:
+                    outcomes.append((kind, ingest_counters.MALFORMED))
                     logger.warning("dropped a malformed message on %s: %s", item.topic, exc)
                 except EdgefleetError as exc:
+                    outcomes.append((kind, ingest_counters.DROPPED))
                     logger.error("could not apply the message on %s: %s", item.topic, exc)
                 except Exception:  # a bug; one device's message must still not stop the fleet's server
+                    outcomes.append((kind, ingest_counters.DROPPED))
                     logger.exception("unexpected error applying the message on %s; dropped", item.topic)
             for kind in sorted(kinds):
                 failpoint(f"server.applied.{kind}")  # applied, not committed
+        ingest_counters.INGEST.count(outcomes)
         for kind in sorted(kinds):
             failpoint(f"server.committed.{kind}")  # committed, not acknowledged
         self._acknowledge_reports(stored)
         for item in items:  # committed: now the broker may forget them
             if isinstance(item, Inbound):
                 self.link.ack(item)
+
+    def _decode(self, item: Inbound, outcomes: list[tuple[str, str]]) -> tuple[Inbound, Topic, Any] | None:
+        """The message of ``item`` with its topic, if the server consumes it and it is well-formed; None
+        otherwise (counted as malformed and logged; None too for a cleared retained message)."""
+        kind = ingest_counters.UNKNOWN_KIND
+        try:
+            topic = parse_topic(item.topic)
+            kind = topic.kind.value
+            if topic.kind not in self._handlers:
+                raise ProtocolError(f"the server does not consume {topic.kind.value}")
+            if not item.payload:
+                return None  # a cleared retained message
+            message = decode_payload(topic.kind, item.payload)
+            if is_batched_report(topic.kind, message) and message.device_id != topic.device_id:
+                raise ProtocolError(f"{topic.kind.value} of {message.device_id} published on {topic.device_id}'s topic")
+        except ProtocolError as exc:
+            outcomes.append((kind, ingest_counters.MALFORMED))
+            logger.warning("dropped a malformed message on %s: %s", item.topic, exc)
+            return None
+        except Exception:  # a bug in a decoder; the rest of the batch still goes in
+            outcomes.append((kind, ingest_counters.DROPPED))
+            logger.exception("unexpected error decoding the message on %s; dropped", item.topic)
+            return None
+        return item, topic, message
+
+    @staticmethod
+    def _apply_report(session: Session, reports: StoredReports, outcome: Stored,
+                      message: Event | Telemetry) -> tuple[str, StoredReport | None]:
+        """The /metrics result of a report ``store_reports`` handled, and its key if the agent may forget it."""
+        key = (message.device_id, message.boot_id, message.seq)
+        if outcome is Stored.UNKNOWN_DEVICE:
+            return ingest_counters.DROPPED, None
+        if outcome is Stored.DUPLICATE:
+            return ingest_counters.DUPLICATE, key
+        if not changes_more(message):
+            apply_new_report(session, reports.devices[message.device_id], message)  # at most a log line
+            return ingest_counters.STORED, key
+        try:
+            with savepoint(session):
+                apply_new_report(session, reports.devices[message.device_id], message)
+        except Exception:
+            unstore_report(session, message)  # unacknowledged: its redelivery is applied anew
+            raise
+        return ingest_counters.STORED, key
 
     def _acknowledge_reports(self, stored: list[StoredReport]) -> None:
         """Tell each agent which of its reports are stored: one message per device and boot."""
@@ -215,24 +397,60 @@ class ServerService:
                 break
         return items
 
+    def compact_latency(self) -> None:
+        """Downsample old serving reports and drop expired rollups (``server/latency/retention.py``)."""
+        try:
+            compact_with(self.db, time.time(), self.retention)
+        except EdgefleetError as exc:  # tried again at the next interval
+            logger.error("latency retention failed: %s", exc)
+
+    def sync_broker_identities(self) -> None:
+        """Make the broker's password file and ACL say what the database says (``server/broker_identities.py``)."""
+        try:
+            if sync_broker(self.db, self.broker_layout):
+                logger.info("broker identities brought up to date with the registry")
+        except EdgefleetError as exc:  # tried again at the next interval
+            logger.error("could not update the broker's identities: %s", exc)
+
     def _wait_s(self, next_tick: float) -> float:
         """How long the loop may wait for messages: until the next tick or chunk window closes."""
         due = self.chunks.next_due()
         wake = next_tick if due is None else min(next_tick, due)
         return min(self.tick_interval, max(0.0, wake - time.monotonic()))
 
+    def follow_leadership(self) -> bool:
+        """Subscribe to what only the leader consumes when this replica took the lease, unsubscribe when it
+        lost it; returns whether it leads."""
+        leading = self.lease.held
+        if leading != self._leading:
+            self._leading = leading
+            for topic_filter in self.subscriptions.leading:
+                if leading:
+                    self.link.subscribe(topic_filter)  # a device's retained state arrives at once
+                else:
+                    self.link.unsubscribe(topic_filter)
+            if leading:
+                self._publish_root = True
+        return leading
+
     def run(self) -> None:
-        # Plain subscriptions, not MQTT 5 shared ones, while one server consumes everything: Mosquitto
-        # keeps routing a shared group's share to a member's offline session (so a session left behind
-        # by an old data directory would swallow half the reports until it expires), and it does not
-        # restore a persistent session's shared subscriptions after a broker restart (reports published
-        # before the server reconnects would find no subscriber). Several replicas need both solved.
-        for kind in (TopicKind.STATE, TopicKind.AVAILABILITY, TopicKind.EVENTS, TopicKind.TELEMETRY):
-            self.link.subscribe(all_devices_filter(kind))
-        self.link.subscribe(all_wants_filter())
+        # One server: plain subscriptions, not shared ones. Mosquitto keeps routing a shared group's share
+        # to a member's offline session (so a session left behind by an old data directory would swallow
+        # half the reports until it expires): replicas keep short sessions (Subscriptions). It does not
+        # restore a persistent session's shared subscriptions after a broker restart either: MqttLink
+        # subscribes again on every connect.
+        register_replica(self.db, self.replica, socket.gethostname(), os.getpid())
+        self.sync_broker_identities()  # before connecting: the broker must know this replica's identity
+        if not self.replicated:
+            self.lease.free_dead_holder()  # alone on SQLite (the CLI's single-server lock sees to it)
+        for topic_filter in self.subscriptions.always:
+            self.link.subscribe(topic_filter)
         self.link.start()
-        logger.info("server running against %s", self.link.broker.url())
+        logger.info("server%s running against %s", f" replica {self.replica}" if self.replicated else "",
+                    self.link.broker.url())
         next_tick = 0.0
+        next_compaction = time.monotonic()  # at start, then every COMPACT_INTERVAL_S
+        next_identity_sync = time.monotonic()  # at start, then every IDENTITY_SYNC_S
         unstored: list[Any] = []
         try:
             while not self.stopping.is_set():
@@ -241,19 +459,40 @@ class ServerService:
                 if items:
                     try:
                         self.handle_batch(items)
+                    except ConcurrentChange as exc:  # another replica wrote the same rows: expected, not an error
+                        logger.info("a batch of %d messages met a concurrent change (retrying): %s", len(items), exc)
+                        unstored = items
                     except EdgefleetError as exc:  # unacknowledged: kept, and tried again shortly
                         logger.error("could not store a batch of %d messages (retrying): %s", len(items), exc)
                         unstored = items
                         self.stopping.wait(RETRY_BATCH_S)
                 self.chunks.flush()
                 if time.monotonic() >= next_tick:
+                    self.check_root()
                     try:
-                        self.engine.tick()
+                        self.engine.tick()  # renews the lease, or finds another replica holds it
+                    except ConcurrentChange as exc:  # a replica's ingest wrote a row this tick read: next tick
+                        logger.info("rollout engine tick met a concurrent change (again at the next tick): %s", exc)
                     except EdgefleetError as exc:
                         logger.error("rollout engine tick failed: %s", exc)
+                    was_leading = self._leading
+                    if self.follow_leadership() and not was_leading:
+                        self.check_root()  # publish the root now, not a tick later
                     next_tick = time.monotonic() + self.tick_interval
+                if not self._leading:
+                    continue
+                if time.monotonic() >= next_compaction:
+                    self.compact_latency()
+                    next_compaction = time.monotonic() + COMPACT_INTERVAL_S
+                if time.monotonic() >= next_identity_sync:
+                    self.sync_broker_identities()
+                    next_identity_sync = time.monotonic() + IDENTITY_SYNC_S
         finally:
             self.link.stop()
+            try:
+                self.lease.release()  # another replica takes over at its next tick
+            except EdgefleetError as exc:  # it expires by itself
+                logger.warning("could not release the engine lease: %s", exc)
 
     def stop(self) -> None:
         self.stopping.set()

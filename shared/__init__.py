@@ -7,4 +7,7 @@ and ``paho-mqtt``; numpy and the TFLite interpreter are imported lazily by
 ``shared.interpreter`` and ``shared.benchmark`` only.
 """
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 1  # the major version: peers of another major refuse each other
+# The minor version (shared/protocol.py): only adds optional fields, which peers of an older minor ignore.
+# 1: Manifest.threads, serving telemetry (Telemetry.serving).
+PROTOCOL_MINOR = 1

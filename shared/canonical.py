@@ -8,6 +8,11 @@ from typing import Any
 
 from shared.errors import ProtocolError
 
+# How deep an inbound payload may nest objects and arrays. Every message of the protocol nests a handful of
+# levels; past this, decoding and re-encoding (which recurse) would meet Python's recursion limit at a depth
+# that depends on the caller's stack, and fail somewhere other than here.
+MAX_JSON_DEPTH = 64
+
 
 def canonical_json(value: Any) -> bytes:
     """Sorted keys, no whitespace, UTF-8, no NaN/Infinity."""
@@ -39,14 +44,32 @@ def parse_json_object(payload: bytes, *, max_bytes: int) -> dict[str, Any]:
     """Decode an inbound payload that must be one JSON object of bounded size."""
     if len(payload) > max_bytes:
         raise ProtocolError(f"payload of {len(payload)} bytes exceeds the limit of {max_bytes}")
+    too_deep = f"payload nests deeper than {MAX_JSON_DEPTH} levels"
     try:
         value = loads_strict(payload)
-    except (ValueError, RecursionError) as exc:  # includes UnicodeDecodeError and JSONDecodeError
+    except RecursionError as exc:  # the parser recursed as deep as Python lets it
+        raise ProtocolError(too_deep) from exc
+    except ValueError as exc:  # includes UnicodeDecodeError and JSONDecodeError
         raise ProtocolError(f"payload is not JSON: {exc}") from exc
+    if _depth_exceeds(value, MAX_JSON_DEPTH):
+        raise ProtocolError(too_deep)
     if not isinstance(value, dict):
         raise ProtocolError(f"payload must be a JSON object, got {type(value).__name__}")
     canonical_json(value)  # only accept what can be re-encoded (and so signed and verified)
     return value
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests objects and arrays more than ``limit`` deep (a bare scalar is 0 deep);
+    iterative, so it cannot recurse itself."""
+    stack: list[tuple[Any, int]] = [(value, 1)] if isinstance(value, (dict, list)) else []
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
 
 
 def _reject_constant(name: str) -> None:
@@ -54,9 +77,11 @@ def _reject_constant(name: str) -> None:
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"duplicate key {key!r}")
-        result[key] = value
+    result = dict(pairs)  # built in C; a key seen twice shows as a shorter dict (every inbound object passes here)
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"duplicate key {key!r}")
+            seen.add(key)
     return result

@@ -8,6 +8,7 @@ optional field is left out, and decodes back to its default).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -24,12 +25,10 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 def encode(obj: Any) -> Any:
     """Plain JSON values. An optional field that is unset (None, its default) is left out, so a
     peer that predates the field still reads the message as long as the field is not used."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {
-            f.name: encode(value)
-            for f in dataclasses.fields(obj)
-            if (value := getattr(obj, f.name)) is not None or f.default is not None
-        }
+    fields = _encoded_fields(type(obj))
+    if fields is not None:
+        return {name: value if type(value) in _SCALARS else encode(value) for name, keep_none in fields
+                if (value := getattr(obj, name)) is not None or keep_none}
     if isinstance(obj, (tuple, list)):
         return [encode(item) for item in obj]
     if isinstance(obj, dict):
@@ -37,11 +36,33 @@ def encode(obj: Any) -> Any:
     return obj
 
 
-def decode(cls: type[T], data: Any, path: str = "$") -> T:
-    return typing.cast(T, _decode(cls, data, path))
+_ENCODED_FIELDS: dict[type, tuple[tuple[str, bool], ...] | None] = {}
+_SCALARS = frozenset({str, int, float, bool, type(None)})  # encoded as they are
 
 
-def _decode(tp: Any, value: Any, path: str) -> Any:
+def _encoded_fields(cls: type) -> tuple[tuple[str, bool], ...] | None:
+    """A dataclass's fields as (name, whether None is written out), worked out once per class (the
+    server encodes every stored report); None for anything that is not a dataclass."""
+    if cls not in _ENCODED_FIELDS:
+        is_dataclass = dataclasses.is_dataclass(cls)
+        _ENCODED_FIELDS[cls] = tuple((f.name, f.default is not None) for f in dataclasses.fields(cls)) \
+            if is_dataclass else None
+    return _ENCODED_FIELDS[cls]
+
+
+def decode(cls: type[T], data: Any, path: str = "$", *, lenient: bool = False) -> T:
+    """``lenient``: ignore keys the dataclasses do not know, at every level (a newer peer's optional
+    fields; see ``shared.protocol``), instead of rejecting them."""
+    return typing.cast(T, _decode(cls, data, path, lenient))
+
+
+def _decode(tp: Any, value: Any, path: str, lenient: bool) -> Any:
+    # The common case first: a well-typed str, bool, finite float or 64-bit int leaf (the general checks
+    # below cost several times more per field; bench/ingest.py decodes thousands of messages a second).
+    kind = type(value)
+    if kind is tp and (kind is str or kind is bool or (kind is float and math.isfinite(value))
+                       or (kind is int and INT64_MIN <= value <= INT64_MAX)):
+        return value
     origin = get_origin(tp)
     if tp is Any:
         return value
@@ -56,7 +77,7 @@ def _decode(tp: Any, value: Any, path: str) -> Any:
             if option is type(None):
                 continue
             try:
-                return _decode(option, value, path)
+                return _decode(option, value, path, lenient)
             except ProtocolError as exc:
                 errors.append(str(exc))
         raise ProtocolError("; ".join(errors))
@@ -65,17 +86,17 @@ def _decode(tp: Any, value: Any, path: str) -> Any:
         if not isinstance(value, list):
             raise ProtocolError(f"{path}: expected a list")
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_decode(args[0], item, f"{path}[{i}]") for i, item in enumerate(value))
+            return tuple(_decode(args[0], item, f"{path}[{i}]", lenient) for i, item in enumerate(value))
         if len(args) != len(value):
             raise ProtocolError(f"{path}: expected {len(args)} items")
-        return tuple(_decode(a, item, f"{path}[{i}]") for i, (a, item) in enumerate(zip(args, value)))
+        return tuple(_decode(a, item, f"{path}[{i}]", lenient) for i, (a, item) in enumerate(zip(args, value)))
     if origin is dict:
         _, value_tp = get_args(tp)
         if not isinstance(value, dict):
             raise ProtocolError(f"{path}: expected an object")
-        return {str(k): _decode(value_tp, v, f"{path}.{k}") for k, v in value.items()}
+        return {str(k): _decode(value_tp, v, f"{path}.{k}", lenient) for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
-        return _decode_dataclass(tp, value, path)
+        return _decode_dataclass(tp, value, path, lenient)
     if tp is bool:
         if not isinstance(value, bool):
             raise ProtocolError(f"{path}: expected a boolean")
@@ -103,13 +124,20 @@ def _decode(tp: Any, value: Any, path: str) -> Any:
     raise TypeError(f"unsupported type {tp!r} at {path}")
 
 
-def _decode_dataclass(cls: Any, value: Any, path: str) -> Any:
+@functools.cache
+def dataclass_schema(cls: Any) -> tuple[dict[str, Any], dict[str, dataclasses.Field[Any]]]:
+    """A dataclass's resolved type hints and init fields, worked out once per class: ``get_type_hints``
+    evaluates every annotation string again on each call, which made it most of the cost of decoding
+    (``bench/decode.py``)."""
+    return get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls) if f.init}
+
+
+def _decode_dataclass(cls: Any, value: Any, path: str, lenient: bool) -> Any:
     if not isinstance(value, dict):
         raise ProtocolError(f"{path}: expected an object")
-    hints = get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints, fields = dataclass_schema(cls)
     unknown = sorted(set(value) - set(fields))
-    if unknown:
+    if unknown and not lenient:
         raise ProtocolError(f"{path}: unknown keys {unknown}")
     kwargs = {}
     for name, field in fields.items():
@@ -117,7 +145,7 @@ def _decode_dataclass(cls: Any, value: Any, path: str) -> Any:
             if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
                 raise ProtocolError(f"{path}: missing key {name!r}")
             continue
-        kwargs[name] = _decode(hints[name], value[name], f"{path}.{name}")
+        kwargs[name] = _decode(hints[name], value[name], f"{path}.{name}", lenient)
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as exc:

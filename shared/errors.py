@@ -11,14 +11,18 @@
     ├── TrustError             anything that must stop an install
     │   ├── SignatureError     missing, unknown-key or invalid signature
     │   ├── ExpiredError       metadata past its expiry
-    │   ├── ReplayError        lower release counter or directive sequence
+    │   ├── ReplayError        lower release counter, directive sequence or root version
+    │   ├── ChainError         a root of trust that does not chain from the trusted one
     │   ├── TargetError        metadata for another device or another device profile
     │   └── IntegrityError     size or sha256 of the bytes differs from the manifest
     ├── ModelError             a model that cannot be converted, loaded or run
     │   ├── ModelLoadError     this interpreter cannot load the model (e.g. an op version it lacks)
     │   ├── RuntimeMissingError no TFLite interpreter is installed
-    │   └── OutOfMemoryError   the model needs more memory than the trial may use
+    │   ├── OutOfMemoryError   the model needs more memory than the trial may use
+    │   └── ModelUnavailableError no model is served yet (none committed, still loading, failed to load)
     ├── TransportError         the broker refused or went away
+    ├── InferenceError         the agent's inference endpoint answered with an error (status, detail)
+    │   └── EndpointUnreachableError  nothing answers at the endpoint's address
     └── StorageError           the disk is full or a file cannot be written
 
 Third-party exceptions are translated at one boundary per adapter and
@@ -48,6 +52,10 @@ class AlreadyExistsError(UserInputError):
     pass
 
 
+class AccessDeniedError(UserInputError):
+    """A credential (an enrolment token, an API token) that does not grant what was asked: HTTP 403."""
+
+
 class ProtocolError(EdgefleetError):
     pass
 
@@ -66,6 +74,10 @@ class ExpiredError(TrustError):
 
 class ReplayError(TrustError):
     pass
+
+
+class ChainError(TrustError):
+    """A new root of trust not signed by the trusted root's keys, or one that skips a version."""
 
 
 class TargetError(TrustError):
@@ -92,7 +104,24 @@ class OutOfMemoryError(ModelError):
     pass
 
 
+class ModelUnavailableError(ModelError):
+    pass
+
+
 class TransportError(EdgefleetError):
+    pass
+
+
+class InferenceError(EdgefleetError):
+    """An error response from the agent's endpoint: ``status`` (HTTP), ``code`` and ``detail`` from its body."""
+
+    def __init__(self, message: str, *, status: int = 0, code: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class EndpointUnreachableError(InferenceError):
     pass
 
 

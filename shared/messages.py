@@ -9,19 +9,28 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import math
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from shared import PROTOCOL_VERSION
 from shared.canonical import canonical_json, parse_json_object
-from shared.codec import decode, encode
+from shared.codec import decode
 from shared.errors import ProtocolError
+from shared.histogram import WireHistogram
+from shared.protocol import decode_versioned, encode_versioned, since
 from shared.topics import TopicKind, is_valid_device_id
 
 MAX_CONTROL_PAYLOAD = 256 * 1024
 MAX_DESIRED_PAYLOAD = 1024 * 1024
+MAX_ROOT_PAYLOAD = 256 * 1024  # the root chain: some 1.5 KiB per version; the server sends the newest that fit
 DEFAULT_CHUNK_SIZE = 256 * 1024
 MAX_CHUNK_SIZE = 1024 * 1024
+# The largest MQTT packet each side lets the broker deliver to it: its largest payload, plus room for the
+# topic, properties and headers. Anything larger could only be refused after arriving whole.
+PACKET_OVERHEAD = 64 * 1024
+MAX_AGENT_PACKET = max(MAX_DESIRED_PAYLOAD, MAX_CHUNK_SIZE) + PACKET_OVERHEAD
+MAX_SERVER_PACKET = MAX_CONTROL_PAYLOAD + PACKET_OVERHEAD
 
 
 def _check_version(v: int) -> None:
@@ -130,9 +139,13 @@ class Manifest:
     created: int
     expires: int
     max_ram_bytes: int | None = None  # the target profile's RAM limit: the agent's trial stays under it
+    # the target profile's interpreter threads (the agent's [runtime] threads may override); minor 1
+    threads: int | None = field(default=None, metadata=since(1))
 
     def __post_init__(self) -> None:
         _check_version(self.v)
+        if self.threads is not None and not 1 <= self.threads <= 256:
+            raise ValueError(f"threads must be 1..256, got {self.threads}")
         roles = sorted(f.role for f in self.files)
         if roles != ["eval", "model"]:
             raise ValueError("a manifest lists exactly one model file and one eval file")
@@ -198,6 +211,19 @@ class Command:
         _check_version(self.v)
         if self.name not in ("ping", "benchmark"):
             raise ValueError(f"unknown command {self.name!r}")
+
+
+@dataclass(frozen=True)
+class RootChain:
+    """Every version of the signed root of trust, oldest first (``shared/root.py`` walks it)."""
+
+    v: int
+    roots: tuple[SignedEnvelope, ...]
+
+    def __post_init__(self) -> None:
+        _check_version(self.v)
+        if not self.roots:
+            raise ValueError("a root chain holds at least one root")
 
 
 # -- agent -> server -------------------------------------------------------
@@ -317,7 +343,61 @@ class PreviousModel:
     p95_ms: float
 
 
-TELEMETRY_KINDS = frozenset({"trial"})
+@dataclass(frozen=True)
+class SystemStats:
+    """The device as the agent read it at the end of a report's interval; None where it is not readable."""
+
+    load_1m: float | None = None  # the 1-minute load average, divided by the number of CPUs
+    cpu_percent: float | None = None  # the agent process's CPU time over the interval, % of one core
+    rss_bytes: int | None = None  # the agent process's resident memory (it serves the model)
+    temperature_c: float | None = None  # the hottest thermal zone
+
+
+SERVING_SOURCES = frozenset({"traffic", "rebenchmark"})
+
+
+@dataclass(frozen=True)
+class ServingReport:
+    """What the model the agent serves did during one interval [start, end] (wall clock, seconds).
+
+    ``invoke`` holds each successful call's interpreter time, ``e2e`` its time inside the agent (request
+    parsed to response ready); both in the shared log-spaced buckets (``shared/histogram.py``), so the
+    server merges intervals and devices exactly. ``source`` "rebenchmark" says the agent ran the eval
+    samples itself because no application called it. Percentiles are of ``invoke``, for a reader that
+    does not merge.
+    """
+
+    model: str
+    version: int
+    sha256: str
+    quantization: str
+    runtime: str
+    threads: int
+    source: str
+    start: float
+    end: float
+    calls: int
+    errors: int
+    samples: int
+    invoke: WireHistogram
+    e2e: WireHistogram
+    p50_ms: float | None = None
+    p90_ms: float | None = None
+    p99_ms: float | None = None
+    system: SystemStats | None = None
+
+    def __post_init__(self) -> None:
+        if self.source not in SERVING_SOURCES:
+            raise ValueError(f"unknown serving source {self.source!r}")
+        if not (math.isfinite(self.start) and math.isfinite(self.end) and self.start <= self.end):
+            raise ValueError("a serving interval needs finite start <= end")
+        if min(self.calls, self.errors, self.samples) < 0 or self.errors > self.calls:
+            raise ValueError("calls, errors and samples must be non-negative, errors at most calls")
+        if sum(count for _, count in self.invoke.buckets) > self.calls:
+            raise ValueError("more recorded invoke times than calls")
+
+
+TELEMETRY_KINDS = frozenset({"trial", "serving"})
 
 
 @dataclass(frozen=True)
@@ -327,17 +407,20 @@ class Telemetry:
     boot_id: str
     seq: int
     deployment_id: str | None
-    kind: str  # "trial"
+    kind: str  # "trial" (benchmark, accuracy, samples, previous) or "serving" (serving)
     ts: float
     benchmark: BenchmarkResult | None = None
     accuracy: float | None = None
     samples: int | None = None
     previous: PreviousModel | None = None
+    serving: ServingReport | None = field(default=None, metadata=since(1))
 
     def __post_init__(self) -> None:
         _check_version(self.v)
         if self.kind not in TELEMETRY_KINDS:
             raise ValueError(f"unknown telemetry kind {self.kind!r}")
+        if (self.kind == "serving") != (self.serving is not None):
+            raise ValueError("serving telemetry carries a serving report, and only it does")
 
 
 @dataclass(frozen=True)
@@ -384,7 +467,10 @@ PAYLOAD_TYPES: dict[TopicKind, type] = {
     TopicKind.TELEMETRY: Telemetry,
     TopicKind.ACK: ReportAck,
     TopicKind.WANT: ChunkRequest,
+    TopicKind.ROOT: RootChain,
 }
+
+PAYLOAD_LIMITS: dict[TopicKind, int] = {TopicKind.DESIRED: MAX_DESIRED_PAYLOAD, TopicKind.ROOT: MAX_ROOT_PAYLOAD}
 
 
 def decode_payload(kind: TopicKind, payload: bytes) -> Any:
@@ -392,9 +478,9 @@ def decode_payload(kind: TopicKind, payload: bytes) -> Any:
     cls = PAYLOAD_TYPES.get(kind)
     if cls is None:
         raise ProtocolError(f"{kind.value} payloads are not JSON messages")
-    limit = MAX_DESIRED_PAYLOAD if kind is TopicKind.DESIRED else MAX_CONTROL_PAYLOAD
+    limit = PAYLOAD_LIMITS.get(kind, MAX_CONTROL_PAYLOAD)
     data = parse_json_object(payload, max_bytes=limit)
-    return decode(cls, data)
+    return decode_versioned(cls, data)
 
 
 def decode_as(cls: type[M], data: Any) -> M:
@@ -402,4 +488,4 @@ def decode_as(cls: type[M], data: Any) -> M:
 
 
 def encode_payload(message: Any) -> bytes:
-    return canonical_json(encode(message))
+    return canonical_json(encode_versioned(message))

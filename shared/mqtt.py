@@ -29,10 +29,11 @@ from __future__ import annotations
 
 import logging
 import queue
+import ssl
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
@@ -69,26 +70,79 @@ class LinkDown:
 
 
 
+SCHEMES = {"mqtt": 1883, "mqtts": 8883}
+
+
 @dataclass(frozen=True)
 class BrokerAddress:
+    """Where the broker is and how to prove who we are to it.
+
+    ``mqtts://`` is MQTT over TLS: the broker's certificate must chain to ``ca_file`` (the fleet's private CA,
+    pinned) or, without one, to the system's CAs, and name the host. ``cert_file``/``key_file`` add a client
+    certificate (mTLS). Credentials never appear in ``url()``, so logs never show them.
+    """
+
     host: str
     port: int
     username: str | None = None
     password: str | None = None
+    tls: bool = False
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
 
     @classmethod
-    def parse(cls, url: str) -> BrokerAddress:
+    def parse(
+        cls, url: str, *, username: str | None = None, password: str | None = None, ca_file: str | None = None,
+        cert_file: str | None = None, key_file: str | None = None,
+    ) -> BrokerAddress:
         parts = urlsplit(url)
-        if parts.scheme != "mqtt" or not parts.hostname:
-            raise ConfigError(f"broker must look like mqtt://HOST:PORT, got {url!r}")
+        if parts.scheme not in SCHEMES or not parts.hostname:
+            raise ConfigError(f"broker must look like mqtt://HOST:PORT or mqtts://HOST:PORT, got {url!r}")
         try:
-            port = parts.port or 1883
+            port = parts.port or SCHEMES[parts.scheme]
         except ValueError as exc:
             raise ConfigError(f"bad port in broker address {url!r}") from exc
-        return cls(parts.hostname, port, parts.username, parts.password)
+        tls = parts.scheme == "mqtts"
+        if not tls and (ca_file or cert_file or key_file):
+            raise ConfigError(f"a CA or client certificate needs an mqtts:// broker address, got {url!r}")
+        if bool(cert_file) != bool(key_file):
+            raise ConfigError("a client certificate needs both cert_file and key_file")
+        return cls(parts.hostname, port, username or parts.username, password or parts.password, tls,
+                   ca_file or None, cert_file or None, key_file or None)
 
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+    def configure(self, client: paho.Client) -> None:
+        """Credentials and TLS on a paho client; ConfigError when a certificate or key cannot be loaded."""
+        if self.username:
+            client.username_pw_set(self.username, self.password)
+        context = self.ssl_context()
+        if context is not None:
+            client.tls_set_context(context)
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context for ``mqtts://`` (None for ``mqtt://``); ConfigError names a file it cannot load."""
+        if not self.tls:
+            return None
+        try:
+            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot load the broker's CA certificate {self.ca_file}: {_reason(exc)}") from exc
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if self.cert_file:
+            try:
+                context.load_cert_chain(self.cert_file, self.key_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(
+                    f"cannot load the client certificate {self.cert_file} with key {self.key_file}: {_reason(exc)}"
+                ) from exc
+        return context
+
+
+def _reason(exc: BaseException) -> str:
+    return getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc) or type(exc).__name__
 
 
 @dataclass(frozen=True)
@@ -102,6 +156,8 @@ def connect_error_text(exc: BaseException | None) -> str:
     """Why a connection attempt failed, as a short phrase ("Connection refused", "timed out")."""
     if exc is None:
         return "unknown error"
+    if isinstance(exc, ssl.SSLCertVerificationError):  # retrying will not help: say what to fix
+        return f"its TLS certificate is not trusted: {exc.verify_message}"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc) or type(exc).__name__
@@ -120,6 +176,15 @@ class _Client(paho.Client):
             raise
 
 
+class NetworkLoop(Protocol):
+    """Drives the network side of many links from one thread (``agent/simulate/network.py``) instead of a
+    paho thread per link: it connects, reads, writes, keeps alive and reconnects each client it holds."""
+
+    def attach(self, client: paho.Client, link: MqttLink) -> None: ...
+
+    def detach(self, client: paho.Client) -> None: ...
+
+
 class MqttLink:
     def __init__(
         self,
@@ -131,8 +196,17 @@ class MqttLink:
         session_expiry_s: int = 0,
         manual_ack: bool = False,
         reconnect_delay_s: tuple[int, int] = (RECONNECT_MIN_S, RECONNECT_MAX_S),
+        max_packet_bytes: int | None = None,
+        network: NetworkLoop | None = None,
     ) -> None:
+        """``max_packet_bytes``: the largest packet the broker may deliver to this client (MQTT 5 Maximum
+        Packet Size); a broker drops a larger message for it instead of making it hold the whole thing in
+        memory before the decoder's size limit refuses it. ``network``: a loop shared with other links
+        (a simulated fleet) instead of paho's own thread for this one."""
         self.broker = broker
+        self._network = network
+        self.retry_wait_s = float(reconnect_delay_s[0])  # the wait last announced (see _retry_in)
+        self._max_packet_bytes = max_packet_bytes
         self._inbox = inbox
         self._subscriptions: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -157,8 +231,7 @@ class MqttLink:
         self._client.max_queued_messages_set(0)  # keep QoS 1 messages published while offline
         self._client.max_inflight_messages_set(100)
         self._client.reconnect_delay_set(min_delay=self._min_delay, max_delay=self._min_delay)
-        if broker.username:
-            self._client.username_pw_set(broker.username, broker.password)
+        broker.configure(self._client)
         if will is not None:
             self._client.will_set(will.topic, will.payload, qos=1, retain=will.retain)
         self._client.on_connect = self._on_connect
@@ -174,6 +247,7 @@ class MqttLink:
         self._next_delay = min(delay * 2, self._max_delay)
         self._first_attempt = False
         self._client.reconnect_delay_set(min_delay=delay, max_delay=delay)
+        self.retry_wait_s = 2 * delay if waits_twice else delay  # a shared network loop waits exactly this
         return 2 * delay if waits_twice else delay
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
@@ -193,6 +267,10 @@ class MqttLink:
             self._connection += 1
         self.connected.set()
         self._inbox.put(LinkUp(session_present=bool(flags.session_present)))
+
+    def connect_failed(self) -> None:
+        """A shared network loop's connection attempt failed (paho's own loop calls ``on_connect_fail``)."""
+        self._on_connect_fail(self._client, None)
 
     def _on_connect_fail(self, client: Any, userdata: Any) -> None:
         error = connect_error_text(self._client.last_connect_error)
@@ -229,6 +307,8 @@ class MqttLink:
         self._stopping, self._first_attempt, self._next_delay = False, True, self._min_delay
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = self._session_expiry_s
+        if self._max_packet_bytes is not None:
+            props.MaximumPacketSize = self._max_packet_bytes
         persistent = self._session_expiry_s > 0  # then every connect resumes the session, the first one too
         try:
             self._client.connect_async(
@@ -236,7 +316,10 @@ class MqttLink:
             )
         except (OSError, ValueError) as exc:
             raise TransportError(f"cannot reach broker {self.broker.url()}: {exc}") from exc
-        self._client.loop_start()
+        if self._network is not None:
+            self._network.attach(self._client, self)
+        else:
+            self._client.loop_start()
 
     def wait_connected(self, timeout: float) -> bool:
         return self.connected.wait(timeout)
@@ -298,11 +381,19 @@ class MqttLink:
         if final is not None and self.connected.is_set():
             info = self._client.publish(final[0], final[1], qos=1, retain=True)
             try:
-                info.wait_for_publish(timeout=2)
+                if self._network is None:  # a shared loop sends it before the disconnect, in order
+                    info.wait_for_publish(timeout=2)
             except (RuntimeError, ValueError):
                 pass
         self._client.disconnect()
-        self._client.loop_stop()
+        if self._network is not None:
+            self._network.detach(self._client)
+        else:
+            self._client.loop_stop()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
 
 
 def probe_broker(broker: BrokerAddress, *, client_id: str, timeout: float = 5.0) -> None:
@@ -313,8 +404,7 @@ def probe_broker(broker: BrokerAddress, *, client_id: str, timeout: float = 5.0)
     """
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
     client.connect_timeout = timeout
-    if broker.username:
-        client.username_pw_set(broker.username, broker.password)
+    broker.configure(client)
     answers: list[Any] = []
     client.on_connect = lambda c, userdata, flags, reason_code, properties: answers.append(reason_code)
     try:

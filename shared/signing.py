@@ -1,10 +1,12 @@
 """Ed25519 signing and verification of manifests and directives.
 
 Two roles, as in Uptane: the offline-able **release** key signs artifact
-manifests, the online **director** key signs per-device directives. A
-verifier holds several keys per role (rotation) and fails closed when it has
-none. Signatures are checked over the canonical JSON of ``signed`` *before*
-the content is parsed.
+manifests, the online **director** key signs per-device directives; a third,
+**root**, signs the root of trust that lists the keys of all three
+(``shared/root.py``). A verifier holds several keys per role (rotation), may
+require a threshold of distinct valid signatures, and fails closed when it
+has none. Signatures are checked over the canonical JSON of ``signed``
+*before* the content is parsed.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import base64
 import binascii
 import enum
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,12 +24,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from shared.canonical import canonical_digest, canonical_json
-from shared.codec import decode, encode
 from shared.errors import ConfigError, ExpiredError, ProtocolError, ReplayError, SignatureError, TargetError
 from shared.messages import Directive, Manifest, Signature, SignedEnvelope
+from shared.protocol import decode_versioned, encode_versioned
 
 
 class KeyRole(enum.Enum):
+    ROOT = "root"
     RELEASE = "release"
     DIRECTOR = "director"
 
@@ -66,13 +69,44 @@ def private_key_from_pem(data: bytes) -> Ed25519PrivateKey:
     return key
 
 
-def sign_envelope(payload: Any, key: Ed25519PrivateKey) -> SignedEnvelope:
-    signed = encode(payload)
-    sig = key.sign(canonical_json(signed))
-    return SignedEnvelope(
-        signed=signed,
-        signatures=(Signature(keyid=key_id(key.public_key()), sig=base64.b64encode(sig).decode("ascii")),),
-    )
+def _signature(message: bytes, key: Ed25519PrivateKey) -> Signature:
+    return Signature(keyid=key_id(key.public_key()), sig=base64.b64encode(key.sign(message)).decode("ascii"))
+
+
+def sign_envelope(payload: Any, key: Ed25519PrivateKey, *more: Ed25519PrivateKey) -> SignedEnvelope:
+    """``payload`` signed by ``key`` (and ``more``: a root is signed by its old and new root keys); a key
+    given twice signs once."""
+    signed = encode_versioned(payload)  # a newer minor says so, under the signature
+    return add_signatures(SignedEnvelope(signed=signed, signatures=()), (key, *more))
+
+
+def add_signatures(envelope: SignedEnvelope, keys: Sequence[Ed25519PrivateKey]) -> SignedEnvelope:
+    """``envelope`` with a signature by each of ``keys`` it does not carry yet (threshold signing, offline)."""
+    message = canonical_json(envelope.signed)
+    signatures = list(envelope.signatures)
+    for key in keys:
+        if key_id(key.public_key()) not in {s.keyid for s in signatures}:
+            signatures.append(_signature(message, key))
+    return SignedEnvelope(signed=envelope.signed, signatures=tuple(signatures))
+
+
+def valid_signers(envelope: SignedEnvelope, keys: Mapping[str, Ed25519PublicKey], what: str) -> set[str]:
+    """The distinct ids of ``keys`` whose signature on ``envelope`` verifies (a threshold counts these)."""
+    try:
+        message = canonical_json(envelope.signed)
+    except ProtocolError as exc:
+        raise SignatureError(f"{what} cannot be canonicalised: {exc}") from exc
+    signers: set[str] = set()
+    for signature in envelope.signatures:
+        key = keys.get(signature.keyid)
+        if key is None or signature.keyid in signers:
+            continue
+        try:
+            key.verify(base64.b64decode(signature.sig, validate=True), message)
+        except (InvalidSignature, binascii.Error, ValueError):
+            continue
+        signers.add(signature.keyid)
+    return signers
 
 
 def envelope_digest(envelope: SignedEnvelope) -> str:
@@ -82,9 +116,13 @@ def envelope_digest(envelope: SignedEnvelope) -> str:
 
 @dataclass(frozen=True)
 class TrustedKeys:
-    """Pinned public keys per role; any one valid signature from a pinned key suffices."""
+    """Pinned public keys per role, and how many distinct valid signatures each role needs (default 1)."""
 
     keys: Mapping[KeyRole, Mapping[str, Ed25519PublicKey]] = field(default_factory=dict)
+    thresholds: Mapping[KeyRole, int] = field(default_factory=dict)
+
+    def threshold(self, role: KeyRole) -> int:
+        return max(1, self.thresholds.get(role, 1))
 
     @classmethod
     def from_text(cls, by_role: Mapping[KeyRole, list[str]]) -> TrustedKeys:
@@ -100,20 +138,15 @@ class TrustedKeys:
             raise SignatureError(f"no {role.value} key is pinned: refusing to trust anything")
         if not envelope.signatures:
             raise SignatureError(f"{role.value} metadata carries no signature")
-        try:
-            message = canonical_json(envelope.signed)
-        except ProtocolError as exc:
-            raise SignatureError(f"{role.value} metadata cannot be canonicalised: {exc}") from exc
-        for signature in envelope.signatures:
-            key = pinned.get(signature.keyid)
-            if key is None:
-                continue
-            try:
-                key.verify(base64.b64decode(signature.sig, validate=True), message)
-            except (InvalidSignature, binascii.Error, ValueError):
-                continue
-            return envelope.signed
-        raise SignatureError(f"no valid signature by a pinned {role.value} key")
+        signers = valid_signers(envelope, pinned, f"{role.value} metadata")
+        if not signers:
+            raise SignatureError(f"no valid signature by a pinned {role.value} key")
+        threshold = self.threshold(role)
+        if len(signers) < threshold:
+            raise SignatureError(
+                f"{len(signers)} valid signature(s) by pinned {role.value} keys, below the threshold of {threshold}"
+            )
+        return envelope.signed
 
 
 def verify_manifest(
@@ -128,7 +161,7 @@ def verify_manifest(
     (Uptane's hardware-identifier check: the director key alone cannot cross profiles)."""
     signed = trusted.verify(envelope, KeyRole.RELEASE)
     try:
-        manifest = decode(Manifest, signed)
+        manifest = decode_versioned(Manifest, signed)
     except ProtocolError as exc:
         raise SignatureError(f"signed manifest is malformed: {exc}") from exc
     if profile is not None and manifest.profile != profile:
@@ -156,7 +189,7 @@ def verify_directive(
 ) -> Directive:
     signed = trusted.verify(envelope, KeyRole.DIRECTOR)
     try:
-        directive = decode(Directive, signed)
+        directive = decode_versioned(Directive, signed)
     except ProtocolError as exc:
         raise SignatureError(f"signed directive is malformed: {exc}") from exc
     if directive.device_id != device_id:

@@ -30,6 +30,7 @@ class TopicKind(enum.Enum):
     ACK = "ack"
     WANT = "want"
     CHUNK = "chunks"
+    ROOT = "root"
 
 
 @dataclass(frozen=True)
@@ -48,9 +49,14 @@ TOPIC_TABLE: dict[TopicKind, TopicSpec] = {
     TopicKind.EVENTS: TopicSpec(f"{PREFIX}/devices/{{id}}/events", "agent→server", 1, False),
     TopicKind.TELEMETRY: TopicSpec(f"{PREFIX}/devices/{{id}}/telemetry", "agent→server", 1, False),
     TopicKind.ACK: TopicSpec(f"{PREFIX}/devices/{{id}}/ack", "server→agent", 1, False),
-    TopicKind.WANT: TopicSpec(f"{PREFIX}/artifacts/{{sha256}}/want", "agent→server", 1, False),
+    # in the device's namespace, so a broker ACL can bind a device's chunk requests to its own identity
+    TopicKind.WANT: TopicSpec(f"{PREFIX}/devices/{{id}}/want/{{sha256}}", "agent→server", 1, False),
     TopicKind.CHUNK: TopicSpec(f"{PREFIX}/artifacts/{{sha256}}/chunks/{{i}}", "server→agents", 1, False),
+    # the signed root of trust, as the chain of every version (shared/root.py): every device reads it
+    TopicKind.ROOT: TopicSpec(f"{PREFIX}/root", "server→agents", 1, True),
 }
+
+ROOT_TOPIC = f"{PREFIX}/root"
 
 DEVICE_KINDS = frozenset(
     {
@@ -90,8 +96,8 @@ def device_topic(kind: TopicKind, device_id: str) -> str:
     return f"{PREFIX}/devices/{_check_device_id(device_id)}/{kind.value}"
 
 
-def want_topic(sha256: str) -> str:
-    return f"{PREFIX}/artifacts/{_check_sha256(sha256)}/want"
+def want_topic(device_id: str, sha256: str) -> str:
+    return f"{PREFIX}/devices/{_check_device_id(device_id)}/want/{_check_sha256(sha256)}"
 
 
 def chunk_topic(sha256: str, index: int) -> str:
@@ -114,12 +120,14 @@ def all_devices_filter(kind: TopicKind, *, shared: bool = False) -> str:
 
 
 def all_wants_filter(*, shared: bool = False) -> str:
-    topic = f"{PREFIX}/artifacts/+/want"
+    topic = f"{PREFIX}/devices/+/want/+"
     return f"$share/{SHARED_GROUP}/{topic}" if shared else topic
 
 
 def parse_topic(topic: str) -> Topic:
     """Parse a concrete topic name; raises ProtocolError for anything unknown."""
+    if topic == ROOT_TOPIC:
+        return Topic(TopicKind.ROOT)
     parts = topic.split("/")
     if len(parts) < 4 or "/".join(parts[:2]) != PREFIX:
         raise ProtocolError(f"unknown topic {topic!r}")
@@ -131,9 +139,8 @@ def parse_topic(topic: str) -> Topic:
             raise ProtocolError(f"unknown device topic {topic!r}") from exc
         if kind in DEVICE_KINDS:
             return Topic(kind, device_id=_check_device_id(ident))
-    if section == "artifacts":
-        if rest == ["want"]:
-            return Topic(TopicKind.WANT, sha256=_check_sha256(ident))
-        if len(rest) == 2 and rest[0] == "chunks" and _CHUNK_INDEX.fullmatch(rest[1]):
-            return Topic(TopicKind.CHUNK, sha256=_check_sha256(ident), chunk_index=int(rest[1]))
+    if section == "devices" and len(rest) == 2 and rest[0] == "want":
+        return Topic(TopicKind.WANT, device_id=_check_device_id(ident), sha256=_check_sha256(rest[1]))
+    if section == "artifacts" and len(rest) == 2 and rest[0] == "chunks" and _CHUNK_INDEX.fullmatch(rest[1]):
+        return Topic(TopicKind.CHUNK, sha256=_check_sha256(ident), chunk_index=int(rest[1]))
     raise ProtocolError(f"unknown topic {topic!r}")

@@ -2,7 +2,7 @@
 
 A crafted or broken model can crash or hang the interpreter, or ask for more
 memory than the device has; it must never take the agent down. The parent
-hands the child (``python -m shared.trial``) a JSON request on stdin; the
+hands the child (``python -m shared.trial_child``) a JSON request on stdin; the
 child loads the model, benchmarks it benchmark_model style, measures accuracy
 on the eval set that travelled with it, and prints one JSON result line.
 
@@ -18,31 +18,39 @@ alone would not fit: such a model reports ``oom`` with the numbers instead of
 meeting the kernel's out-of-memory killer, which might pick the agent.
 
 With ``previous_model_path`` the child also measures the model the candidate
-would replace, after the candidate and with its interpreter released: same
-settings, threads, runtime and memory limit, on the same eval samples, so the
-device can compare the two (``agent/gates.py``). The candidate's result stands
-whatever happens to that second measurement: the child prints the candidate's
-result first, so even a crash or a timeout while the replaced model runs only
-leaves ``previous_error`` saying why there is nothing to compare with.
+would replace, so the device can compare the two (``agent/gates.py``): same
+settings, threads, runtime and memory limit, on the same eval samples. The
+candidate is measured alone first, and its result stands whatever happens to
+the comparison: the child prints that result first, so even a crash or a
+timeout while the replaced model runs only leaves ``previous_error`` saying
+why there is nothing to compare with. Then, with the candidate released, the
+child loads the candidate again and the replaced model beside it and times
+them interleaved (``shared.benchmark.benchmark_pair``), so load from
+elsewhere on the device (other processes, the agent serving traffic) falls
+on both alike and the latency ratio the gates read stays fair. The result's
+``benchmark`` then carries the candidate's interleaved runs with its own load
+time, first run and peak memory from the solo measurement (the memory gate's
+number: what the candidate needs alone), and ``previous_benchmark`` the
+replaced model's interleaved numbers, whose ``peak_rss_bytes`` is the
+process's peak with both models loaded; ``paired`` says so. When the two do
+not fit in the memory limit at once, the replaced model is measured alone
+after the candidate, as before, and ``paired`` is False.
 """
 
 from __future__ import annotations
 
-import gc
 import json
 import os
-import resource
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from typing import IO, Any, Protocol
+from typing import IO, Protocol
 
-from shared.codec import decode, encode
+from shared.codec import decode
 from shared.errors import ProtocolError
 from shared.messages import BenchmarkResult
 
@@ -61,7 +69,7 @@ class TrialRequest:
     min_seconds: float
     memory_limit_mb: int = 4096  # the whole trial process, runtime included
     with_predictions: bool = False  # the host evaluation compares them with the float model's
-    previous_model_path: str | None = None  # the model the candidate would replace: measured after it
+    previous_model_path: str | None = None  # the model the candidate would replace: compared with it
 
 
 LOAD_ERROR = "load_error: "  # how a trial's reason starts when the interpreter cannot load the model
@@ -85,6 +93,9 @@ class TrialResult:
     previous_benchmark: BenchmarkResult | None = None
     previous_accuracy: float | None = None
     previous_error: str = ""
+    # The two latencies were timed interleaved (see the module docstring); False when the two models
+    # did not fit in the memory limit at once and the replaced one ran alone, after the candidate.
+    paired: bool = False
 
     @property
     def reason(self) -> str:
@@ -141,7 +152,7 @@ class TrialProcess:
                 stdin.write(json.dumps(asdict(request)).encode())
                 stdin.seek(0)
                 self._proc = subprocess.Popen(
-                    [python, "-m", "shared.trial"], stdin=stdin, stdout=self._stdout, stderr=self._stderr, env=env
+                    [python, "-m", "shared.trial_child"], stdin=stdin, stdout=self._stdout, stderr=self._stderr, env=env
                 )
         except OSError as exc:  # no fork, no temporary files (a full /tmp): the trial fails, the agent goes on
             self._finish(TrialResult(ok=False, error=f"cannot start the trial process: {exc}"))
@@ -228,165 +239,3 @@ def start_trial(request: TrialRequest, *, timeout: float, python: str = sys.exec
 def run_trial(request: TrialRequest, *, timeout: float, python: str = sys.executable) -> TrialResult:
     """Run the trial in a child and wait for its result."""
     return start_trial(request, timeout=timeout, python=python).wait()
-
-
-# -- the child -------------------------------------------------------------------------------
-
-
-def _process_memory() -> tuple[int, int]:
-    """This process's address space and resident memory in bytes (VmSize, VmRSS)."""
-    sizes = {}
-    with open("/proc/self/status", encoding="ascii") as status:
-        for line in status:
-            key, _, value = line.partition(":")
-            if key in ("VmSize", "VmRSS"):
-                sizes[key] = int(value.split()[0]) * 1024
-    return sizes["VmSize"], sizes["VmRSS"]
-
-
-def _limit_memory(limit_bytes: int) -> int:
-    """Cap this process at ``limit_bytes`` of resident memory in all; returns what the model may use.
-
-    RLIMIT_AS counts address space, which the runtime already holds far more of than it
-    uses, so the cap is today's address space plus what the limit leaves beyond today's RSS.
-    """
-    try:
-        size, rss = _process_memory()
-    except (OSError, KeyError, ValueError):  # not Linux: the plain address-space cap
-        size, rss = 0, 0
-    budget = limit_bytes - rss
-    if budget > 0:
-        resource.setrlimit(resource.RLIMIT_AS, (size + budget, size + budget))
-    return budget
-
-
-def _die_with_parent() -> None:
-    """A trial orphaned by a killed agent must not run on beside its restarted successor."""
-    parent = os.environ.get("EDGEFLEET_TRIAL_PARENT")
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if parent is not None and str(os.getppid()) != parent:
-        os._exit(1)  # the parent died before prctl took effect
-
-
-@dataclass(frozen=True)
-class _Measured:
-    benchmark: BenchmarkResult
-    predicted: list[int]
-    ops: tuple[str, ...]
-    delegate_partitions: int
-
-
-def _measure(path: str, x: Any, request: TrialRequest, budget_bytes: int) -> _Measured:
-    """Benchmark the model at ``path`` on the first sample and predict every sample; the interpreter is
-    released before this returns. Raises EdgefleetError (or MemoryError)."""
-    from shared.benchmark import BenchmarkSettings, benchmark_model
-    from shared.interpreter import predict_classes
-
-    settings = BenchmarkSettings(
-        warmup_runs=request.warmup_runs,
-        warmup_seconds=request.warmup_seconds,
-        min_runs=request.min_runs,
-        min_seconds=request.min_seconds,
-    )
-    benchmark, model = benchmark_model(
-        path, x[:1], threads=request.threads, settings=settings, runtime=request.runtime or None,
-        memory_budget_bytes=budget_bytes,
-    )
-    try:
-        predicted = predict_classes(model, x)
-        ops, partitions = model.graph_ops()
-    finally:
-        model.close()
-    return _Measured(benchmark, predicted, ops, partitions)
-
-
-def _child(request: TrialRequest, budget_bytes: int, emit: Callable[[TrialResult], None]) -> TrialResult:
-    """The candidate's trial, then the replaced model's when asked for; ``emit`` prints the candidate's
-    result before the replaced model runs (see the module docstring)."""
-    import numpy as np
-
-    from shared.errors import EdgefleetError, ModelLoadError, OutOfMemoryError
-    from shared.interpreter import top1_accuracy
-
-    if budget_bytes <= 0:
-        return TrialResult(ok=False, oom=True, error=f"the runtime alone uses more than the trial's limit of "
-                           f"{request.memory_limit_mb} MiB")
-    try:
-        with np.load(request.eval_path, allow_pickle=False) as data:
-            x, y = data["x"].astype(np.float32), data["y"]
-    except MemoryError:
-        return TrialResult(ok=False, oom=True, error=f"the eval set does not fit in {budget_bytes // MiB} MiB")
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
-        return TrialResult(ok=False, error=f"eval set unreadable: {exc}")
-    if len(x) == 0 or len(x) != len(y):
-        return TrialResult(ok=False, error=f"eval set has {len(x)} inputs and {len(y)} labels")
-    try:
-        candidate = _measure(request.model_path, x, request, budget_bytes)
-    except OutOfMemoryError as exc:
-        return TrialResult(ok=False, error=str(exc), oom=True)
-    except ModelLoadError as exc:
-        return TrialResult(ok=False, error=str(exc), load_error=True)
-    except EdgefleetError as exc:
-        return TrialResult(ok=False, error=str(exc))
-    except MemoryError:
-        return TrialResult(ok=False, oom=True, error=f"the model ran out of its {budget_bytes // MiB} MiB")
-    result = TrialResult(
-        ok=True,
-        benchmark=candidate.benchmark,
-        accuracy=round(top1_accuracy(candidate.predicted, y), 6),
-        samples=len(x),
-        ops=candidate.ops,
-        delegate_partitions=candidate.delegate_partitions,
-        predictions=tuple(candidate.predicted) if request.with_predictions else (),
-    )
-    if request.previous_model_path is None:
-        return result
-    gc.collect()  # _measure closed the candidate's interpreter: its arena goes before the replaced model loads
-    emit(replace(result, previous_error=PREVIOUS_NOT_MEASURED))
-    from shared.benchmark import reset_peak_rss
-
-    reset_peak_rss()
-    try:
-        previous = _measure(request.previous_model_path, x, request, budget_bytes)
-    except EdgefleetError as exc:
-        return replace(result, previous_error=str(exc))
-    except MemoryError:
-        return replace(result, previous_error=f"the replaced model ran out of the trial's {budget_bytes // MiB} MiB")
-    return replace(
-        result,
-        previous_benchmark=previous.benchmark,
-        previous_accuracy=round(top1_accuracy(previous.predicted, y), 6),
-    )
-
-
-def _emit(result: TrialResult) -> None:
-    sys.stdout.write(json.dumps(encode(result)) + "\n")
-    sys.stdout.flush()
-
-
-def main() -> None:
-    _die_with_parent()
-    raw = sys.stdin.buffer.read()
-    request = decode(TrialRequest, json.loads(raw))
-    # The runtime is imported before the limit is measured, so its own footprint is not the model's.
-    import numpy  # noqa: F401
-
-    from shared.errors import EdgefleetError
-    from shared.interpreter import runtime_info
-
-    try:
-        runtime_info(request.runtime or None)
-    except EdgefleetError:
-        pass  # the load below reports a missing runtime properly
-    budget = _limit_memory(request.memory_limit_mb * MiB)
-    _emit(_child(request, budget, _emit))
-
-
-if __name__ == "__main__":
-    main()

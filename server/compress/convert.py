@@ -1,10 +1,11 @@
 """Keras model in, TFLite flatbuffer out: the one module that imports TensorFlow.
 
 TensorFlow and Keras are imported lazily, through ``import_tensorflow`` and
-``import_keras``, which first quiet TensorFlow's C++ info and warning logs
-(``TF_CPP_MIN_LOG_LEVEL=2``; errors still print) and turn off oneDNN's
-custom kernels (``TF_ENABLE_ONEDNN_OPTS=0``) so host numbers repeat from run
-to run. Both are ``setdefault``: a value already in the environment wins.
+``import_keras``, by ``shared.startup_noise.import_quietly``: TensorFlow's C++
+logs are off (``TF_CPP_MIN_LOG_LEVEL=3``) and what it prints while importing
+(CUDA, absl) goes to the debug log, unless ``edgefleet --verbose``; oneDNN's
+custom kernels are off (``TF_ENABLE_ONEDNN_OPTS=0``) so host numbers repeat
+from run to run. Both are ``setdefault``: a value already in the environment wins.
 
 With TensorFlow 2.21 and Keras 3, ``TFLiteConverter.from_keras_model`` works
 directly: it exports the model's inference call (``training=False``) through
@@ -22,13 +23,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 
 from server.compress.evalset import EvalSet, check_against_model
 from server.compress.quantization import Quantization
 from shared.errors import ModelError, RuntimeMissingError, UserInputError
+from shared.startup_noise import import_quietly
 
 logger = logging.getLogger(__name__)
 
@@ -36,32 +38,24 @@ MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")  # what keras.models.load_model read
 REPRESENTATIVE_SAMPLES = 100
 _PREDICT_BATCH = 256
 
-_TF_ENVIRONMENT = {
-    "TF_CPP_MIN_LOG_LEVEL": "2",
-    "TF_ENABLE_ONEDNN_OPTS": "0",
-}
 _INSTALL_HINT = "install the server extras: pip install 'edgefleet[server]'"
 
 
 def import_tensorflow() -> ModuleType:
-    """``tensorflow``, imported with quiet logs, or ``RuntimeMissingError`` if it is not installed."""
-    for key, value in _TF_ENVIRONMENT.items():
-        os.environ.setdefault(key, value)
+    """``tensorflow``, imported quietly, or ``RuntimeMissingError`` if it is not installed or cannot load."""
     try:
-        import tensorflow as tf
+        return import_quietly("tensorflow")
     except ImportError as exc:
-        raise RuntimeMissingError(f"TensorFlow is not installed; {_INSTALL_HINT}") from exc
-    return cast(ModuleType, tf)
+        raise RuntimeMissingError(f"TensorFlow cannot be imported ({exc}); {_INSTALL_HINT}") from exc
 
 
 def import_keras() -> ModuleType:
     """``keras`` (3.x, on the TensorFlow backend), or ``RuntimeMissingError`` if it is not installed."""
     import_tensorflow()
     try:
-        import keras
+        return import_quietly("keras")
     except ImportError as exc:
-        raise RuntimeMissingError(f"Keras is not installed; {_INSTALL_HINT}") from exc
-    return cast(ModuleType, keras)
+        raise RuntimeMissingError(f"Keras cannot be imported ({exc}); {_INSTALL_HINT}") from exc
 
 
 # -- loading -------------------------------------------------------------------

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from server.compress.evalset import EvalSet, write_eval_file
+from server.compress.progress import BuildEvent, ProgressCallback, Step, ignore
 from server.compress.quantization import Quantization
 from server.compress.recipes import Recipe, Transform
 from server.compress.sources import KerasSource, PrebuiltSource, SavedModelSource
@@ -142,7 +143,9 @@ def _apply(transform: Transform, model: Any, inputs: CompressionInputs) -> tuple
     raise AssertionError(f"unknown transform {transform.kind}")
 
 
-def transformed_model(recipe: Recipe, inputs: CompressionInputs) -> tuple[Any, dict[str, Any]]:
+def transformed_model(
+    recipe: Recipe, inputs: CompressionInputs, step: Callable[[Step, str], None] = lambda *_: None,
+) -> tuple[Any, dict[str, Any]]:
     """The Keras model after the recipe's transforms; each prefix is built once per run."""
     model = inputs.source.keras_model
     details: dict[str, Any] = {}
@@ -153,6 +156,7 @@ def transformed_model(recipe: Recipe, inputs: CompressionInputs) -> tuple[Any, d
     for i in range(1, len(recipe.transforms) + 1):
         key = recipe.transforms[:i]
         if key not in inputs._transformed:
+            step(Step.TRANSFORM, str(key[-1]))
             started = time.monotonic()
             new_model, new_details = _apply(key[-1], model, inputs)
             new_details[f"{key[-1].kind}_seconds"] = round(time.monotonic() - started, 1)
@@ -195,20 +199,28 @@ def measure(tflite: bytes, inputs: CompressionInputs, workdir: Path, threads: in
     }
 
 
-def build_variant(recipe: Recipe, inputs: CompressionInputs, workdir: Path, threads: int = 1) -> VariantReport:
-    """Build and measure one recipe; any failure becomes a ``failed`` row with its reason."""
+def build_variant(
+    recipe: Recipe, inputs: CompressionInputs, workdir: Path, threads: int = 1,
+    step: Callable[[Step, str], None] = lambda *_: None,
+) -> VariantReport:
+    """Build and measure one recipe; any failure becomes a ``failed`` row with its reason.
+
+    ``step`` hears each step as it starts (transform, convert, measure) with a detail.
+    """
     from server.compress.convert import convert
 
     representative = (inputs.train or inputs.evalset).x
     try:
-        model, details = transformed_model(recipe, inputs)
+        model, details = transformed_model(recipe, inputs, step)
+        step(Step.CONVERT, "")
         if recipe.transforms:
             tflite = convert(model, recipe.quantization, representative)
         else:
             tflite = inputs.source.convert(recipe.quantization, representative)
+        step(Step.MEASURE, f"{len(tflite)} bytes")
         metrics = measure(tflite, inputs, workdir, threads)
         if any(t.kind in ("prune", "prune24") for t in recipe.transforms):
-            tflite, metrics = _prefer_sparse_encoding(model, recipe, inputs, workdir, threads, tflite, metrics)
+            tflite, metrics = _prefer_sparse_encoding(model, recipe, inputs, workdir, threads, tflite, metrics, step)
     except EdgefleetError as exc:
         logger.warning("variant %s failed: %s", recipe, exc)
         return VariantReport(str(recipe), recipe.quantization.value, verdict="failed", reason=str(exc))
@@ -234,12 +246,14 @@ def sparse_encoding_verdict(
 
 def _prefer_sparse_encoding(
     model: Any, recipe: Recipe, inputs: CompressionInputs, workdir: Path, threads: int,
-    dense: bytes, dense_metrics: dict[str, Any],
+    dense: bytes, dense_metrics: dict[str, Any], step: Callable[[Step, str], None] = lambda *_: None,
 ) -> tuple[bytes, dict[str, Any]]:
     from server.compress.convert import convert
 
     try:
+        step(Step.CONVERT, "sparse encoding")
         sparse = convert(model, recipe.quantization, (inputs.train or inputs.evalset).x, sparse_encoding=True)
+        step(Step.MEASURE, f"sparse encoding, {len(sparse)} bytes")
         sparse_metrics = measure(sparse, inputs, workdir, threads)
     except EdgefleetError as exc:
         where = "XNNPACK could not run" if "delegate" in str(exc).lower() else "could not build or run"
@@ -304,14 +318,37 @@ def choose(reports: list[VariantReport], goal: ProfileGoal, reference: float) ->
 
 
 def compress_for_profile(
-    recipes: list[Recipe], inputs: CompressionInputs, goal: ProfileGoal,
-    progress: Callable[[str], None] = lambda _: None,
+    recipes: list[Recipe], inputs: CompressionInputs, goal: ProfileGoal, progress: ProgressCallback = ignore,
 ) -> tuple[float, list[VariantReport]]:
-    """Build, measure and judge every recipe for one profile; returns (float reference, reports)."""
+    """Build, measure and judge every recipe for one profile; returns (float reference, reports).
+
+    ``progress`` hears a ``BuildEvent`` at every step of every candidate.
+    """
     reference, _ = float_reference(inputs)
     reports = []
+    total = len(recipes)
     with tempfile.TemporaryDirectory(prefix="edgefleet-variants-") as tmp:
-        for recipe in recipes:
-            progress(f"{goal.name}: building {recipe}")
-            reports.append(build_variant(recipe, inputs, Path(tmp), threads=goal.threads))
+        for index, recipe in enumerate(recipes, start=1):
+            name = str(recipe)
+
+            def step(kind: Step, detail: str, name: str = name, index: int = index) -> None:
+                progress(BuildEvent(kind, goal.name, name, index, total, detail))
+
+            step(Step.VARIANT, "")
+            report = build_variant(recipe, inputs, Path(tmp), threads=goal.threads, step=step)
+            progress(BuildEvent(Step.DONE, goal.name, name, index, total, variant_outcome(report),
+                                failed=report.verdict == "failed"))
+            reports.append(report)
     return reference, choose(reports, goal, reference)
+
+
+def variant_outcome(report: VariantReport) -> str:
+    """One line on a built candidate, before it is judged."""
+    if report.verdict == "failed":
+        return report.reason
+    parts = [f"{report.size_bytes} bytes"]
+    if report.accuracy is not None:
+        parts.append(f"accuracy {report.accuracy:.4f}")
+    if report.p50_ms is not None and report.p95_ms is not None:
+        parts.append(f"p50 {report.p50_ms:.4f} ms, p95 {report.p95_ms:.4f} ms")
+    return ", ".join(parts)

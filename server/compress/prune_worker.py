@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from server.compress.pruning import PRUNABLE_KERNELS
+from shared.startup_noise import set_environment
 
 logger = logging.getLogger(__name__)
 
@@ -96,8 +97,7 @@ class PruneFailure(Exception):
 
 def main() -> int:
     os.environ["TF_USE_LEGACY_KERAS"] = "1"
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    set_environment()  # quiet TensorFlow's C++ logs, as in the parent (whose environment wins)
     result_fd = os.dup(1)
     os.dup2(2, 1)  # stray prints from TensorFlow or Keras go to stderr; stdout carries the result only
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(relativeCreated)6.0f ms %(message)s")

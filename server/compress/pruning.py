@@ -33,6 +33,7 @@ import numpy as np
 from server.compress.convert import import_keras, model_signature
 from server.compress.evalset import EvalSet, check_against_model, write_eval_file
 from shared.errors import ModelError, StorageError, UserInputError
+from shared.startup_noise import ALWAYS_ENVIRONMENT, QUIET_ENVIRONMENT
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ PRUNABLE_KERNELS = {
 }
 _PROJECT_ROOT = Path(__file__).resolve().parents[2]  # holds the server package, for the child's import path
 _WORKER_ENVIRONMENT = {"TF_USE_LEGACY_KERAS": "1"}
-_WORKER_DEFAULTS = {"TF_CPP_MIN_LOG_LEVEL": "2", "TF_ENABLE_ONEDNN_OPTS": "0"}
+_WORKER_DEFAULTS = {**ALWAYS_ENVIRONMENT, **QUIET_ENVIRONMENT}  # its stderr goes to the debug log anyway
 
 
 @dataclass(frozen=True)

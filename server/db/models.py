@@ -22,6 +22,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     text,
+    true,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -68,6 +69,9 @@ class Device(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     online: Mapped[bool] = mapped_column(Boolean, default=False)
     last_seen: Mapped[datetime | None] = mapped_column(default=None)
+    # When its last hello (a fresh start) was applied: a device is only taken for reset to a blank slot when
+    # it said hello after its deployment committed, not because a replica applied an older state late.
+    last_hello_at: Mapped[datetime | None] = mapped_column(default=None)
     boot_id: Mapped[str | None] = mapped_column(String(64), default=None)
     runtime: Mapped[str | None] = mapped_column(String(64), default=None)
     update_state: Mapped[str | None] = mapped_column(String(32), default=None)
@@ -80,6 +84,8 @@ class Device(Base):
     removed_at: Mapped[datetime | None] = mapped_column(default=None)
     # the directive sequence number the device last said it trusts: lower than what it was sent = it was reset
     reported_seq: Mapped[int | None] = mapped_column(Integer, default=None)
+    # the device's broker identity: the PBKDF2 hash of its password (server/broker_setup.py); None: none issued
+    broker_secret: Mapped[str | None] = mapped_column(String(200), default=None)
 
     profile: Mapped[Profile] = relationship()
 
@@ -110,7 +116,7 @@ class ModelVersion(Base):
     train_sha256: Mapped[str | None] = mapped_column(String(64), default=None)  # for steps that retrain
     full_eval_sha256: Mapped[str | None] = mapped_column(String(64), default=None)  # the whole eval set, host-side
     # False when the eval file had no labels: its y is the float model's top-1, so accuracy reads as agreement
-    eval_labelled: Mapped[bool] = mapped_column(Boolean, default=True, server_default=text("1"))
+    eval_labelled: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     model: Mapped[Model] = relationship(back_populates="versions")
@@ -273,11 +279,17 @@ class Deployment(Base):
     previous_accuracy: Mapped[float | None] = mapped_column(Float, default=None)  # replaced model, same trial
     previous_p95_ms: Mapped[float | None] = mapped_column(Float, default=None)
     timed_out_at: Mapped[datetime | None] = mapped_column(default=None)
+    # Optimistic locking: every ORM UPDATE checks and bumps it, so of two replicas changing one deployment
+    # at once (a device's report, the engine's cancel) the later commit fails and is tried again on fresh
+    # data instead of silently undoing the other (READ COMMITTED on PostgreSQL would let it).
+    row_version: Mapped[int] = mapped_column(Integer, default=1, server_default=text("1"))
 
     rollout: Mapped[Rollout] = relationship(back_populates="deployments")
     device: Mapped[Device] = relationship()
     release: Mapped[Release] = relationship(foreign_keys=[release_id])
     previous_release: Mapped[Release | None] = relationship(foreign_keys=[previous_release_id])
+
+    __mapper_args__ = {"version_id_col": row_version}  # noqa: RUF012 - read by the mapper, never mutated
 
 
 class AuditEvent(Base):
@@ -326,3 +338,142 @@ class TelemetryRecord(Base):
     accuracy: Mapped[float | None] = mapped_column(Float, default=None)
     body: Mapped[dict[str, Any]] = mapped_column()
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ServingReportRecord(Base):
+    """One serving report (telemetry kind "serving"): what a device's served model did in one interval.
+
+    Kept raw for the raw retention, then merged into ``serving_rollups`` and deleted in the same transaction
+    (``server/latency/retention.py``), so every report is counted in exactly one of the two tables.
+    """
+
+    __tablename__ = "serving_reports"
+    __table_args__ = (
+        UniqueConstraint("device_id", "boot_id", "seq"),  # a redelivered or resent report counts once
+        Index("ix_serving_reports_device_end", "device_id", "end_ts"),
+        Index("ix_serving_reports_profile_end", "profile", "end_ts"),
+        Index("ix_serving_reports_model_end", "model", "version", "end_ts"),
+        Index("ix_serving_reports_end", "end_ts"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(64))
+    boot_id: Mapped[str] = mapped_column(String(64))
+    seq: Mapped[int] = mapped_column(Integer)
+    deployment_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    profile: Mapped[str] = mapped_column(String(64))  # the device's profile when the report arrived
+    model: Mapped[str] = mapped_column(String(128))
+    version: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    quantization: Mapped[str] = mapped_column(String(32))
+    runtime: Mapped[str] = mapped_column(String(64))
+    threads: Mapped[int] = mapped_column(Integer)
+    source: Mapped[str] = mapped_column(String(16))  # "traffic" | "rebenchmark"
+    start_ts: Mapped[float] = mapped_column(Float)
+    end_ts: Mapped[float] = mapped_column(Float)
+    calls: Mapped[int] = mapped_column(Integer)
+    errors: Mapped[int] = mapped_column(Integer)
+    samples: Mapped[int] = mapped_column(Integer)
+    invoke: Mapped[dict[str, Any]] = mapped_column()  # LatencyHistogram.to_json()
+    e2e: Mapped[dict[str, Any]] = mapped_column()
+    p50_ms: Mapped[float | None] = mapped_column(Float, default=None)
+    p90_ms: Mapped[float | None] = mapped_column(Float, default=None)
+    p99_ms: Mapped[float | None] = mapped_column(Float, default=None)
+    load_1m: Mapped[float | None] = mapped_column(Float, default=None)
+    cpu_percent: Mapped[float | None] = mapped_column(Float, default=None)
+    rss_bytes: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    temperature_c: Mapped[float | None] = mapped_column(Float, default=None)
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ServingRollup(Base):
+    """Serving reports older than the raw retention, merged per device, model version, source and time step
+    (``bucket``: epoch seconds, a multiple of the rollup step, holding reports whose interval ended in it)."""
+
+    __tablename__ = "serving_rollups"
+    __table_args__ = (
+        UniqueConstraint("device_id", "model", "version", "source", "bucket"),
+        Index("ix_serving_rollups_device_bucket", "device_id", "bucket"),
+        Index("ix_serving_rollups_profile_bucket", "profile", "bucket"),
+        Index("ix_serving_rollups_model_bucket", "model", "version", "bucket"),
+        Index("ix_serving_rollups_bucket", "bucket"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(64))
+    profile: Mapped[str] = mapped_column(String(64))
+    model: Mapped[str] = mapped_column(String(128))
+    version: Mapped[int] = mapped_column(Integer)
+    source: Mapped[str] = mapped_column(String(16))
+    bucket: Mapped[int] = mapped_column(BigInteger)
+    calls: Mapped[int] = mapped_column(BigInteger)
+    errors: Mapped[int] = mapped_column(BigInteger)
+    samples: Mapped[int] = mapped_column(BigInteger)
+    invoke: Mapped[dict[str, Any]] = mapped_column()
+    e2e: Mapped[dict[str, Any]] = mapped_column()
+
+
+class ServingTotal(Base):
+    """Cumulative serving numbers per profile and model version since the database was created: updated with
+    every stored report, never reduced by retention (Prometheus counters and histograms read it)."""
+
+    __tablename__ = "serving_totals"
+
+    profile: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model: Mapped[str] = mapped_column(String(128), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    calls: Mapped[int] = mapped_column(BigInteger, default=0)
+    errors: Mapped[int] = mapped_column(BigInteger, default=0)
+    invoke: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class ApiToken(Base):
+    """A bearer token for the HTTP API and dashboard. Only its sha256 is stored; the token is shown once."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)  # public, names the token in lists and logs
+    name: Mapped[str] = mapped_column(String(64), unique=True)  # who holds it; the audit log's actor
+    scope: Mapped[str] = mapped_column(String(16))  # "read", "operator" or "metrics"
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str] = mapped_column(String(128), default="")
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+    last_used_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class EnrolmentToken(Base):
+    """A one-time, expiring token a device trades for its broker identity, CA and trust root."""
+
+    __tablename__ = "enrolment_tokens"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"), index=True)
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column()
+    used_at: Mapped[datetime | None] = mapped_column(default=None)
+    used_from: Mapped[str | None] = mapped_column(String(128), default=None)  # the enrolling client's address
+
+
+class ServerLease(Base):
+    """Something one server replica does at a time (the rollout engine). ``expires_at`` is in seconds on the
+    DATABASE's clock (replicas' clocks may disagree), written only by ``server/db/leases.py``."""
+
+    __tablename__ = "server_leases"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(128))  # "" or the holding process's id (replica name + token)
+    expires_at: Mapped[float] = mapped_column(Float)
+    acquired_at: Mapped[float] = mapped_column(Float)
+
+
+class ServerReplica(Base):
+    """A server replica that started once against this database; its broker identity follows from its name."""
+
+    __tablename__ = "server_replicas"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -5,14 +5,16 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from datetime import datetime
 
-from sqlalchemy import and_, exists, func, or_, select
+from sqlalchemy import and_, exists, func, or_, select, update
 from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm.attributes import set_committed_value
 
 from server.db.models import (
     Artifact,
     AuditEvent,
     Deployment,
     Device,
+    EnrolmentToken,
     EventRecord,
     LoadErrorRecord,
     Model,
@@ -38,7 +40,8 @@ def device_names(session: Session, ids: Collection[str]) -> dict[str, str]:
     """{device id: name}, removed devices included (the history names them)."""
     if not ids:
         return {}
-    return dict(session.execute(select(Device.id, Device.name).where(Device.id.in_(ids))).tuples().all())
+    rows = session.execute(select(Device.id, Device.name).where(Device.id.in_(ids))).all()
+    return {device_id: name for device_id, name in rows}
 
 
 def profile_names(session: Session) -> list[str]:
@@ -49,6 +52,22 @@ def live_device(session: Session, device_id: str) -> Device | None:
     """The device with this id, unless it is unknown or removed."""
     device = session.get(Device, device_id)
     return device if device is not None and device.removed_at is None else None
+
+
+def live_devices(session: Session, ids: Collection[str]) -> dict[str, Device]:
+    """The live devices among ``ids``, in one query (later ``session.get`` calls find them in the session)."""
+    if not ids:
+        return {}
+    return {d.id: d for d in session.scalars(select(Device).where(Device.id.in_(ids), Device.removed_at.is_(None)))}
+
+
+def load_deployments(session: Session, ids: Collection[str]) -> None:
+    """Bring the deployments ``ids`` into the session in one query, so ``session.get`` needs none, and lock
+    them (PostgreSQL; SQLite's write lock is already held) in id order: two replicas' batches naming the same
+    deployments then queue for them instead of deadlocking, and none changes under this batch."""
+    if ids:
+        session.scalars(select(Deployment).where(Deployment.id.in_(ids)).order_by(Deployment.id)
+                        .with_for_update()).all()
 
 
 def device_by_name(session: Session, name: str) -> Device | None:
@@ -113,6 +132,8 @@ def model_version(session: Session, model: Model, version: int | None) -> ModelV
 
 
 def next_version_number(session: Session, model: Model) -> int:
+    """max + 1, with the model's row locked until commit, so two processes adding versions take turns."""
+    session.execute(select(Model.id).where(Model.id == model.id).with_for_update())
     current = session.scalar(select(func.max(ModelVersion.version)).where(ModelVersion.model_id == model.id))
     return (current or 0) + 1
 
@@ -173,10 +194,13 @@ def audited_devices(session: Session, kind: str, rollout_id: str) -> set[str | N
 
 
 def audit_events(
-    session: Session, *, rollout_id: str | None = None, device_id: str | None = None, limit: int | None = None
+    session: Session, *, rollout_id: str | None = None, device_id: str | None = None, limit: int | None = None,
+    since: datetime | None = None,
 ) -> Sequence[AuditEvent]:
-    """Oldest first (the newest ``limit`` when given)."""
+    """Oldest first (the newest ``limit`` when given), from ``since`` on when given."""
     query = select(AuditEvent)
+    if since is not None:
+        query = query.where(AuditEvent.ts >= since)
     if rollout_id is not None:
         query = query.where(AuditEvent.rollout_id == rollout_id)
     if device_id is not None:
@@ -230,6 +254,14 @@ def release(session: Session, release_id: int) -> Release | None:
     return session.get(Release, release_id)
 
 
+def newest_signed_release(session: Session, artifact_id: int) -> Release | None:
+    """The newest release of an artifact that is signed (not one only prepared for offline signing)."""
+    return session.scalar(
+        select(Release).where(Release.artifact_id == artifact_id, Release.manifest_sha256 != "")
+        .order_by(Release.id.desc()).limit(1)
+    )
+
+
 def event_seen(session: Session, device_id: str, boot_id: str, seq: int) -> bool:
     return bool(
         session.scalar(
@@ -252,6 +284,12 @@ def telemetry_seen(session: Session, device_id: str, boot_id: str, seq: int) -> 
             )
         )
     )
+
+
+def rollout_state_counts(session: Session) -> dict[str, int]:
+    """How many rollouts are in each state (states with none left out)."""
+    rows = session.execute(select(Rollout.state, func.count()).group_by(Rollout.state)).all()
+    return {state: count for state, count in rows}
 
 
 def recent_rollouts(session: Session, limit: int = 20) -> Sequence[Rollout]:
@@ -295,3 +333,25 @@ def load_error_reports(
         query = query.where(LoadErrorRecord.runtime == runtime)
     rows = session.execute(query.order_by(LoadErrorRecord.created_at, LoadErrorRecord.id))
     return [(record, name) for record, name in rows]
+
+
+def claim_enrolment_token(session: Session, token_id: str, now: datetime, client: str) -> bool:
+    """Mark a token used, unless someone already did: one UPDATE with the condition in it, so of two
+    devices racing with the same token exactly one wins."""
+    result = session.execute(
+        update(EnrolmentToken)
+        .where(EnrolmentToken.id == token_id, EnrolmentToken.used_at.is_(None))
+        .values(used_at=now, used_from=client[:128])
+    )
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
+def next_directive_seq(session: Session, device: Device) -> int:
+    """The device's next directive sequence number, counted up in the database (one UPDATE that locks its
+    row until commit): two processes deploying to one device at once get different numbers."""
+    seq = session.execute(
+        update(Device).where(Device.id == device.id).values(directive_seq=Device.directive_seq + 1)
+        .returning(Device.directive_seq).execution_options(synchronize_session=False)
+    ).scalar_one()
+    set_committed_value(device, "directive_seq", seq)
+    return int(seq)

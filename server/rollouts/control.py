@@ -16,6 +16,10 @@ from server.rollouts.states import RolloutState, TransitionError, WaveState, mov
 from shared.errors import NotFoundError, UserInputError
 
 
+class RolloutStateConflict(UserInputError):
+    """The rollout's current state does not allow this change (e.g. resuming a finished rollout)."""
+
+
 def _rollout(session: Session, rollout_id: str) -> Rollout:
     rollout = queries.rollout(session, rollout_id)
     if rollout is None:
@@ -28,7 +32,7 @@ def _change(session: Session, rollout: Rollout, target: RolloutState, verb: str,
     try:
         rollout.state = move(current, target).value
     except TransitionError:
-        raise UserInputError(f"rollout {rollout.id} is {current.value}: it cannot be {verb}") from None
+        raise RolloutStateConflict(f"rollout {rollout.id} is {current.value}: it cannot be {verb}") from None
     rollout.state_reason = f"{verb} by {actor}"
     if target is not RolloutState.RUNNING and target is not RolloutState.PAUSED:
         rollout.finished_at = datetime.now(timezone.utc)

@@ -12,7 +12,7 @@ from server.rollouts.states import DeploymentKind
 from shared import PROTOCOL_VERSION
 from shared.codec import decode, encode
 from shared.messages import DesiredState, Directive, Gates, SignedEnvelope, encode_payload
-from shared.signing import sign_envelope
+from shared.signing import key_id, sign_envelope
 
 DIRECTIVE_LIFETIME_S = 7 * 24 * 3600
 
@@ -46,9 +46,11 @@ def sign_directive(deployment: Deployment, keys: SigningKeys, now: float) -> Non
 
 
 def fresh_directive(deployment: Deployment, keys: SigningKeys, now: float) -> None:
-    """Sign the directive, or sign it again when it is past half its lifetime."""
+    """Sign the directive, or sign it again when it is past half its lifetime or was signed by another
+    director key (rotated: the old one may be revoked next)."""
     directive: dict[str, Any] | None = deployment.directive
-    if directive is None or directive["signed"]["expires"] - now < DIRECTIVE_LIFETIME_S / 2:
+    if (directive is None or directive["signed"]["expires"] - now < DIRECTIVE_LIFETIME_S / 2
+            or [s["keyid"] for s in directive["signatures"]] != [key_id(keys.director.public_key())]):
         sign_directive(deployment, keys, now)
 
 

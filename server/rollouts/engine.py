@@ -30,7 +30,8 @@ from server.blobs import BlobStore
 from server.db import Database, Session, queries
 from server.db.models import Deployment, Device, Release, Rollout, RolloutRelease, Wave
 from server.keys import SigningKeys
-from server.releases import resign_release, sign_release
+from server.lease import EngineLease
+from server.releases import resign_release, sign_release, signed_release_for
 from server.rollouts.directives import DIRECTIVE_LIFETIME_S, desired_payload, fresh_directive
 from server.rollouts.gates import Decision, DeviceReport, WaveVerdict, evaluate_wave
 from server.rollouts.policy import OnFailure, RolloutPolicy, size_of
@@ -45,6 +46,7 @@ from server.rollouts.states import (
 )
 from server.selection import Selection
 from shared.canonical import canonical_json
+from shared.errors import UserInputError
 from shared.failpoints import failpoint
 from shared.topics import TopicKind, device_topic
 
@@ -75,19 +77,36 @@ def _seconds(moment: datetime) -> float:
 
 class RolloutEngine:
     def __init__(
-        self, db: Database, keys: SigningKeys, publish: Publish | None = None, *, blobs: BlobStore | None = None
+        self, db: Database, keys: SigningKeys, publish: Publish | None = None, *, blobs: BlobStore | None = None,
+        lease: EngineLease | None = None,
     ) -> None:
         self.db = db
         self.keys = keys
         self.publish = publish
         self.blobs = blobs
+        self.lease = lease  # None: this process is the only engine (tests, tools)
 
     def tick(self, now: float | None = None) -> list[Outgoing]:
-        """Decide and sign in one transaction; publish after it commits; mark what was published."""
+        """Decide and sign in one transaction; publish after it commits; mark what was published.
+
+        With a lease, the transaction first renews it (fencing): a replica that does not hold it decides and
+        publishes nothing, and on PostgreSQL the renewal's row lock keeps any other replica from taking the
+        lease until this decision committed."""
         now = time.time() if now is None else now
-        with self.db.session() as session:
-            self.decide(session, now)
-            messages, sent = self.outgoing(session, now)
+        try:
+            with self.db.session() as session:
+                leading = self.lease is None or self.lease.renew(session)
+                messages: list[Outgoing] = []
+                sent: list[str] = []
+                if leading:
+                    self.decide(session, now)
+                    messages, sent = self.outgoing(session, now)
+        except BaseException:
+            if self.lease is not None:
+                self.lease.settle(False)  # the renewal rolled back with the rest
+            raise
+        if self.lease is not None:
+            self.lease.settle(leading)
         if messages:
             failpoint("server.engine.committed")  # decided and signed, nothing published yet
         if self.publish is not None:
@@ -317,10 +336,13 @@ class RolloutStep:
 
     @staticmethod
     def _was_reset(device: Device, deployment: Deployment) -> bool:
+        """Committed, then back without it: a hello after the commit (with replicas, a device's states and its
+        events go through different servers, so its last state may be applied after the commit yet be older)."""
         return (
             deployment.state == DeploymentState.COMMITTED.value and device.online
             and device.reported_seq is not None and device.reported_seq <= deployment.seq
             and device.active_deployment_id != deployment.id and device.update_state == "idle"
+            and device.last_hello_at is not None and _seconds(device.last_hello_at) >= _seconds(deployment.updated_at)
         )
 
     def _newer_rollout_has(self, device: Device) -> bool:
@@ -340,10 +362,10 @@ class RolloutStep:
             previous = active.release_id if active is not None and active.device_id == device.id else None
         if kind is DeploymentKind.INSTALL and previous is None and device.id in self.installs:
             previous = self.installs[device.id].previous_release_id  # sent again after a reset: still owed that
-        device.directive_seq += 1
+        seq = queries.next_directive_seq(self.session, device)
         deployment = Deployment(
             id=f"dep-{secrets.token_hex(6)}", rollout_id=self.rollout.id, device_id=device.id, release_id=release.id,
-            seq=device.directive_seq, wave=wave, kind=kind.value, reverts_id=reverts.id if reverts else None,
+            seq=seq, wave=wave, kind=kind.value, reverts_id=reverts.id if reverts else None,
             state=DeploymentState.PENDING.value, reason="",
             previous_release_id=previous,
             min_accuracy_gate=self.policy.accuracy_gate(self.rollout.model_version.reference_accuracy)
@@ -369,7 +391,17 @@ class RolloutStep:
                          f"{version.version} is built for profile {device.profile_name}: run 'edgefleet model build "
                          f"{version.model.name}:{version.version} --profile {device.profile_name}'", device=device)
             return None
-        release = sign_release(self.session, self.engine.blobs, self.engine.keys, artifact)
+        if self.engine.keys.release is None:  # offline: only a release signed elsewhere and imported
+            version = self.rollout.model_version
+            try:
+                release = signed_release_for(self.session, artifact, self.engine.keys.root,
+                                             f"{version.model.name}:{version.version}")
+            except UserInputError as exc:
+                if self._first("device.skipped", device):
+                    self.log("device.skipped", f"{device.name} joined, but {exc}", device=device)
+                return None
+        else:
+            release = sign_release(self.session, self.engine.blobs, self.engine.keys, artifact)
         self.session.add(RolloutRelease(rollout_id=self.rollout.id, profile_name=device.profile_name,
                                         release_id=release.id))
         self.session.flush()
@@ -407,6 +439,14 @@ class RolloutStep:
             if self._first("rollback.no_previous", device):
                 self.log("rollback.no_previous", f"{device.name} had no previous model: it keeps this version",
                          device=device)
+            return
+        if self.engine.keys.release is None:
+            if self._first("rollback.needs_release_key", device):
+                previous = deployment.previous_release.artifact.model_version
+                self.log("rollback.needs_release_key",
+                         f"{device.name} cannot be sent back to {previous.model.name}:{previous.version}: re-signing "
+                         "its release needs the release key, which is offline; prepare, sign and import a release "
+                         "of it and roll that out", device=device)
             return
         release = resign_release(self.session, self.engine.keys, deployment.previous_release)
         revert = self.deploy(device, deployment.wave or 0, kind=DeploymentKind.REVERT, release=release,

@@ -16,12 +16,13 @@ from collections.abc import Callable
 from server import audit
 from server.blobs import BlobStore
 from server.catalog import resolve_version
+from server.compress.progress import ProgressCallback, ignore
 from server.db import Database, Session, queries
 from server.db.models import Device, Release, Rollout, RolloutRelease, Wave
 from server.devices import find_device, get_profile
 from server.keys import SigningKeys
 from server.load_errors import Shipment, vet_shipments
-from server.releases import sign_release
+from server.releases import offline_steps, sign_release, signed_release_for
 from server.rollouts.policy import RolloutPolicy
 from server.rollouts.states import RolloutState, WaveState
 from server.selection import Selection, select_devices
@@ -50,7 +51,7 @@ def start_rollout(
     selection: Selection,
     policy: RolloutPolicy | None = None,
     *,
-    progress: Callable[[str], None] = lambda _: None,
+    progress: ProgressCallback = ignore,
     ignore_load_errors: bool = False,
     warn: Callable[[str], None] = logger.warning,
     actor: str = audit.SERVER,
@@ -73,6 +74,12 @@ def start_rollout(
         ref = f"{version.model.name}:{version.version}"
         needed = sorted({d.profile_name for d in selected_devices(session, selection)})
         unbuilt = [p for p in needed if queries.artifact_for_ids(session, version.id, p) is None]
+    if unbuilt and keys.release is None:  # nothing built, so nothing signed offline either
+        raise UserInputError(
+            f"no variant of {ref} is built for profile(s) {', '.join(unbuilt)}, and this server holds no release key "
+            f"(it is offline): run 'edgefleet model build {ref} --profile {unbuilt[0]}', then "
+            f"{offline_steps(ref, unbuilt[0])}"
+        )
     if unbuilt:
         from server.compression import build_profiles  # TensorFlow: only when something must be built
 
@@ -116,7 +123,8 @@ def start_rollout(
 def release_for_profile(
     session: Session, blobs: BlobStore, keys: SigningKeys, rollout: Rollout, profile: str, ref: str
 ) -> Release:
-    """Sign the release of the variant ``profile`` ships and record it as this rollout's for the profile."""
+    """Sign the release of the variant ``profile`` ships (with the release key offline: take the newest one
+    imported) and record it as this rollout's for the profile."""
     artifact = queries.artifact_for_ids(session, rollout.model_version_id, profile)
     if artifact is None:
         raise UserInputError(f"no variant of {ref} is built for profile {profile}: "
@@ -128,7 +136,10 @@ def release_for_profile(
             f"profile {profile}'s limit of {limit} bytes: rebuild it with "
             f"'edgefleet model build {ref} --profile {profile}'"
         )
-    release = sign_release(session, blobs, keys, artifact)
+    if keys.release is None:  # offline: the newest release signed elsewhere and imported
+        release = signed_release_for(session, artifact, keys.root, ref)
+    else:
+        release = sign_release(session, blobs, keys, artifact)
     session.add(RolloutRelease(rollout_id=rollout.id, profile_name=profile, release_id=release.id))
     return release
 

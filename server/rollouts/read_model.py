@@ -9,7 +9,7 @@ gates, and per device its wave, recipe and the replaced model's numbers.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from server.db import Database, Session, queries
@@ -18,9 +18,9 @@ from server.devices import find_device
 from server.rollouts.policy import RolloutPolicy
 from server.rollouts.states import DeploymentKind, DeploymentState, RolloutState, superseded
 from server.selection import Selection
-from shared.codec import decode
 from shared.errors import NotFoundError
 from shared.messages import Manifest
+from shared.protocol import decode_versioned
 
 WAITING = "waiting"  # a selected device whose wave has not started
 
@@ -111,7 +111,7 @@ class AuditEntry:
 
 
 def _manifest(deployment: Deployment) -> Manifest:
-    return decode(Manifest, deployment.release.manifest["signed"])  # what was shipped, as signed
+    return decode_versioned(Manifest, deployment.release.manifest["signed"])  # what was shipped, as signed
 
 
 def _device_status(deployment: Deployment, reverts: dict[str, Deployment]) -> DeviceStatus:
@@ -145,7 +145,7 @@ def _devices(session: Session, rollout: Rollout) -> tuple[DeviceStatus, ...]:
             if device.id in installs or not selection.matches(device):
                 continue
             release = releases.get(device.profile_name)
-            manifest = decode(Manifest, release.manifest["signed"]) if release is not None else None
+            manifest = decode_versioned(Manifest, release.manifest["signed"]) if release is not None else None
             rows.append(DeviceStatus(
                 device=device.name, profile=device.profile_name, wave=None, state=WAITING,
                 recipe=(release.artifact.recipe or manifest.quantization) if release and manifest else "-",
@@ -204,12 +204,14 @@ def _entry(event: AuditEvent, names: dict[str, str]) -> AuditEntry:
 
 
 def list_events(db: Database, *, rollout_id: str | None = None, device_name: str | None = None,
-                limit: int | None = None) -> list[AuditEntry]:
+                limit: int | None = None, since: float | None = None) -> list[AuditEntry]:
+    """The audit log, oldest first: the newest ``limit`` entries, of those at or after ``since`` (epoch s)."""
     with db.reading() as session:
         device_id = find_device(session, device_name).id if device_name is not None else None
         if rollout_id is not None:
             _rollout(session, rollout_id)
-        events = queries.audit_events(session, rollout_id=rollout_id, device_id=device_id, limit=limit)
+        after = datetime.fromtimestamp(since, timezone.utc) if since is not None else None
+        events = queries.audit_events(session, rollout_id=rollout_id, device_id=device_id, limit=limit, since=after)
         names = queries.device_names(session, {e.device_id for e in events if e.device_id})
         return [_entry(e, names) for e in events]
 

@@ -22,6 +22,7 @@ from agent.config import (
     DeviceSection,
     DownloadSection,
     KeysSection,
+    ServeSection,
     StorageSection,
     TrialSection,
 )
@@ -151,6 +152,7 @@ def make_release(
     pin_manifest: SignedEnvelope | None = None,
     profile: str = "rpi5",
     max_ram_bytes: int | None = None,
+    threads: int | None = None,
 ) -> Release:
     """A signed manifest (model + eval files, 64-byte chunks) and a directive pinning it."""
     model = model if model is not None else payload(f"model-v{version}", 300)  # 5 chunks
@@ -167,6 +169,7 @@ def make_release(
         created=NOW - DAY,
         expires=manifest_expires,
         max_ram_bytes=max_ram_bytes,
+        threads=threads,
     )
     manifest_env = sign_envelope(manifest, release_key or keys.release)
     directive = Directive(
@@ -203,6 +206,7 @@ def make_config(
         benchmark=BenchmarkSection(warmup_runs=1, warmup_seconds=0.0, min_runs=5, min_seconds=0.0),
         trial=TrialSection(timeout_seconds=30.0, memory_limit_mb=2048),
         download=DownloadSection(request_interval_seconds=REQUEST_INTERVAL, stall_timeout_seconds=STALL_TIMEOUT),
+        serve=ServeSection(listen="127.0.0.1:0"),  # any free port: tests run side by side
     )
 
 

@@ -57,8 +57,11 @@ def test_status_before_the_agent_ever_ran(config_file: Path, harness: Harness) -
         "committed none",
         "update    idle, no deployment yet",
         "trusted   release counter 0, directive seq 0",
+        "root      none: keys pinned in the config (1 release, 1 director), no rotation",
         "outbox    0 reports waiting for the server",
+        "serve     not running (configured to listen on 127.0.0.1:0)",
     ]
+    assert data["serve"] == {"enabled": True, "listen": "127.0.0.1:0", "address": None}
     assert data["active_slot"] is None and data["committed"] is None
     assert data["slots"]["a"] == {"slot": "a", "active": False, "state": "empty"}
     assert data["update"] == {"state": "idle", "deployment_id": None, "outcome": None, "reason": ""}
@@ -89,7 +92,9 @@ def test_status_after_a_commit_and_a_rollback(config_file: Path, harness: Harnes
         "committed kws v1 in slot a, installed by dep-1",
         "update    idle, deployment dep-2, outcome rolled_back: accuracy 0.5000 below the gate 0.8000",
         "trusted   release counter 2, directive seq 2 (dep-2)",
+        "root      none: keys pinned in the config (1 release, 1 director), no rotation",
         "outbox    3 reports waiting for the server",
+        "serve     not running (configured to listen on 127.0.0.1:0)",
     ]
     assert data["slots"]["a"] == {"slot": "a", "active": True, "state": "model", "model": "kws", "version": 1,
                                   "quantization": "int8", "model_sha256": sha, "size_bytes": 300}
@@ -142,7 +147,7 @@ def test_status_says_which_file_is_corrupt_or_missing_without_a_traceback(
     path.write_bytes(original)  # for the harness's own check at teardown
 
     assert any(text.startswith(line) for text in lines), lines
-    assert len(lines) == 8  # every other part is still shown
+    assert len(lines) == 10  # every other part is still shown
     assert "error" in data[part], data[part]
     if name == "slots/a/model.tflite":
         assert "model.tflite is missing" in lines[2]
@@ -308,3 +313,18 @@ def test_a_bad_log_level_in_the_environment_is_a_usage_error(monkeypatch: pytest
     monkeypatch.setenv("EDGEFLEET_LOG_LEVEL", "loud")
     result = CliRunner().invoke(cli, ["agent", "--help"])
     assert result.exit_code == 2 and "Invalid value for '--log-level'" in result.output
+
+
+def test_status_shows_where_the_running_agent_serves(config_file: Path, harness: Harness) -> None:
+    from agent.serving import Serving
+
+    serving = Serving(harness.config, send=lambda report, deployment: None, backlog=lambda: 0)
+    serving.start()
+    try:
+        assert serving.url is not None and serving.url.startswith("http://127.0.0.1:")
+        lines, data = status(config_file)
+        assert data["serve"] == {"enabled": True, "listen": "127.0.0.1:0", "address": serving.url}
+        assert lines[-1] == f"serve     {serving.url} (POST /v1/infer, GET /v1/model, GET /healthz)"
+    finally:
+        serving.stop()
+    assert status(config_file)[1]["serve"]["address"] is None  # a clean stop removes serve.json

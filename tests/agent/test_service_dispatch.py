@@ -99,7 +99,7 @@ MALFORMED: list[tuple[str, str, Any, str]] = [
     ("unknown prefix", "ef/v2/devices/x/desired", b"{}", "unknown topic"),
     ("not our protocol", "homeassistant/status", b"online", "unknown topic"),
     ("outbound kind", device_topic(TopicKind.STATE, DEVICE), b"{}", "unexpected topic"),
-    ("want topic", want_topic(SHA), b"{}", "unexpected topic"),
+    ("want topic", want_topic(DEVICE, SHA), b"{}", "unexpected topic"),
     ("chunk with a bad sha", "ef/v1/artifacts/XYZ/chunks/0", b"data", "invalid sha256"),
     ("chunk with a bad index", f"ef/v1/artifacts/{SHA}/chunks/-1", b"data", "unknown topic"),
 ]

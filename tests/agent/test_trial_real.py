@@ -18,6 +18,7 @@ import pytest
 from shared.trial import TrialRequest, TrialResult, run_trial
 
 FEATURES, CLASSES, SAMPLES = 4, 3, 60
+MiB = 1024 * 1024
 TIMEOUT = 120.0  # generous: the child imports numpy and the interpreter, on a busy 2-core CI box
 MEMORY_MB = 2048
 
@@ -152,20 +153,19 @@ def test_an_eval_set_of_the_wrong_shape_fails_without_crashing(tflite_model: Pat
     assert result.load_error is False  # the model loads; the data is wrong
 
 
+def write_tile_model(path: Path, tensor_mib: int) -> Path:
+    """A tiny file whose graph asks for an intermediate tensor of ``tensor_mib`` MiB (a tile of its input),
+    and as much again for its reshape."""
+    from tests.attacks.hostile_models import tile_flatbuffer
+
+    path.write_bytes(tile_flatbuffer(tensor_mib))
+    return path
+
+
 @pytest.fixture(scope="module")
 def huge_tensor_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny file whose graph asks for a 4 GiB intermediate tensor (a tile of its input)."""
-    import tensorflow as tf
-
-    @tf.function(input_signature=[tf.TensorSpec([1, FEATURES], tf.float32)])
-    def tile(x: Any) -> Any:
-        big = tf.tile(x, [1, 1 << 28])  # 4 x 2^28 float32: 4 GiB
-        return tf.reduce_sum(tf.reshape(big, [1, -1, FEATURES]), axis=1)[:, :CLASSES]
-
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([tile.get_concrete_function()], tile)
-    path = tmp_path_factory.mktemp("huge") / "huge.tflite"
-    path.write_bytes(converter.convert())
-    return path
+    """A tiny file whose graph asks for a 4 GiB intermediate tensor."""
+    return write_tile_model(tmp_path_factory.mktemp("huge") / "huge.tflite", 4096)
 
 
 def test_a_model_that_needs_more_memory_than_the_limit_is_an_oom_with_numbers(
@@ -194,7 +194,7 @@ def test_the_limit_caps_what_the_child_can_allocate(tmp_path: Path) -> None:
     import sys
 
     script = (
-        "from shared.trial import _limit_memory\n"
+        "from shared.trial_child import _limit_memory\n"
         "budget = _limit_memory(300 * 1024 * 1024)\n"
         "fits = bytearray(100 * 1024 * 1024)\n"
         "try:\n"
@@ -237,6 +237,60 @@ def test_the_replaced_model_is_measured_on_the_same_samples(tflite_model: Path, 
     # The same model on the same samples: the same predictions, so exactly the same accuracy.
     assert result.previous_accuracy == result.accuracy
     assert result.samples == SAMPLES
+    assert result.paired is True  # both fit at once: timed interleaved
+    assert result.benchmark.runs >= 50 and result.benchmark.warmup_runs >= 1
+
+
+def test_the_comparison_keeps_the_candidates_own_load_time_first_run_and_peak_memory(
+    tflite_model: Path, eval_npz: Path
+) -> None:
+    """The child's two lines: the candidate alone, then with the latency of its interleaved runs beside the
+    replaced model. Its load time, first run and peak memory (the memory gate's) stay the solo run's."""
+    import subprocess
+    import sys
+    from dataclasses import asdict
+
+    from shared.codec import decode
+    from shared.trial import PREVIOUS_NOT_MEASURED
+
+    req = request(tflite_model, eval_npz, previous_model_path=str(tflite_model), min_runs=200, min_seconds=0.0)
+    proc = subprocess.run([sys.executable, "-m", "shared.trial_child"], input=json.dumps(asdict(req)), text=True,
+                          capture_output=True, timeout=TIMEOUT, check=True, cwd=Path(__file__).resolve().parents[2])
+    alone, compared = (decode(TrialResult, json.loads(line)) for line in proc.stdout.splitlines())
+
+    assert alone.previous_error == PREVIOUS_NOT_MEASURED and alone.paired is False
+    assert compared.paired is True and compared.previous_error == ""
+    assert alone.benchmark is not None and compared.benchmark is not None and compared.previous_benchmark is not None
+    solo, paired = alone.benchmark, compared.benchmark
+    assert (paired.init_ms, paired.first_ms, paired.peak_rss_bytes) == (solo.init_ms, solo.first_ms,
+                                                                          solo.peak_rss_bytes)
+    # The latency is the interleaved runs', timed again (equal to the solo numbers to 0.1 us in all eight
+    # statistics only by a coincidence no machine produces).
+    assert paired.runs >= 200 and compared.previous_benchmark.runs >= 200
+    latency = ("mean_ms", "std_ms", "min_ms", "max_ms", "p50_ms", "p90_ms", "p95_ms", "p99_ms")
+    assert [getattr(paired, name) for name in latency] != [getattr(solo, name) for name in latency]
+    assert (compared.accuracy, compared.samples) == (alone.accuracy, alone.samples)
+
+
+@pytest.fixture(scope="module")
+def big_tensor_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model that needs 128 MiB of tensors: one fits in a 240 MiB trial beside the runtime, two do not."""
+    return write_tile_model(tmp_path_factory.mktemp("big") / "big.tflite", 64)
+
+
+@pytest.mark.parametrize(("memory_limit_mb", "paired"), [(1024, True), (240, False)], ids=["both-fit", "one-fits"])
+def test_a_replaced_model_that_does_not_fit_beside_the_candidate_is_timed_alone_after_it(
+    memory_limit_mb: int, paired: bool, big_tensor_model: Path, eval_npz: Path
+) -> None:
+    result = trial(request(big_tensor_model, eval_npz, previous_model_path=str(big_tensor_model), min_runs=5,
+                           min_seconds=0.0, memory_limit_mb=memory_limit_mb))
+
+    assert result.ok, result.error
+    assert result.paired is paired
+    assert result.previous_error == ""
+    assert result.benchmark is not None and result.previous_benchmark is not None
+    assert result.benchmark.runs >= 5 and result.previous_benchmark.runs >= 5
+    assert result.previous_accuracy == result.accuracy
 
 
 def test_without_a_replaced_model_nothing_is_compared(tflite_model: Path, eval_npz: Path) -> None:
@@ -276,7 +330,7 @@ def test_the_replaced_model_gets_the_same_memory_limit(
 ) -> None:
     result = trial(request(tflite_model, eval_npz, memory_limit_mb=1024, previous_model_path=str(huge_tensor_model)))
     assert result.ok and result.benchmark is not None
-    assert result.previous_benchmark is None
+    assert result.previous_benchmark is None and result.paired is False
     assert result.previous_error.startswith("huge.tflite has a tensor of 4,096 MiB, more than the ")
 
 
@@ -293,7 +347,7 @@ def test_a_failing_candidate_never_measures_the_replaced_model(tmp_path: Path, t
 
 
 def fake_child(tmp_path: Path, then: str) -> str:
-    """An executable standing in for ``python -m shared.trial``: it prints what the real child prints
+    """An executable standing in for ``python -m shared.trial_child``: it prints what the real child prints
     before it measures the replaced model, then does ``then`` (a shell command)."""
     from shared.codec import encode
     from shared.trial import PREVIOUS_NOT_MEASURED

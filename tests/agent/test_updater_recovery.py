@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-import agent.files
+import shared.files
 from agent.files import atomic_write_json, storage_error
 from agent.states import State
 from shared.errors import StorageError
@@ -333,7 +333,7 @@ def test_a_reported_rollback_means_the_previous_model_is_active(
     h = harness
     first = install_first(h)
     release = h.release(version=2)
-    real_replace, real_fsync = os.replace, agent.files._fsync_dir
+    real_replace, real_fsync = os.replace, shared.files._fsync_dir
     armed: list[bool] = []
 
     def replace(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
@@ -348,7 +348,7 @@ def test_a_reported_rollback_means_the_previous_model_is_active(
         real_fsync(directory)
 
     monkeypatch.setattr(os, "replace", replace)
-    monkeypatch.setattr(agent.files, "_fsync_dir", fsync_dir)
+    monkeypatch.setattr(shared.files, "_fsync_dir", fsync_dir)
     h.install(release)
 
     _, state, reason = h.reporter.final()

@@ -2,14 +2,14 @@
 
 Mender's daemon state tests are the model: each row names an injected
 problem, and the test asserts the reported event sequence, the final reason,
-which model is active and which files moved. Attacks additionally assert that
-every byte of the agent's data directory is unchanged (python-tuf's habit).
-Crashes, full disks and stalls live in ``test_updater_recovery.py``.
+which model is active and which files moved. Crashes, full disks and stalls
+live in ``test_updater_recovery.py``; attacks in ``tests/attacks/``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +20,7 @@ import pytest
 from agent.record import TrustedState, UpdateRecord
 from agent.states import State
 from shared.errors import StorageError
-from shared.messages import BenchmarkResult, DesiredState, Gates, PreviousModel, SignedEnvelope, UpdateState
+from shared.messages import BenchmarkResult, Gates, PreviousModel, UpdateState
 from shared.signing import public_key_text
 from shared.trial import TrialResult
 from tests.agent.fakes import (
@@ -36,9 +36,7 @@ from tests.agent.fakes import (
 from tests.agent.material import (
     BENCHMARK,
     GATES,
-    NOW,
     REQUEST_INTERVAL,
-    Release,
     make_config,
     trusted_bytes,
 )
@@ -285,7 +283,8 @@ def test_first_install_from_nothing(harness: Harness) -> None:
     (request,) = h.trial.requests
     assert Path(request.model_path) == h.slot_file("a")
     assert Path(request.eval_path) == h.slot_file("a", "eval.npz")
-    assert (request.min_runs, request.threads) == (h.config.benchmark.min_runs, h.config.runtime.threads)
+    # [runtime] threads = 0 and a manifest that names none: one thread.
+    assert (request.min_runs, request.threads) == (h.config.benchmark.min_runs, 1)
     assert request.previous_model_path is None
 
 
@@ -355,110 +354,7 @@ def test_chunks_for_an_unknown_file_or_while_idle_are_ignored(harness: Harness) 
     assert not h.data_dir.exists() or h.snapshot() == {}
 
 
-# -- attacks: rejected before anything moves -----------------------------------------------
-
-FIRST_COUNTER = 5  # the installed release and directive sequence every attack row starts from
-
-
-def flip_version(env: SignedEnvelope) -> SignedEnvelope:
-    return SignedEnvelope(signed={**env.signed, "version": 99}, signatures=env.signatures)
-
-
-@dataclass(frozen=True)
-class Attack:
-    name: str
-    release: dict[str, Any]
-    reason: str
-    mangle: Callable[[Release, Harness], DesiredState] | None = None
-
-
-ATTACKS = [
-    Attack(
-        "manifest field changed after signing",
-        {},
-        "no valid signature by a pinned release key",
-        mangle=lambda r, h: DesiredState(v=1, directive=r.directive_env, manifest=flip_version(r.manifest_env)),
-    ),
-    Attack(
-        "manifest without signatures",
-        {},
-        "release metadata carries no signature",
-        mangle=lambda r, h: DesiredState(
-            v=1, directive=r.directive_env, manifest=SignedEnvelope(signed=r.manifest_env.signed, signatures=())
-        ),
-    ),
-    Attack("manifest signed by an unpinned key", {"release_key": "attacker"}, "no valid signature by a pinned release key"),
-    Attack(
-        "directive signed by an unpinned key", {"director_key": "attacker"}, "no valid signature by a pinned director key"
-    ),
-    Attack(
-        "directive signed by the release key", {"director_key": "release"}, "no valid signature by a pinned director key"
-    ),
-    Attack("expired manifest", {"manifest_expires": NOW}, "manifest for kws v7 expired at"),
-    Attack("expired directive", {"directive_expires": NOW - 1}, "directive dep-7 expired at"),
-    Attack("directive for another device", {"device_id": "pi-garage-02"}, "directive is for device pi-garage-02, not"),
-    Attack(
-        "release built for another profile",
-        {"profile": "jetson-orin"},
-        "release kws v7 is built for profile jetson-orin, this device is rpi5",
-    ),
-    Attack("lower directive sequence", {"seq": FIRST_COUNTER - 1}, "directive sequence 4 is lower than the trusted 5"),
-    Attack(
-        "same sequence, other deployment",
-        {"seq": FIRST_COUNTER, "deployment_id": "dep-evil"},
-        "directive sequence 5 was already used",
-    ),
-    Attack(
-        "lower release counter", {"release_counter": FIRST_COUNTER - 1}, "release counter 4 is lower than the trusted 5"
-    ),
-    Attack(
-        "directive pins another manifest",
-        {},
-        "directive does not pin this manifest",
-        mangle=lambda r, h: DesiredState(
-            v=1, directive=r.directive_env, manifest=h.release(version=8, seq=8, release_counter=8).manifest_env
-        ),
-    ),
-]
-
-
-@pytest.mark.parametrize("attack", ATTACKS, ids=lambda a: a.name)
-def test_attack_is_rejected_and_nothing_moves(attack: Attack, harness: Harness) -> None:
-    h = harness
-    install_first(h, seq=FIRST_COUNTER, release_counter=FIRST_COUNTER)
-    before = h.snapshot()
-    assert {"trusted.json", "active.json", "update-record.json", "slots/a/model.tflite"} <= set(before)
-    trials = len(h.trial.requests)
-
-    kwargs = dict(attack.release)
-    for role in ("release_key", "director_key"):
-        if role in kwargs:
-            kwargs[role] = getattr(h.keys, kwargs[role])
-    release = h.release(**{"version": 7, "seq": 7, "release_counter": 7, **kwargs})
-    desired = attack.mangle(release, h) if attack.mangle else release.desired
-    h.updater.offer(desired)
-
-    # Reported as a rejection naming the deployment it claims, never as that deployment's failure.
-    assert h.reporter.events == []
-    ((claimed, reason),) = h.reporter.rejections
-    assert claimed == release.deployment_id
-    assert reason.startswith("rejected: ")
-    assert attack.reason in reason
-    # No transition at all: no state report, no download, still idle.
-    assert h.reporter.state_changes == 0
-    assert h.reporter.wants == [] and h.reporter.watch_log == []
-    assert len(h.trial.requests) == trials
-    assert h.updater.state is State.IDLE
-    assert h.updater.pending is None
-    # Every byte of the data directory, trusted state and active slot included, is unchanged.
-    assert h.snapshot() == before
-
-    # ... and the agent still takes a genuine update afterwards.
-    h.reporter.clear()
-    genuine = h.release(version=9, seq=9, release_counter=9)
-    h.install(genuine)
-    assert h.reporter.states() == HAPPY
-    assert h.active_model_bytes() == genuine.model
+# -- keys ---------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("role", ["release", "director"])
@@ -734,3 +630,36 @@ def test_a_directive_that_fails_verification_while_busy_never_becomes_pending(ha
     assert h.reporter.states(bad.deployment_id) == []  # no deployment event for what was never trusted
     assert_idle(h)
     assert h.active_model_bytes() == first.model
+
+
+def test_the_profiles_thread_count_from_the_manifest_reaches_the_trial(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("agent.config._usable_cpus", lambda: 4)  # a 4-core board, whatever runs the test
+    h = harness
+    h.install(h.release(version=1, threads=4))
+    (request,) = h.trial.requests
+    assert request.threads == 4
+
+
+def test_runtime_threads_in_the_config_override_the_profiles(harness: Harness) -> None:
+    from dataclasses import replace
+
+    from agent.config import RuntimeSection
+
+    h = harness
+    h.config = replace(h.config, runtime=RuntimeSection(threads=2))
+    h.updater = h.new_updater()
+    h.install(h.release(version=1, threads=4))
+    (request,) = h.trial.requests
+    assert request.threads == 2
+
+
+def test_the_download_logs_its_progress_at_each_quarter(harness: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    h = harness
+    release = h.release(version=1, model=bytes(range(256)) * 4)  # 1 KiB: 16 chunks of 64 bytes
+    with caplog.at_level(logging.INFO, logger="agent.updater"):
+        h.install(release)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("downloading model.tflite")]
+    assert lines[0] == "downloading model.tflite for deployment dep-1: 0.1/1.0 KiB (6%)"  # the first chunk
+    assert [line.rsplit("(", 1)[1] for line in lines[1:]] == ["25%)", "50%)", "75%)", "100%)"]

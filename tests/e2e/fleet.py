@@ -23,6 +23,7 @@ from agent.slots import SlotStore
 from server.broker import Mosquitto
 
 CLI_TIMEOUT_S = 300
+ROLLOUT_TIMEOUT_S = 240
 # Appended to an agent's TOML: a short benchmark and quick re-asks, so installs take seconds.
 QUICK_AGENT_TOML = """\
 [benchmark]
@@ -57,6 +58,13 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str, *, every: 
             return value
         assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
         time.sleep(every)
+
+
+def expect_state(status: dict[str, Any], state: str) -> dict[str, Any]:
+    """``status`` (``rollout status --json``) if it is in ``state``; otherwise fail showing all of it, so a
+    rollout that rolled back on a CI machine says which gate or device decided it."""
+    assert status["state"] == state, f"rollout ended {status['state']}, not {state}:\n{json.dumps(status, indent=1)}"
+    return status
 
 
 @dataclass
@@ -136,16 +144,36 @@ class Fleet:
 
     # -- the operator's view ----------------------------------------------------------
 
-    def register(self, name: str, profile: str, *, extra_toml: str = "", tags: tuple[str, ...] = ()) -> Path:
+    def register(self, name: str, profile: str, *, extra_toml: str = "", tags: tuple[str, ...] = (),
+                 serve_report_interval_s: float | None = None) -> Path:
+        """Register ``name``; its endpoint listens on any free port (its data dir's serve.json says which)."""
         config = self.root / f"{name}.toml"
         cli("device", "register", name, "--profile", profile, "--data-dir", str(self.data_dir),
-            "--out", str(config), "--broker", self.broker.url, *(f"--tag={tag}" for tag in tags))
+            "--out", str(config), "--broker", self.broker.url, "--serve-listen", "127.0.0.1:0",
+            *(f"--tag={tag}" for tag in tags))
+        if serve_report_interval_s is not None:
+            text = config.read_text(encoding="utf-8")
+            assert "report_interval_s = 10.0" in text
+            config.write_text(text.replace("report_interval_s = 10.0", f"report_interval_s = {serve_report_interval_s}"),
+                              encoding="utf-8")
         if extra_toml:
             with open(config, "a", encoding="utf-8") as fh:
                 fh.write("\n" + extra_toml)
         self.configs[name] = config
         self.agent_dirs[name] = self.root / f"{name}-data"
         return config
+
+    def rollout_status(self, rollout_id: str) -> dict[str, Any]:
+        return json.loads(cli("rollout", "status", rollout_id, "--data-dir", str(self.data_dir), "--json"))
+
+    def wait_settled(self, rollout_id: str, timeout: float = ROLLOUT_TIMEOUT_S) -> dict[str, Any]:
+        """The rollout's status once it stopped running; every process must stay alive meanwhile."""
+        def settled() -> dict[str, Any] | None:
+            self.assert_alive()
+            status = self.rollout_status(rollout_id)
+            return status if status["state"] != "running" else None
+
+        return wait_for(settled, timeout, f"rollout {rollout_id} to settle", every=0.5)
 
     def device_list(self) -> dict[str, dict[str, object]]:
         return {row["name"]: row for row in json.loads(cli("device", "list", "--data-dir", str(self.data_dir), "--json"))}

@@ -23,31 +23,19 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from server.broker import Mosquitto, free_port
-from tests.e2e.fleet import Fleet, cli
+from tests.e2e.fleet import Fleet, cli, expect_state
 
 pytestmark = pytest.mark.e2e
 
-ROLLOUT_TIMEOUT_S = 180
-
-
-def wait_settled(fleet: Fleet, rollout_id: str) -> dict[str, object]:
-    deadline = time.monotonic() + ROLLOUT_TIMEOUT_S
-    while True:
-        status = json.loads(cli("rollout", "status", rollout_id, "--data-dir", str(fleet.data_dir), "--json"))
-        if status["state"] != "running":
-            return status
-        fleet.assert_alive()
-        assert time.monotonic() < deadline, f"rollout did not settle: {status}"
-        time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+def fleet(tmp_path_factory: pytest.TempPathFactory, fleet_init_args: tuple[str, ...]) -> Iterator[Fleet]:
     root = tmp_path_factory.mktemp("fleet")
     broker = Mosquitto(root / "broker").start()
     fleet = Fleet(root, broker, root / "server")
     try:
-        cli("init", "--data-dir", str(fleet.data_dir))
+        cli("init", "--data-dir", str(fleet.data_dir), "--release-key", "online", *fleet_init_args)
         for name, profile in (("pi", "rpi4"), ("nano", "jetson-nano")):
             fleet.register(name, profile)
             fleet.start_agent(name)
@@ -69,13 +57,13 @@ def first_rollout(fleet: Fleet, digits_inputs: tuple[Path, Path]) -> dict[str, o
     rollout_id = cli(
         "rollout", "start", "digits", "--profile", "rpi4", "--profile", "jetson-nano", "--data-dir", str(fleet.data_dir)
     ).strip()
-    return wait_settled(fleet, rollout_id)
+    return fleet.wait_settled(rollout_id)
 
 
 def test_each_agent_commits_the_variant_auto_chose_for_its_profile(
     fleet: Fleet, first_rollout: dict[str, object]
 ) -> None:
-    assert first_rollout["state"] == "succeeded", first_rollout
+    expect_state(first_rollout, "succeeded")
     devices = {d["device"]: d for d in first_rollout["devices"]}  # type: ignore[attr-defined]
     report = json.loads(cli("model", "report", "digits:1", "--data-dir", str(fleet.data_dir), "--json"))
     chosen = {r["profile"]: [v for v in r["variants"] if v["chosen"]] for r in report}
@@ -99,22 +87,24 @@ def test_each_agent_commits_the_variant_auto_chose_for_its_profile(
 
 
 def test_dashboard_shows_on_device_latency(fleet: Fleet, first_rollout: dict[str, object]) -> None:
-    with urllib.request.urlopen(f"{fleet.dashboard}/api/fleet", timeout=10) as response:
-        snapshot = json.load(response)
-    devices = {d["name"]: d for d in snapshot["devices"]}
     for name in ("pi", "nano"):
-        latest = devices[name]["trials"][0]
+        with urllib.request.urlopen(f"{fleet.dashboard}/api/v1/devices/{name}", timeout=10) as response:
+            detail = json.load(response)
+        latest = detail["deployments"][0]
+        assert latest["rollout"] == first_rollout["rollout"] and latest["state"] == "committed"
         assert 0 < latest["p50_ms"] <= latest["p95_ms"]
-        assert latest["runtime"].startswith("ai-edge-litert")
-    assert snapshot["rollouts"][-1]["rollout"] == first_rollout["rollout"]
+        assert detail["device"]["runtime"].startswith("ai-edge-litert")
+    with urllib.request.urlopen(f"{fleet.dashboard}/api/v1/rollouts", timeout=10) as response:
+        assert json.load(response)[0]["rollout"] == first_rollout["rollout"]
     with urllib.request.urlopen(f"{fleet.dashboard}/", timeout=10) as response:
         page = response.read().decode()
-    assert "<h1>edgefleet</h1>" in page and "pi" in page and "int8" in page
+    assert "/static/dashboard.js" in page
     try:
-        urllib.request.urlopen(f"{fleet.dashboard}/api/rollouts/r-nope", timeout=10)
+        urllib.request.urlopen(f"{fleet.dashboard}/api/v1/rollouts/r-nope", timeout=10)
         raise AssertionError("an unknown rollout must be a 404")
     except urllib.error.HTTPError as exc:
         assert exc.code == 404
+        assert exc.headers["Content-Type"] == "application/problem+json"
 
 
 def _add_version(fleet: Fleet, model_path: Path, eval_path: Path) -> str:
@@ -140,7 +130,7 @@ def test_tampered_artifact_is_rejected_and_previous_model_kept(
     before = fleet.active_digest("pi")
     fleet.start_server()
 
-    status = wait_settled(fleet, rollout_id)
+    status = fleet.wait_settled(rollout_id)
 
     (row,) = status["devices"]  # type: ignore[misc]
     assert status["state"] == "rolled_back"  # the gate failed; the default policy rolls back (nothing changed)
@@ -168,7 +158,7 @@ def test_variant_below_accuracy_gate_is_rolled_back(fleet: Fleet, first_rollout:
     rollout_id = cli(
         "rollout", "start", ref, "--device", "nano", "--min-accuracy", "0.9", "--data-dir", str(fleet.data_dir)
     ).strip()
-    status = wait_settled(fleet, rollout_id)
+    status = fleet.wait_settled(rollout_id)
 
     (row,) = status["devices"]  # type: ignore[misc]
     assert row["state"] == "rolled_back", row
@@ -187,7 +177,7 @@ def test_malformed_payloads_are_logged_and_loops_go_on(fleet: Fleet, first_rollo
     try:
         garbage = [b"not json", b"[1,2]", b'{"v": 99}', b'{"v": 1, "surprise": true}', b"\xff\xfe", b"{" * 10]
         topics = [f"ef/v1/devices/{pi}/{kind}" for kind in ("desired", "cmd", "events", "telemetry", "state")]
-        topics += [f"ef/v1/artifacts/{'0' * 64}/want", "ef/v1/devices/NOT_AN_ID/events"]
+        topics += [f"ef/v1/devices/{pi}/want/{'0' * 64}", "ef/v1/devices/NOT_AN_ID/events"]
         for topic in topics:
             for payload in garbage:
                 client.publish(topic, payload, qos=1).wait_for_publish(5)
@@ -221,5 +211,4 @@ def test_broker_restart_is_survived_and_rollouts_still_land(fleet: Fleet, first_
         time.sleep(0.5)
 
     rollout_id = cli("rollout", "start", "digits:1", "--device", "pi", "--data-dir", str(fleet.data_dir)).strip()
-    status = wait_settled(fleet, rollout_id)
-    assert status["state"] == "succeeded", status
+    expect_state(fleet.wait_settled(rollout_id), "succeeded")

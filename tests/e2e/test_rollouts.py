@@ -166,13 +166,13 @@ class Lab:
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+def lab(tmp_path_factory: pytest.TempPathFactory, fleet_init_args: tuple[str, ...]) -> Iterator[Lab]:
     from server.broker import Mosquitto
 
     root = tmp_path_factory.mktemp("rollouts")
     fleet = Fleet(root, Mosquitto(root / "broker").start(), root / "server")
     try:
-        cli("init", "--data-dir", str(fleet.data_dir))
+        cli("init", "--data-dir", str(fleet.data_dir), "--release-key", "online", *fleet_init_args)
         for profile, recipe in PROFILES.items():
             cli("profile", "add", profile, "--quantizations", recipe, "--recipe", recipe, "--data-dir",
                 str(fleet.data_dir))
@@ -193,6 +193,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         fleet.broker.stop()
 
 
+@pytest.mark.both_backends  # also on PostgreSQL
 def test_a_good_version_passes_every_wave_and_every_device_commits(lab: Lab) -> None:
     before = lab.active_versions()
     ref = lab.models.good()
@@ -288,6 +289,7 @@ def test_an_offline_agent_and_a_device_tagged_in_later_both_converge(lab: Lab) -
     assert {d["device"]: d["state"] for d in status["devices"]}["b3"] == "committed"
 
 
+@pytest.mark.both_backends  # also on PostgreSQL
 def test_pause_resume_and_rollback_on_a_live_rollout(lab: Lab) -> None:
     before = lab.active_versions()
     ref = lab.models.good()

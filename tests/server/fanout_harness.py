@@ -205,7 +205,7 @@ class AgentLikeClient:
 
     def ask(self, now: float) -> None:
         request = ChunkRequest(v=PROTOCOL_VERSION, device_id=self.name, ranges=missing_ranges(self.held, len(self.digests)))
-        self._client.publish(want_topic(self.sha256), encode_payload(request), qos=1)
+        self._client.publish(want_topic(self.name, self.sha256), encode_payload(request), qos=1)
         self.requests += 1
         self.last_request_at = now
 

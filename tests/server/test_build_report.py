@@ -17,6 +17,12 @@ from server.setup import Workspace
 from tests.server.conftest import QUICK_BENCHMARK
 
 
+@pytest.fixture
+def db_backend() -> str:
+    """Compression work, not the registry's: SQLite only (a PostgreSQL run would repeat a minute of TensorFlow)."""
+    return "sqlite"
+
+
 def run(*args: str | Path) -> Any:
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 

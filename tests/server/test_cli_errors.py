@@ -20,6 +20,7 @@ import pytest
 from click.testing import CliRunner, Result
 from sqlalchemy import func, select
 
+from agent.config import load_config
 from edgefleet.cli import cli
 from server.db.models import Device, ModelVersion, Rollout
 from server.devices import register_device
@@ -60,10 +61,10 @@ def assert_ok(result: Result) -> str:
 
 
 @pytest.fixture
-def data_dir(tmp_path: Path) -> Path:
-    """An initialised data directory with no model."""
+def data_dir(tmp_path: Path, db_url: str) -> Path:
+    """An initialised data directory with no model (its registry on each back-end)."""
     root = tmp_path / "data"
-    init_data_dir(root).db.close()
+    init_data_dir(root, db_url=db_url).db.close()
     return root
 
 
@@ -99,8 +100,9 @@ def test_init_under_a_regular_file(tmp_path: Path) -> None:
 
 
 def test_init_twice_is_fine(tmp_path: Path) -> None:
-    assert "initialised" in assert_ok(run("init", "--data-dir", tmp_path / "data"))
-    assert "initialised" in assert_ok(run("init", "--data-dir", tmp_path / "data"))
+    for _ in range(2):
+        assert "initialised" in assert_ok(run("init", "--data-dir", tmp_path / "data", "--release-key-out",
+                                              tmp_path / "release.pem"))
 
 
 # -- device register ----------------------------------------------------------------------------
@@ -285,7 +287,7 @@ def test_a_click_usage_error_is_short_too(fleet_dir: Path) -> None:
 
 def test_init_register_add_start_status(tmp_path: Path, digits_inputs: tuple[Path, Path]) -> None:
     data = tmp_path / "data"
-    assert_ok(run("init", "--data-dir", data))
+    assert_ok(run("init", "--data-dir", data, "--release-key", "online"))
 
     out = tmp_path / "agents" / "cam-1.toml"
     printed = assert_ok(run("device", "register", "cam-1", "--profile", "x86-64", "--data-dir", data, "--out", out,
@@ -294,7 +296,8 @@ def test_init_register_add_start_status(tmp_path: Path, digits_inputs: tuple[Pat
     config = tomllib.loads(out.read_text())
     assert config["device"]["name"] == "cam-1" and config["device"]["profile"] == "x86-64"
     assert config["broker"]["url"] == "mqtt://broker.local:1884"
-    assert len(config["keys"]["release"]) == 1 and len(config["keys"]["director"]) == 1
+    assert config["keys"] == {"root_file": "root.json"}
+    assert load_config(out).keys.root_file == str(out.parent / "root.json")  # written beside it, and signed
 
     devices = json.loads(assert_ok(run("device", "list", "--data-dir", data, "--json")))
     assert [set(d) for d in devices] == [{

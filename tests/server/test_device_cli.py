@@ -11,17 +11,19 @@ from click.testing import Result
 from sqlalchemy import select
 
 from server import audit
-from server.db import open_database, sqlite_url
+from server.db import open_database
 from server.db.models import AuditEvent, Device
+from server.db_location import database_url
+from server.paths import DataDir
 from tests.server.test_cli_errors import assert_ok, assert_user_error, run
 
 
 @pytest.fixture
-def data_dir(tmp_path: Path) -> Path:
+def data_dir(tmp_path: Path, db_url: str) -> Path:
     from server.setup import init_data_dir
 
     root = tmp_path / "data"
-    init_data_dir(root).db.close()
+    init_data_dir(root, db_url=db_url).db.close()
     return root
 
 
@@ -39,7 +41,7 @@ def names(data_dir: Path, *filters: str) -> list[str]:
 
 
 def audit_log(data_dir: Path) -> list[AuditEvent]:
-    db = open_database(sqlite_url(data_dir))
+    db = open_database(database_url(DataDir(data_dir)))
     try:
         with db.session() as session:
             return list(session.scalars(select(AuditEvent).order_by(AuditEvent.id)).all())
@@ -187,7 +189,7 @@ def test_remove_frees_the_name_and_hides_the_device(fleet: Path) -> None:
     assert_ok(register(fleet, "pi-lab", profile="rpi5"))  # the name is free again: a new device
     [new] = [d for d in listed(fleet) if d["name"] == "pi-lab"]
     assert new["id"] != old_id and new["profile"] == "rpi5" and new["tags"] == {}
-    db = open_database(sqlite_url(fleet))
+    db = open_database(database_url(DataDir(fleet)))
     try:
         with db.session() as session:
             rows = session.scalars(select(Device).where(Device.name == "pi-lab")).all()

@@ -75,7 +75,6 @@ from server.rollouts.states import DeploymentKind, DeploymentState, RolloutState
 from server.selection import Selection
 from server.setup import Workspace, open_workspace
 from shared import PROTOCOL_VERSION
-from shared.codec import decode
 from shared.errors import UserInputError
 from shared.messages import (
     ActiveModel,
@@ -90,6 +89,7 @@ from shared.messages import (
     Telemetry,
     decode_payload,
 )
+from shared.protocol import decode_versioned
 from shared.topics import TopicKind, parse_topic
 
 PROFILE = "x86-64"
@@ -196,14 +196,14 @@ class Sent:
 
     @classmethod
     def of(cls, desired: DesiredState) -> Sent:
-        manifest = decode(Manifest, desired.manifest.signed)
+        manifest = decode_versioned(Manifest, desired.manifest.signed)
         directive = desired.directive.signed
         return cls(directive["deployment_id"], directive["seq"], manifest.model, manifest.version,
                    manifest.file("model").sha256, manifest.quantization, manifest.reference.accuracy)
 
     @classmethod
     def of_deployment(cls, deployment: Deployment) -> Sent:
-        manifest = decode(Manifest, deployment.release.manifest["signed"])
+        manifest = decode_versioned(Manifest, deployment.release.manifest["signed"])
         return cls(deployment.id, deployment.seq, manifest.model, manifest.version, manifest.file("model").sha256,
                    manifest.quantization, manifest.reference.accuracy)
 

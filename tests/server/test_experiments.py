@@ -22,6 +22,12 @@ from tests.server.conftest import QUICK_BENCHMARK
 from tests.server.test_cli_errors import assert_ok, assert_user_error, run
 
 
+@pytest.fixture
+def db_backend() -> str:
+    """Compression work, not the registry's: SQLite only (a PostgreSQL run would repeat a minute of TensorFlow)."""
+    return "sqlite"
+
+
 def shipped(workspace: Workspace, profile: str) -> tuple[str, str] | None:
     """(recipe, sha256) of what ``profile`` ships of digits:1."""
     with workspace.db.session() as session:

@@ -363,8 +363,10 @@ def test_model_report_without_load_errors_has_no_such_section(fleet: Fleet) -> N
 def migrate(db: Database, revision: str) -> None:
     """Move the schema to ``revision`` (downgrades too), as Database.upgrade runs migrations: with SQLite's
     foreign keys off, since batch migrations drop and rebuild referenced tables (0004's downgrade does)."""
+    sqlite = db.engine.dialect.name == "sqlite"
     with db.engine.connect() as conn:
-        conn.connection.driver_connection.execute("PRAGMA foreign_keys=OFF")  # type: ignore[union-attr]
+        if sqlite:
+            conn.connection.driver_connection.execute("PRAGMA foreign_keys=OFF")  # type: ignore[union-attr]
         try:
             with conn.begin():
                 if revision == "head":
@@ -372,7 +374,8 @@ def migrate(db: Database, revision: str) -> None:
                 else:
                     command.downgrade(_alembic_config(conn), revision)
         finally:
-            conn.invalidate()  # never hand a connection without foreign keys back to the pool
+            if sqlite:
+                conn.invalidate()  # never hand a connection without foreign keys back to the pool
 
 
 def test_upgrading_from_0002_keeps_what_runtime_incompatibilities_knew(fleet: Fleet) -> None:

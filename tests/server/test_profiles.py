@@ -36,9 +36,9 @@ TABLE_HEADERS = ["NAME", "PREFERRED", "CHOICES", "OBJECTIVE", "BUDGET", "MAX MOD
 
 
 @pytest.fixture
-def data_dir(tmp_path: Path) -> Path:
+def data_dir(tmp_path: Path, db_url: str) -> Path:
     root = tmp_path / "srv"
-    init_data_dir(root).db.close()
+    init_data_dir(root, db_url=db_url).db.close()
     return root
 
 

@@ -385,6 +385,19 @@ def test_a_device_reset_to_a_blank_slot_is_sent_the_version_again(fleet: Fleet) 
     assert fleet.deployments(rollout_id)["cam-2"].id == again.id  # once
 
 
+def test_a_state_from_before_the_commit_applied_late_is_no_reset(fleet: Fleet) -> None:
+    """Replicas: a device's events (via one replica) can commit its deployment before its older states (via the
+    leader) are applied. A blank, idle state without a hello after the commit is such a late one, not a reset."""
+    deployments = installed(fleet)
+    rollout_id = deployments["cam-1"].rollout_id
+
+    fleet.state("cam-2", active=None, seq=0)  # what it said before it took the directive, applied only now
+    fleet.tick()
+
+    assert fleet.deployments(rollout_id)["cam-2"].id == deployments["cam-2"].id
+    assert "device.reset" not in fleet.audit(rollout_id)
+
+
 def test_status_json_keeps_the_old_keys_and_adds_waves_and_previous_numbers(fleet: Fleet) -> None:
     rollout_id = fleet.start(waves="1,100%")
 
@@ -441,7 +454,7 @@ def test_the_running_server_never_imports_tensorflow_to_drive_rollouts() -> None
     import subprocess
     import sys
 
-    code = ("import sys, server.service, server.rollouts, server.rollout_cli, server.dashboard; "
+    code = ("import sys, server.service, server.rollouts, server.rollout_cli, server.web; "
             "print(sorted(m for m in ('tensorflow', 'keras', 'tf_keras') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

@@ -19,16 +19,18 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
+from server.db import ConcurrentChange
 from server.db.models import Artifact, Deployment, Device, EventRecord, TelemetryRecord
 from server.devices import register_device
 from server.service import ServerService
 from server.setup import Workspace
-from shared import PROTOCOL_VERSION
+from shared import PROTOCOL_MINOR, PROTOCOL_VERSION
 from shared.codec import encode
 from shared.errors import StorageError
 from shared.messages import (
     MAX_CONTROL_PAYLOAD,
     ChunkRequest,
+    DeploymentOutcome,
     DeviceState,
     Event,
     ReportAck,
@@ -148,8 +150,11 @@ BAD_MESSAGES: dict[str, Any] = {
         retain=True,
     ),
     "want for a sha256 no release names": lambda s: inbound(
-        want_topic(hashlib.sha256(b"not an artifact").hexdigest()),
+        want_topic(s.cam, hashlib.sha256(b"not an artifact").hexdigest()),
         encode(ChunkRequest(v=1, device_id=s.cam, ranges=((0, 1),))),
+    ),
+    "want on another device's topic": lambda s: inbound(
+        want_topic(s.other, artifact_sha(s)), encode(ChunkRequest(v=1, device_id=s.cam, ranges=((0, 1),))),
     ),
     "unknown device topic": lambda s: inbound(f"ef/v1/devices/{s.cam}/bogus", event_dict(s, 2, "failed")),
     "topic outside the protocol": lambda s: inbound("other/app/topic", b"{}"),
@@ -219,6 +224,33 @@ def test_duplicates_in_one_batch_are_applied_once(setup: Setup) -> None:
     assert events_stored(setup) == 1
 
 
+def test_a_report_whose_apply_raises_is_taken_back_alone_and_not_acknowledged(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from server import report_batch, service
+
+    real = report_batch.apply_new_report
+
+    def failing_on_seq_2(session: Any, device: Any, report: Any) -> None:
+        real(session, device, report)  # its changes are made, then rolled back to the savepoint
+        if report.seq == 2:
+            raise RuntimeError("a bug in one report's apply")
+
+    monkeypatch.setattr(service, "apply_new_report", failing_on_seq_2)
+    with caplog.at_level(logging.ERROR, logger="server.service"):
+        setup.service.handle_batch([valid_event(setup, 1, "downloading"), valid_event(setup, 2, "staged"),
+                                    valid_event(setup, 3, "trial")])
+
+    assert events_stored(setup) == 2  # the bulk insert stored 3; the failed one was taken back
+    assert deployment_state(setup) == "trial"
+    assert "unexpected error applying" in caplog.text
+    ((_, payload, _),) = setup.published.calls
+    assert decode_payload(TopicKind.ACK, payload).seqs == (1, 3)  # seq 2 is sent again, and applied then
+    monkeypatch.undo()
+    setup.service.handle_batch([valid_event(setup, 2, "staged")])
+    assert events_stored(setup) == 3 and deployment_state(setup) == "trial"
+
+
 def test_telemetry_and_availability_apply(setup: Setup) -> None:
     telemetry = {
         "v": 1, "device_id": setup.cam, "boot_id": "b", "seq": 1, "deployment_id": setup.deployment, "kind": "trial",
@@ -241,12 +273,31 @@ def test_telemetry_and_availability_apply(setup: Setup) -> None:
         assert session.scalar(select(func.count()).select_from(TelemetryRecord)) == 1
 
 
+def test_serving_reports_in_a_batch_are_stored_once_acknowledged_and_compacted_later(setup: Setup) -> None:
+    from server.db.models import ServingReportRecord, ServingRollup
+    from tests.server.latency_helpers import serving
+
+    report = inbound(device_topic(TopicKind.TELEMETRY, setup.cam),
+                     encode(serving(setup.cam, 5, [1.0, 2.0], end=time.time() - 2 * 86400, boot="boot-9")))
+    setup.service.handle_batch([report, report])
+    acks = [decode_payload(TopicKind.ACK, payload) for topic, payload, _ in setup.published.calls
+            if topic == device_topic(TopicKind.ACK, setup.cam)]
+    assert acks == [ReportAck(v=1, boot_id="boot-9", seqs=(5, 5))]  # both deliveries may be forgotten
+    with setup.workspace.db.reading() as session:
+        assert session.scalar(select(func.count()).select_from(ServingReportRecord)) == 1
+
+    setup.service.compact_latency()  # older than the default day of raw retention, within the 30 days of rollups
+    with setup.workspace.db.reading() as session:
+        assert session.scalar(select(func.count()).select_from(ServingReportRecord)) == 0
+        assert session.scalar(select(ServingRollup.calls)) == 2
+
+
 def test_a_want_for_a_released_artifact_publishes_its_chunks_when_the_window_closes(setup: Setup) -> None:
     sha = artifact_sha(setup)
     request = encode(ChunkRequest(v=1, device_id=setup.cam, ranges=((0, 1),)))
     chunks = setup.service.chunks
 
-    setup.service.handle_batch([inbound(want_topic(sha), request)])
+    setup.service.handle_batch([inbound(want_topic(setup.cam, sha), request)])
     assert setup.published.calls == []  # other devices of the wave may still ask
     due = chunks.next_due()
     assert due is not None
@@ -377,3 +428,80 @@ def test_a_rejection_is_stored_and_acknowledged_but_never_applied(setup: Setup) 
     assert events_stored(setup) == 2
     ((_, payload, _),) = setup.published.calls
     assert decode_payload(TopicKind.ACK, payload).seqs == (2, 1)
+
+
+def test_the_ingest_counters_say_what_each_message_became(setup: Setup) -> None:
+    from server.ingest_counters import INGEST
+
+    before = INGEST.snapshot()
+    message = valid_event(setup, 1, "downloading")
+    ghost = Event(v=PROTOCOL_VERSION, device_id="d-ghost", boot_id="b", seq=1, deployment_id="dep-x",
+                  state="downloading", reason="", ts=1.0)
+    setup.service.handle_batch([
+        message, message, inbound(device_topic(TopicKind.EVENTS, "d-ghost"), encode(ghost)),
+        inbound(device_topic(TopicKind.EVENTS, setup.cam), b"{not json"), inbound("nowhere/at/all", b"{}"),
+    ])
+    after = INGEST.snapshot()
+    grown = {key: after[key] - before.get(key, 0) for key in after if after[key] != before.get(key, 0)}
+    assert grown == {("events", "stored"): 1, ("events", "duplicate"): 1, ("events", "dropped"): 1,
+                     ("events", "malformed"): 1, ("unknown", "malformed"): 1}
+
+
+def test_a_newer_agents_reports_apply_without_the_fields_this_server_does_not_know(setup: Setup) -> None:
+    """An agent of a newer minor protocol version adds optional fields (top level and nested); this server
+    skips them and applies the rest. The same keys from an agent of this minor are malformed and dropped."""
+    newer = {"minor": PROTOCOL_MINOR + 1}
+    telemetry = {
+        "v": 1, "device_id": setup.cam, "boot_id": "b", "seq": 2, "deployment_id": setup.deployment, "kind": "trial",
+        "ts": 1.0, "accuracy": 0.97, "samples": 200, "npu": {"delegate": "ethos-u"}, **newer,
+        "benchmark": {"runtime": "ai_edge_litert", "threads": 1, "init_ms": 1.0, "first_ms": 1.0, "warmup_runs": 1,
+                      "runs": 10, "mean_ms": 0.3, "std_ms": 0.01, "min_ms": 0.2, "max_ms": 0.5, "p50_ms": 0.3,
+                      "p90_ms": 0.4, "p95_ms": 0.45, "p99_ms": 0.5, "peak_rss_bytes": 1000, "energy_mj": 2.5},
+    }
+    setup.service.handle_batch([
+        inbound(device_topic(TopicKind.EVENTS, setup.cam), event_dict(setup, 1, "downloading", battery=80, **newer)),
+        inbound(device_topic(TopicKind.TELEMETRY, setup.cam), telemetry),
+    ])
+    assert events_stored(setup) == 1 and deployment_state(setup) == "downloading"
+    with setup.workspace.db.session() as session:
+        deployment = session.get(Deployment, setup.deployment)
+        assert deployment is not None and deployment.p95_ms == 0.45
+
+    setup.service.handle_batch([inbound(device_topic(TopicKind.EVENTS, setup.cam),
+                                        event_dict(setup, 3, "verifying", battery=80, minor=PROTOCOL_MINOR))])
+    assert events_stored(setup) == 1 and deployment_state(setup) == "downloading"
+
+
+@pytest.mark.parametrize("db_backend", ["postgresql"], indirect=True)  # one server per SQLite file, serialised
+def test_a_deployment_another_replica_changed_meanwhile_fails_the_batch_which_then_applies_anew(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL, several replicas: a device's state settles its deployment while another replica changes
+    that deployment after this batch read it. The batch's write is refused (row_version), the whole batch
+    rolls back unacknowledged, and the loop's retry applies it on fresh data: nothing half-applied or lost.
+    (A batch's events and telemetry lock the deployments they name up front, so there they wait instead.)"""
+    from server import ingest
+
+    recorder = AckRecorder()
+    monkeypatch.setattr(setup.service.link, "ack", recorder)
+    real = ingest.advance_deployment
+
+    def engine_writes_first(session: Any, device: Any, deployment: Deployment, *args: Any) -> bool:
+        with setup.workspace.db.session() as other:  # another connection: the leader's engine tick
+            theirs = other.get(Deployment, deployment.id)
+            assert theirs is not None
+            theirs.reason = "touched by the engine"
+        return real(session, device, deployment, *args)  # changes the row this batch read before
+
+    monkeypatch.setattr(ingest, "advance_deployment", engine_writes_first)
+    state = DeviceState(v=1, device_id=setup.cam, boot_id="b", runtime="r", runtime_version="1", update_state="idle",
+                        deployment_id=None, directive_seq=1, active=None,
+                        outcome=DeploymentOutcome(setup.deployment, "failed", "trial crashed"))
+    batch = [inbound(device_topic(TopicKind.STATE, setup.cam), encode_payload(state), retain=True)]
+    with pytest.raises(ConcurrentChange):
+        setup.service.handle_batch(batch)
+    assert recorder.acked == [] and deployment_state(setup) == "pending"
+
+    monkeypatch.setattr(ingest, "advance_deployment", real)
+    setup.service.handle_batch(batch)  # the loop's retry
+    assert recorder.acked == batch and deployment_state(setup) == "failed"

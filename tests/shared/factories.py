@@ -6,8 +6,10 @@ Shared by the tests in this directory; keeps one definition of "a valid X".
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import strategies as st
 
 from shared.messages import (
@@ -29,11 +31,14 @@ from shared.messages import (
     PreviousModel,
     ReferenceMetrics,
     ReportAck,
+    RootChain,
     Signature,
     SignedEnvelope,
     Telemetry,
     UpdateState,
 )
+from shared.root import RoleKeys, Root
+from shared.signing import key_id, public_key_text
 from shared.topics import TopicKind
 
 NOW = 1_700_000_000
@@ -171,6 +176,13 @@ SAMPLES: dict[TopicKind, Any] = {
     ),
     TopicKind.ACK: ReportAck(v=1, boot_id="b-1", seqs=(3, 4)),
     TopicKind.WANT: ChunkRequest(v=1, device_id="pi-kitchen-01", ranges=((0, 2), (5, 9))),
+    TopicKind.ROOT: RootChain(
+        v=1,
+        roots=(
+            SignedEnvelope(signed={"type": "root", "version": 1}, signatures=(Signature(keyid="ab" * 32, sig="c2ln"),)),
+            SignedEnvelope(signed={"type": "root", "version": 2}, signatures=()),
+        ),
+    ),
 }
 
 
@@ -352,4 +364,24 @@ MESSAGE_STRATEGIES: dict[TopicKind, st.SearchStrategy[Any]] = {
     TopicKind.TELEMETRY: telemetries,
     TopicKind.ACK: report_acks,
     TopicKind.WANT: chunk_requests,
+    TopicKind.ROOT: st.builds(RootChain, v=st.just(1), roots=st.lists(envelopes, min_size=1, max_size=3).map(tuple)),
 }
+
+
+# -- roots of trust ------------------------------------------------------------------
+
+
+def make_root(
+    version: int, *, root: Sequence[Ed25519PrivateKey], release: Sequence[Ed25519PrivateKey],
+    director: Sequence[Ed25519PrivateKey], thresholds: dict[str, int] | None = None, expires: int = NOW + 365 * DAY,
+) -> Root:
+    """A root listing these keys per role (threshold 1 unless ``thresholds`` says otherwise)."""
+    listed = {key_id(k.public_key()): public_key_text(k.public_key()) for k in (*root, *release, *director)}
+    thresholds = thresholds or {}
+    return Root(
+        v=1, type="root", version=version, expires=expires, keys=listed,
+        roles={
+            name: RoleKeys(tuple(key_id(k.public_key()) for k in keys), thresholds.get(name, 1))
+            for name, keys in (("root", root), ("release", release), ("director", director))
+        },
+    )

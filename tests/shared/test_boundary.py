@@ -27,7 +27,7 @@ FORBIDDEN = ("tensorflow", "tf_keras", "keras", "sqlalchemy", "alembic", "server
 
 # Where a forbidden package may be *named* in a dynamic import: the runtime
 # adapter's last-resort fallback (development only). Static imports are never allowed.
-DYNAMIC_IMPORT_ALLOWED = {("shared/interpreter.py", "tensorflow.lite"), ("shared/interpreter.py", "tensorflow")}
+DYNAMIC_IMPORT_ALLOWED = {("shared/backends.py", "tensorflow.lite"), ("shared/backends.py", "tensorflow")}
 
 _PROBE = textwrap.dedent(
     """
@@ -193,12 +193,13 @@ def test_ast_scan_sees_lazy_and_dynamic_imports() -> None:
         "import_module('tensorflow.lite')",
     ]
     # The one allowed dynamic name, in the one allowed file.
-    assert _static_violations('importlib.import_module("tensorflow.lite")', "shared/interpreter.py") == []
+    assert _static_violations('importlib.import_module("tensorflow.lite")', "shared/backends.py") == []
 
 
-def test_interpreter_names_tensorflow_only_dynamically() -> None:
-    """shared/interpreter.py may list tensorflow.lite as a fallback string, never import it statically."""
-    path = ROOT / "shared" / "interpreter.py"
+def test_runtime_adapter_names_tensorflow_only_dynamically() -> None:
+    """shared/backends.py (the runtime adapter) may name tensorflow.lite as its last back-end, never import it
+    statically."""
+    path = ROOT / "shared" / "backends.py"
     assert path.is_file()
     assert _violations_in_file(path) == []
     assert "tensorflow.lite" in path.read_text(encoding="utf-8")

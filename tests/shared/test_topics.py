@@ -11,6 +11,7 @@ from shared.errors import ProtocolError
 from shared.topics import (
     DEVICE_KINDS,
     PREFIX,
+    ROOT_TOPIC,
     SHARED_GROUP,
     TOPIC_TABLE,
     Topic,
@@ -37,10 +38,11 @@ def rebuild(topic: Topic) -> str:
     if topic.kind in DEVICE_KINDS:
         assert topic.device_id is not None and topic.sha256 is None and topic.chunk_index is None
         return device_topic(topic.kind, topic.device_id)
-    assert topic.sha256 is not None and topic.device_id is None
+    assert topic.sha256 is not None
     if topic.kind is TopicKind.WANT:
-        assert topic.chunk_index is None
-        return want_topic(topic.sha256)
+        assert topic.chunk_index is None and topic.device_id is not None
+        return want_topic(topic.device_id, topic.sha256)
+    assert topic.device_id is None
     assert topic.kind is TopicKind.CHUNK and topic.chunk_index is not None
     return chunk_topic(topic.sha256, topic.chunk_index)
 
@@ -57,8 +59,9 @@ EXPECTED_TABLE = {
     TopicKind.EVENTS: ("ef/v1/devices/{id}/events", "agent→server", 1, False),
     TopicKind.TELEMETRY: ("ef/v1/devices/{id}/telemetry", "agent→server", 1, False),
     TopicKind.ACK: ("ef/v1/devices/{id}/ack", "server→agent", 1, False),
-    TopicKind.WANT: ("ef/v1/artifacts/{sha256}/want", "agent→server", 1, False),
+    TopicKind.WANT: ("ef/v1/devices/{id}/want/{sha256}", "agent→server", 1, False),
     TopicKind.CHUNK: ("ef/v1/artifacts/{sha256}/chunks/{i}", "server→agents", 1, False),
+    TopicKind.ROOT: ("ef/v1/root", "server→agents", 1, True),
 }
 
 
@@ -67,7 +70,8 @@ def test_topic_table_matches_the_design() -> None:
     assert set(TOPIC_TABLE) == set(TopicKind)
     for kind, spec in TOPIC_TABLE.items():
         assert (spec.pattern, spec.direction, spec.qos, spec.retained) == EXPECTED_TABLE[kind]
-    assert DEVICE_KINDS == {k for k, spec in TOPIC_TABLE.items() if "{id}" in spec.pattern}
+    # one topic per device and kind; a device's chunk requests are one per artifact, under its namespace too
+    assert DEVICE_KINDS == {k for k, spec in TOPIC_TABLE.items() if spec.pattern.endswith(f"{{id}}/{k.value}")}
 
 
 @pytest.mark.parametrize("kind", DEVICE_KIND_LIST, ids=lambda k: k.value)
@@ -75,8 +79,16 @@ def test_device_builders_follow_the_table(kind: TopicKind) -> None:
     assert device_topic(kind, "pi-01") == TOPIC_TABLE[kind].pattern.format(id="pi-01")
 
 
+def test_the_root_topic_follows_the_table_and_parses() -> None:
+    assert ROOT_TOPIC == TOPIC_TABLE[TopicKind.ROOT].pattern == "ef/v1/root"
+    assert parse_topic(ROOT_TOPIC) == Topic(TopicKind.ROOT)
+    for near in ("ef/v1/root/", "ef/v1/root/x", "ef/v1/roots", "ef/v2/root", "ef/v1/Root", "/ef/v1/root"):
+        with pytest.raises(ProtocolError):
+            parse_topic(near)
+
+
 def test_artifact_builders_follow_the_table() -> None:
-    assert want_topic(SHA) == TOPIC_TABLE[TopicKind.WANT].pattern.format(sha256=SHA)
+    assert want_topic("pi-01", SHA) == TOPIC_TABLE[TopicKind.WANT].pattern.format(id="pi-01", sha256=SHA)
     assert chunk_topic(SHA, 17) == TOPIC_TABLE[TopicKind.CHUNK].pattern.format(sha256=SHA, i=17)
 
 
@@ -94,10 +106,11 @@ def test_device_topics_round_trip(kind: TopicKind, device_id: str) -> None:
 
 
 @settings(max_examples=100)
-@given(sha256=sha256s)
-def test_want_topics_round_trip(sha256: str) -> None:
-    name = want_topic(sha256)
-    assert parse_topic(name) == Topic(TopicKind.WANT, sha256=sha256)
+@given(device_id=device_ids, sha256=sha256s)
+def test_want_topics_round_trip(device_id: str, sha256: str) -> None:
+    name = want_topic(device_id, sha256)
+    assert parse_topic(name) == Topic(TopicKind.WANT, device_id=device_id, sha256=sha256)
+    assert rebuild(parse_topic(name)) == name
 
 
 @settings(max_examples=200)
@@ -162,7 +175,7 @@ BAD_SHAS = ["", "0" * 63, "0" * 65, SHA.upper(), "g" * 64, "+", "#", SHA[:-1] + 
 
 @pytest.mark.parametrize("sha256", BAD_SHAS, ids=repr)
 def test_invalid_sha256_is_rejected_by_builders(sha256: str) -> None:
-    for build in (want_topic, chunk_filter, lambda s: chunk_topic(s, 0)):
+    for build in (lambda s: want_topic("pi-01", s), chunk_filter, lambda s: chunk_topic(s, 0)):
         with pytest.raises(ProtocolError):
             build(sha256)
 
@@ -226,16 +239,19 @@ BAD_TOPICS = [
     "ef/v1/devices/pi-01/state/extra",
     "ef/v1/devices/pi-01/state/",
     "ef/v1/devices/pi-01/desired/#",
-    f"ef/v1/artifacts/{SHA}/want/extra",
-    f"ef/v1/artifacts/{SHA}/want/",
+    f"ef/v1/devices/pi-01/want/{SHA}/extra",
+    f"ef/v1/devices/pi-01/want/{SHA}/",
+    f"ef/v1/artifacts/{SHA}/want",  # where chunk requests were before they moved under the device
     f"ef/v1/artifacts/{SHA}/chunks/1/2",
     f"ef/v1/artifacts/{SHA}/chunks/1/",
     # bad sha
-    "ef/v1/artifacts/+/want",
-    "ef/v1/artifacts/#/want",
-    f"ef/v1/artifacts/{SHA.upper()}/want",
-    f"ef/v1/artifacts/{SHA[:-1]}/want",
-    f"ef/v1/artifacts/{SHA}0/want",
+    "ef/v1/devices/pi-01/want/+",
+    "ef/v1/devices/pi-01/want/#",
+    f"ef/v1/devices/pi-01/want/{SHA.upper()}",
+    f"ef/v1/devices/pi-01/want/{SHA[:-1]}",
+    f"ef/v1/devices/pi-01/want/{SHA}0",
+    f"ef/v1/devices/+/want/{SHA}",
+    f"ef/v1/devices/PI/want/{SHA}",
     f"ef/v1/artifacts/{'g' * 64}/chunks/0",
     # bad chunk index
     f"ef/v1/artifacts/{SHA}/chunks",
@@ -284,7 +300,9 @@ def test_device_id_with_trailing_newline_is_invalid() -> None:
     with pytest.raises(ProtocolError):
         device_topic(TopicKind.STATE, "pi-01\n")
     with pytest.raises(ProtocolError):
-        want_topic(SHA + "\n")
+        want_topic("pi-01", SHA + "\n")
+    with pytest.raises(ProtocolError):
+        want_topic("pi-01\n", SHA)
 
 
 _segments = st.one_of(
@@ -385,20 +403,20 @@ def test_device_filter_matches_its_kind_only(kind: TopicKind, device_id: str) ->
     for other in TopicKind:
         if other in DEVICE_KINDS:
             assert topic_matches_sub(plain, device_topic(other, device_id)) == (other is kind)
-    assert not topic_matches_sub(plain, want_topic(SHA))
+    assert not topic_matches_sub(plain, want_topic(device_id, SHA))
     assert not topic_matches_sub(plain, chunk_topic(SHA, 0))
 
 
 def test_want_and_chunk_filters() -> None:
-    assert all_wants_filter() == "ef/v1/artifacts/+/want"
-    assert all_wants_filter(shared=True) == "$share/edgefleet/ef/v1/artifacts/+/want"
-    assert topic_matches_sub(all_wants_filter(), want_topic(SHA))
+    assert all_wants_filter() == "ef/v1/devices/+/want/+"
+    assert all_wants_filter(shared=True) == "$share/edgefleet/ef/v1/devices/+/want/+"
+    assert topic_matches_sub(all_wants_filter(), want_topic("pi-01", SHA))
     assert not topic_matches_sub(all_wants_filter(), chunk_topic(SHA, 0))
     assert not topic_matches_sub(all_wants_filter(), device_topic(TopicKind.STATE, "pi-01"))
     assert chunk_filter(SHA) == f"ef/v1/artifacts/{SHA}/chunks/+"
     assert topic_matches_sub(chunk_filter(SHA), chunk_topic(SHA, 3))
     assert not topic_matches_sub(chunk_filter(SHA), chunk_topic(OTHER_SHA, 3))
-    assert not topic_matches_sub(chunk_filter(SHA), want_topic(SHA))
+    assert not topic_matches_sub(chunk_filter(SHA), want_topic("pi-01", SHA))
 
 
 def test_filters_are_not_concrete_topics() -> None:

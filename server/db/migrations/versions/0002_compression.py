@@ -28,7 +28,7 @@ def upgrade() -> None:
     with op.batch_alter_table("model_versions") as batch:
         batch.add_column(sa.Column("train_sha256", sa.String(length=64), nullable=True))
         batch.add_column(sa.Column("full_eval_sha256", sa.String(length=64), nullable=True))
-        batch.add_column(sa.Column("eval_labelled", sa.Boolean(), nullable=False, server_default=sa.text("1")))
+        batch.add_column(sa.Column("eval_labelled", sa.Boolean(), nullable=False, server_default=sa.true()))
     with op.batch_alter_table("artifacts") as batch:
         batch.add_column(sa.Column("recipe", sa.String(length=200), nullable=False, server_default=sa.text("''")))
         batch.add_column(sa.Column("gzip_bytes", sa.BigInteger(), nullable=True))

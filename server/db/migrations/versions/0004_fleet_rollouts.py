@@ -113,4 +113,4 @@ def downgrade() -> None:
     with op.batch_alter_table("devices") as batch:
         for column in ("reported_seq", "removed_at", "tags"):
             batch.drop_column(column)
-        batch.create_unique_constraint("uq_devices_name", ["name"])
+        batch.create_unique_constraint(_unique_name_constraint(), ["name"])  # the name upgrade() drops
