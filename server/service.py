@@ -93,6 +93,10 @@ SHARE_GROUP = "$share/edgefleet/"
 logger = logging.getLogger(__name__)
 
 BATCH = 500
+# The server acknowledges a message only once the batch holding it committed, and a broker sends a client
+# at most this many unacknowledged QoS 1 messages: room for the batch being committed and the next one
+# arriving meanwhile. (Mosquitto's own limit, max_inflight_messages, would otherwise cap a batch at 100.)
+RECEIVE_MAXIMUM = 2 * BATCH
 StoredReport = tuple[str, str, int]  # (device_id, boot_id, seq)
 SESSION_EXPIRY_S = 24 * 3600  # how long the broker queues reports for a server that is down (agents resend after)
 RETRY_BATCH_S = 2.0  # after the database refused a batch (locked, disk full)
@@ -176,6 +180,7 @@ class ServerService:
         self.link = MqttLink(
             broker, client_id=session_client_id(data_dir, replica), inbox=self.inbox,
             session_expiry_s=self.subscriptions.session_expiry_s, manual_ack=True, max_packet_bytes=MAX_SERVER_PACKET,
+            receive_maximum=RECEIVE_MAXIMUM,
         )
         self.engine = RolloutEngine(self.db, self.keys, self._publish, blobs=self.blobs, lease=self.lease)
         self.chunks = ChunkServer(self.blobs, self._publish_chunk)

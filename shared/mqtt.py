@@ -197,16 +197,20 @@ class MqttLink:
         manual_ack: bool = False,
         reconnect_delay_s: tuple[int, int] = (RECONNECT_MIN_S, RECONNECT_MAX_S),
         max_packet_bytes: int | None = None,
+        receive_maximum: int | None = None,
         network: NetworkLoop | None = None,
     ) -> None:
         """``max_packet_bytes``: the largest packet the broker may deliver to this client (MQTT 5 Maximum
         Packet Size); a broker drops a larger message for it instead of making it hold the whole thing in
-        memory before the decoder's size limit refuses it. ``network``: a loop shared with other links
-        (a simulated fleet) instead of paho's own thread for this one."""
+        memory before the decoder's size limit refuses it. ``receive_maximum``: how many QoS 1 messages
+        the broker may have sent this client unacknowledged (MQTT 5 Receive Maximum; the broker's own
+        limit applies when this is None). ``network``: a loop shared with other links (a simulated fleet)
+        instead of paho's own thread for this one."""
         self.broker = broker
         self._network = network
         self.retry_wait_s = float(reconnect_delay_s[0])  # the wait last announced (see _retry_in)
         self._max_packet_bytes = max_packet_bytes
+        self._receive_maximum = receive_maximum
         self._inbox = inbox
         self._subscriptions: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -309,6 +313,8 @@ class MqttLink:
         props.SessionExpiryInterval = self._session_expiry_s
         if self._max_packet_bytes is not None:
             props.MaximumPacketSize = self._max_packet_bytes
+        if self._receive_maximum is not None:
+            props.ReceiveMaximum = self._receive_maximum
         persistent = self._session_expiry_s > 0  # then every connect resumes the session, the first one too
         try:
             self._client.connect_async(

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from shared.errors import TransportError
-from shared.mqtt import BrokerAddress, MqttLink, probe_broker
+from shared.mqtt import BrokerAddress, Inbound, MqttLink, probe_broker
 
 LOGGER = "shared.mqtt"
 
@@ -179,3 +179,37 @@ def test_probe_of_a_port_that_never_answers_gives_up_in_time() -> None:
         with pytest.raises(TransportError, match="no answer to the connect within 1 s"):
             probe_broker(local(port), client_id="probe-3", timeout=1)
         assert time.monotonic() - started < 3
+
+
+def _unacknowledged_deliveries(links: list[MqttLink], broker: Any, **options: Any) -> int:
+    """How many of 400 QoS 1 messages a manual-ack link gets before it acknowledges any."""
+    inbox: queue.Queue[Any] = queue.Queue()
+    receiver = MqttLink(local(broker.port), client_id=f"receiver-{time.monotonic_ns()}", inbox=inbox,
+                        manual_ack=True, **options)
+    links.append(receiver)
+    receiver.subscribe("bench/window")
+    receiver.start()
+    assert receiver.wait_connected(10)
+    sender = start(links, local(broker.port))
+    assert sender.wait_connected(10)
+    time.sleep(0.3)  # the receiver's subscription is in place
+    for i in range(400):
+        sender.publish("bench/window", str(i).encode())
+    received = 0
+    deadline = time.monotonic() + 3  # long enough for 400 small messages, whatever the window
+    while time.monotonic() < deadline:
+        try:
+            item = inbox.get(timeout=0.1)
+        except queue.Empty:
+            continue
+        received += isinstance(item, Inbound)
+    return received
+
+
+def test_receive_maximum_widens_what_the_broker_sends_before_an_acknowledgement(
+    links: list[MqttLink], mosquitto: Any
+) -> None:
+    """The server acknowledges after its batch commits: without a wider window Mosquitto stops at its
+    max_inflight_messages (100 in every config edgefleet writes), and a batch never holds more."""
+    assert _unacknowledged_deliveries(links, mosquitto) == 100
+    assert _unacknowledged_deliveries(links, mosquitto, receive_maximum=300) == 300
