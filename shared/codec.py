@@ -125,17 +125,32 @@ def _decode(tp: Any, value: Any, path: str, lenient: bool) -> Any:
 
 
 @functools.cache
-def dataclass_schema(cls: Any) -> tuple[dict[str, Any], dict[str, dataclasses.Field[Any]]]:
-    """A dataclass's resolved type hints and init fields, worked out once per class: ``get_type_hints``
+def dataclass_schema(
+    cls: Any,
+) -> tuple[dict[str, Any], dict[str, dataclasses.Field[Any]], dict[str, tuple[type, bool]]]:
+    """A dataclass's resolved type hints, its init fields, and (type, whether null is allowed) of each field
+    typed str, bool, float or int, optionally ``| None``; worked out once per class: ``get_type_hints``
     evaluates every annotation string again on each call, which made it most of the cost of decoding
     (``bench/decode.py``)."""
-    return get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    return hints, fields, {name: scalar for name in fields if (scalar := _scalar(hints[name])) is not None}
+
+
+def _scalar(tp: Any) -> tuple[type, bool] | None:
+    if tp in (str, bool, float, int):
+        return tp, False
+    if get_origin(tp) in (Union, types.UnionType):
+        options = [option for option in get_args(tp) if option is not type(None)]
+        if len(options) == 1 and options[0] in (str, bool, float, int):
+            return options[0], True
+    return None
 
 
 def _decode_dataclass(cls: Any, value: Any, path: str, lenient: bool) -> Any:
     if not isinstance(value, dict):
         raise ProtocolError(f"{path}: expected an object")
-    hints, fields = dataclass_schema(cls)
+    hints, fields, scalars = dataclass_schema(cls)
     unknown = sorted(set(value) - set(fields))
     if unknown and not lenient:
         raise ProtocolError(f"{path}: unknown keys {unknown}")
@@ -145,7 +160,16 @@ def _decode_dataclass(cls: Any, value: Any, path: str, lenient: bool) -> Any:
             if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
                 raise ProtocolError(f"{path}: missing key {name!r}")
             continue
-        kwargs[name] = _decode(hints[name], value[name], f"{path}.{name}", lenient)
+        item = value[name]
+        scalar = scalars.get(name)
+        if scalar is not None:  # _decode's common case, inline: no call, no path string
+            kind = type(item)
+            if (kind is scalar[0] and (kind is str or kind is bool or (kind is float and math.isfinite(item))
+                                       or (kind is int and INT64_MIN <= item <= INT64_MAX))) or (
+                    item is None and scalar[1]):
+                kwargs[name] = item
+                continue
+        kwargs[name] = _decode(hints[name], item, f"{path}.{name}", lenient)
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as exc:

@@ -1,5 +1,5 @@
-"""parse_json_object accepts exactly the objects that can be encoded again, although it skips the second
-encoding for payloads that cannot hold a value that fails it (shared/canonical.py)."""
+"""parse_json_object accepts exactly the objects that can be encoded again, although it encodes again only
+payloads with an escape in them (shared/canonical.py)."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def test_a_payload_is_accepted_exactly_when_it_can_be_encoded_again(text: str) -
     if reencodes(text):
         assert parse_json_object(payload, max_bytes=LIMIT) == json.loads(text)
     else:
-        with pytest.raises(ProtocolError, match="not canonical JSON"):
+        with pytest.raises(ProtocolError):
             parse_json_object(payload, max_bytes=LIMIT)
 
 
@@ -54,7 +54,7 @@ def test_a_payload_is_accepted_exactly_when_it_can_be_encoded_again(text: str) -
     "1e309", "-1E+400", "2.5e0308", "9" * 310 + ".0", "1" + "0" * 210 + "e99", "17976931348623159" + "0" * 292 + ".5",
 ])
 def test_every_spelling_of_an_overflowing_float_is_refused(literal: str) -> None:
-    with pytest.raises(ProtocolError, match="not canonical JSON"):
+    with pytest.raises(ProtocolError, match="is out of range"):
         parse_json_object(f'{{"x":{literal}}}'.encode(), max_bytes=LIMIT)
 
 
