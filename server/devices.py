@@ -114,10 +114,12 @@ def register_device(
 
 def register_devices(
     db: Database, names: Sequence[str], profile: str, broker_secrets: Sequence[str | None], *,
-    actor: str | None = None,
+    actor: str | None = None, resume: Collection[str] = (),
 ) -> list[DeviceRow]:
     """Register many devices in one transaction (``edgefleet device register-fleet``): all of them, or none
-    when a name is invalid or already taken. ``broker_secrets``: each device's password hash, in order."""
+    when a name is invalid or already taken. ``broker_secrets``: each device's password hash, in order.
+    ``resume``: names an earlier run registered but died before writing their configs; one of them already
+    registered with ``profile`` gets the new password hash (the old password was never written down)."""
     if len(set(names)) != len(names):
         raise UserInputError("the device names to register must be distinct")
     if len(broker_secrets) != len(names):
@@ -128,12 +130,23 @@ def register_devices(
     with db.session() as session:
         get_profile(session, profile)
         wanted = set(names)
-        taken = sorted(d.name for d in queries.devices(session) if d.name in wanted)
-        if taken:
+        registered = {d.name: d for d in queries.devices(session) if d.name in wanted}
+        resumed = {n: d for n, d in registered.items() if n in resume and d.profile_name == profile}
+        if taken := sorted(set(registered) - set(resumed)):
             shown = ", ".join(taken[:3]) + (f" and {len(taken) - 3} more" if len(taken) > 3 else "")
             raise AlreadyExistsError(f"{len(taken)} of these names are already registered ({shown}); nothing was "
                                      "registered")
-        devices = [_add_device(session, name, profile, {}, actor, secret) for name, secret in zip(names, broker_secrets)]
+        devices = []
+        for name, secret in zip(names, broker_secrets):
+            device = resumed.get(name)
+            if device is None:
+                device = _add_device(session, name, profile, {}, actor, secret)
+            else:
+                device.broker_secret = secret
+                audit.record(session, "device.resumed", f"register-fleet wrote the config of {name} ({device.id}) "
+                             "that an interrupted run did not: a new broker password", actor=actor,
+                             device_id=device.id, data={"name": name})
+            devices.append(device)
         session.flush()
         return [DeviceRow.of(device) for device in devices]
 

@@ -7,9 +7,12 @@ CA file shared by all the configs in the output directory. Each device gets
 its own broker identity and its own agent.toml (mode 0600), the same text the
 single register writes (``server.devices.agent_config_toml``).
 
-Files are claimed before anything is registered, so a directory that already
-holds one of the configs fails up front and leaves nothing behind; a name
-already taken fails the transaction as a whole.
+Files are claimed (created empty) before anything is registered, so a
+directory that already holds one of the configs fails up front and leaves
+nothing behind; a name already taken fails the transaction as a whole. A run
+killed after claiming its files carries on when run again: a config still
+empty is its own leftover, and its device, if the first run registered it,
+gets a new broker password (the first one was never written down).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from server.roots import ROOT_FILE, RootStore, write_root_file
 from server.setup import Workspace
 from shared.agent_toml import BrokerIdentity
 from shared.errors import UserInputError
+from shared.failpoints import failpoint
 from shared.mqtt import BrokerAddress
 from shared.serve_address import DEFAULT_SERVE_LISTEN
 
@@ -60,16 +64,18 @@ def register_fleet(
     url = BrokerAddress.parse(broker or (BrokerSettings.load(layout).device_url() if managed
                                          else "mqtt://127.0.0.1:1883")).url()
     configs = [out_dir / f"{name}.toml" for name in names]
-    _claim_all(configs)
+    leftovers = _claim_all(configs)
+    failpoint("server.fleet.claimed")  # the configs claimed, nothing registered
     identities = [new_identity() if managed else ("", None) for _ in names]
     try:
         root = write_root_file(RootStore(workspace.data_dir.keys), out_dir / ROOT_FILE)
         devices = register_devices(workspace.db, names, profile, [hashed for _, hashed in identities],
-                                   actor=audit.operator())
+                                   actor=audit.operator(), resume={p.stem for p in leftovers})
     except BaseException:
-        for path in configs:
+        for path in set(configs) - leftovers:  # an earlier run's leftovers stay, for the run that resumes it
             path.unlink(missing_ok=True)
         raise
+    failpoint("server.fleet.registered")  # committed; the broker and the configs not written yet
     if managed:
         sync_broker(workspace.db, layout)  # once for the whole fleet: the running broker knows them all now
     for device, config, (password, _) in zip(devices, configs, identities):
@@ -77,22 +83,43 @@ def register_fleet(
         if managed:
             identity = write_device_files(layout, device.id, device.name, password, url, out_dir)
         slots = ((agent_data_root / device.name) if agent_data_root else out_dir / f"{device.name}-data").resolve()
-        config.write_text(agent_config_toml(device, identity, slots, serve_listen=serve_listen), encoding="utf-8")
+        _write_config(config, agent_config_toml(device, identity, slots, serve_listen=serve_listen))
     return FleetRegistration(devices, configs, url, root.version)
 
 
-def _claim_all(paths: list[Path]) -> None:
-    """Create every file empty with mode 0600, or none: a config that exists is never overwritten."""
-    if existing := [p for p in paths if p.exists()]:
-        raise UserInputError(f"{existing[0]} already exists ({len(existing)} of the configs do): choose another "
+def _write_config(path: Path, text: str) -> None:
+    """All of it or nothing, as far as a killed run is concerned: a temporary file renamed over the claim.
+    (Not fsynced: thousands of configs would take minutes. After a power cut, a config the rename left
+    empty is a leftover claim like any other, and a new run resumes it.)"""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # a temporary file a killed run left keeps its mode; so does the umask's
+        data = memoryview(text.encode())
+        while data:
+            data = data[os.write(fd, data):]
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def _claim_all(paths: list[Path]) -> set[Path]:
+    """Create every file empty with mode 0600, or none: a config that exists is never overwritten. An
+    empty one is the claim of an earlier run that died before writing it: taken over, and returned."""
+    existing = [p for p in paths if p.exists()]
+    if written := [p for p in existing if p.stat().st_size > 0]:
+        raise UserInputError(f"{written[0]} already exists ({len(written)} of the configs do): choose another "
                              "--out-dir or --prefix")
+    leftovers = set(existing)
     claimed: list[Path] = []
     try:
         paths[0].parent.mkdir(parents=True, exist_ok=True)
         for path in paths:
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-            claimed.append(path)
+            if path not in leftovers:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+                claimed.append(path)
     except OSError as exc:
         for path in claimed:
             path.unlink(missing_ok=True)
         raise UserInputError(f"cannot write the configs in {paths[0].parent}: {exc.strerror or exc}") from exc
+    return leftovers

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import re
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from agent.config import load_config
-from server.broker_setup import BrokerLayout, setup_broker
+from server.broker_setup import BrokerLayout, password_hash, setup_broker
 from tests.server.test_cli_errors import assert_ok, assert_user_error, run
 from tests.server.test_device_cli import audit_log, names
 
@@ -104,3 +108,37 @@ def test_an_existing_config_is_never_overwritten(data_dir: Path, tmp_path: Path)
     assert (out / "sim-00002.toml").read_text() == "mine"
     assert sorted(p.name for p in out.glob("*.toml")) == ["sim-00002.toml"]
     assert names(data_dir) == []
+
+
+@pytest.mark.parametrize(("failpoint", "registered"), [("server.fleet.claimed", False),
+                                                       ("server.fleet.registered", True)])
+def test_a_run_killed_midway_carries_on_when_run_again(data_dir: Path, tmp_path: Path, failpoint: str,
+                                                       registered: bool) -> None:
+    """SIGKILL after the configs are claimed, or after the devices are committed (their passwords only in
+    the dead process's memory): a new run for more devices takes the empty configs over, gives the devices
+    already registered new passwords, and registers the rest; nobody twice, every config usable."""
+    out = tmp_path / "fleet"
+    killed = subprocess.run(
+        [sys.executable, "-m", "edgefleet", "device", "register-fleet", "--prefix", "sim", "--count", "3",
+         "--profile", "rpi4", "--out-dir", str(out), "--data-dir", str(data_dir)],
+        env={**os.environ, "EDGEFLEET_FAILPOINTS": f"{failpoint}=kill"}, capture_output=True, text=True,
+        timeout=120, check=False)
+    assert killed.returncode == -9, killed.stderr
+    assert names(data_dir) == (["sim-00001", "sim-00002", "sim-00003"] if registered else [])
+    assert sorted((p.name, p.stat().st_size) for p in out.glob("sim-*.toml")) == [
+        (f"sim-0000{i}.toml", 0) for i in (1, 2, 3)]
+
+    listing = json.loads(register_fleet(data_dir, out, "--json", count="5"))
+
+    assert names(data_dir) == [f"sim-0000{i}" for i in range(1, 6)]
+    passwords = BrokerLayout(data_dir / "broker").passwords.read_text()
+    for device in listing["devices"]:
+        config = load_config(Path(device["config"]))
+        assert config.device.id == device["id"]
+        entry = re.search(rf"^{device['id']}:(\S+)$", passwords, re.MULTILINE).group(1)  # type: ignore[union-attr]
+        salt = base64.b64decode(entry.split("$")[3])
+        assert password_hash(config.broker.password, salt=salt) == entry  # what the broker checks
+    kinds = [e.kind for e in audit_log(data_dir)]
+    assert (kinds.count("device.registered"), kinds.count("device.resumed")) == (5, 3 if registered else 0)
+    assert not list(out.glob(".*.tmp"))
+
