@@ -329,9 +329,7 @@ class ServerService:
         for kind in sorted(kinds):
             failpoint(f"server.committed.{kind}")  # committed, not acknowledged
         self._acknowledge_reports(stored)
-        for item in items:  # committed: now the broker may forget them
-            if isinstance(item, Inbound):
-                self.link.ack(item)
+        self.link.ack_all([item for item in items if isinstance(item, Inbound)])  # committed: the broker may forget them
 
     def _decode(self, item: Inbound, outcomes: list[tuple[str, str]]) -> tuple[Inbound, Topic, Any] | None:
         """The message of ``item`` with its topic, if the server consumes it and it is well-formed; None

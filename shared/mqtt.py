@@ -30,8 +30,10 @@ from __future__ import annotations
 import logging
 import queue
 import ssl
+import struct
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -174,6 +176,15 @@ class _Client(paho.Client):
         except OSError as exc:
             self.last_connect_error = exc
             raise
+
+    def ack_all(self, mids: Sequence[int]) -> None:
+        """PUBACK each QoS 1 message of ``mids`` (``manual_ack``), all in one write. paho's ``ack`` queues
+        each as a packet of its own, waking its network thread and making a system call for each: for a
+        server acknowledging batches of hundreds, most of its acknowledging time. (A PUBACK of remaining
+        length 2, reason code omitted, means success: what paho itself sends.)"""
+        if mids:
+            acks = b"".join(struct.pack("!BBH", paho.PUBACK, 2, mid) for mid in mids)
+            self._packet_queue(paho.PUBACK, acks, 0, 1)
 
 
 class NetworkLoop(Protocol):
@@ -380,6 +391,14 @@ class MqttLink:
         earlier connection is not acknowledged: the broker delivers it again on this one."""
         if self._manual_ack and message.qos > 0 and message.connection == self._connection:
             self._client.ack(message.mid, message.qos)
+
+    def ack_all(self, messages: Sequence[Inbound]) -> None:
+        """``ack`` for many messages, the QoS 1 ones (every one a server subscribes to) in one write."""
+        current = [m for m in messages if self._manual_ack and m.qos > 0 and m.connection == self._connection]
+        self._client.ack_all([m.mid for m in current if m.qos == 1])
+        for message in current:
+            if message.qos == 2:
+                self._client.ack(message.mid, message.qos)
 
     def stop(self, *, final: tuple[str, bytes] | None = None) -> None:
         """Disconnect cleanly, optionally publishing one last retained message first."""

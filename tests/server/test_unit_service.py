@@ -376,15 +376,15 @@ class AckRecorder:
     def __init__(self) -> None:
         self.acked: list[Inbound] = []
 
-    def __call__(self, message: Inbound) -> None:
-        self.acked.append(message)
+    def __call__(self, messages: list[Inbound]) -> None:
+        self.acked.extend(messages)
 
 
 def test_messages_are_acknowledged_to_the_broker_only_after_the_batch_committed(
     setup: Setup, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     recorder = AckRecorder()
-    monkeypatch.setattr(setup.service.link, "ack", recorder)
+    monkeypatch.setattr(setup.service.link, "ack_all", recorder)
     good = [valid_event(setup, 1, "downloading"), valid_event(setup, 2, "verifying")]
     malformed = inbound(device_topic(TopicKind.EVENTS, setup.cam), b"{")
 
@@ -483,7 +483,7 @@ def test_a_deployment_another_replica_changed_meanwhile_fails_the_batch_which_th
     from server import ingest
 
     recorder = AckRecorder()
-    monkeypatch.setattr(setup.service.link, "ack", recorder)
+    monkeypatch.setattr(setup.service.link, "ack_all", recorder)
     real = ingest.advance_deployment
 
     def engine_writes_first(session: Any, device: Any, deployment: Deployment, *args: Any) -> bool:

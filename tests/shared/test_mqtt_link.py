@@ -181,6 +181,19 @@ def test_probe_of_a_port_that_never_answers_gives_up_in_time() -> None:
         assert time.monotonic() - started < 3
 
 
+def _receive(inbox: queue.Queue[Any], seconds: float) -> list[Inbound]:
+    received: list[Inbound] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            item = inbox.get(timeout=0.1)
+        except queue.Empty:
+            continue
+        if isinstance(item, Inbound):
+            received.append(item)
+    return received
+
+
 def _unacknowledged_deliveries(links: list[MqttLink], broker: Any, **options: Any) -> int:
     """How many of 400 QoS 1 messages a manual-ack link gets before it acknowledges any."""
     inbox: queue.Queue[Any] = queue.Queue()
@@ -195,15 +208,7 @@ def _unacknowledged_deliveries(links: list[MqttLink], broker: Any, **options: An
     time.sleep(0.3)  # the receiver's subscription is in place
     for i in range(400):
         sender.publish("bench/window", str(i).encode())
-    received = 0
-    deadline = time.monotonic() + 3  # long enough for 400 small messages, whatever the window
-    while time.monotonic() < deadline:
-        try:
-            item = inbox.get(timeout=0.1)
-        except queue.Empty:
-            continue
-        received += isinstance(item, Inbound)
-    return received
+    return len(_receive(inbox, 3))  # long enough for 400 small messages, whatever the window
 
 
 def test_receive_maximum_widens_what_the_broker_sends_before_an_acknowledgement(
@@ -213,3 +218,37 @@ def test_receive_maximum_widens_what_the_broker_sends_before_an_acknowledgement(
     max_inflight_messages (100 in every config edgefleet writes), and a batch never holds more."""
     assert _unacknowledged_deliveries(links, mosquitto) == 100
     assert _unacknowledged_deliveries(links, mosquitto, receive_maximum=300) == 300
+
+
+def test_acknowledging_a_batch_at_once_counts_every_message(links: list[MqttLink], mosquitto: Any) -> None:
+    """ack_all (one write for a batch's PUBACKs, as the server sends them): the broker sends the rest once the
+    first window is acknowledged, and after a reconnect to the same session it delivers nothing again."""
+    client_id = f"receiver-{time.monotonic_ns()}"
+
+    def receiver() -> tuple[MqttLink, queue.Queue[Any]]:
+        inbox: queue.Queue[Any] = queue.Queue()
+        link = MqttLink(local(mosquitto.port), client_id=client_id, inbox=inbox, manual_ack=True,
+                        session_expiry_s=60)
+        links.append(link)
+        link.subscribe("bench/acks")
+        link.start()
+        assert link.wait_connected(10)
+        return link, inbox
+
+    first, inbox = receiver()
+    sender = start(links, local(mosquitto.port))
+    assert sender.wait_connected(10)
+    time.sleep(0.3)
+    for i in range(250):
+        sender.publish("bench/acks", str(i).encode())
+    window = _receive(inbox, 1.5)
+    assert len(window) == 100  # the broker's max_inflight_messages: it waits for acknowledgements
+    first.ack_all(window)
+    rest = _receive(inbox, 1.5)
+    first.ack_all(rest)
+    assert [m.payload for m in window + rest] == [str(i).encode() for i in range(250)]  # in order, each once
+    time.sleep(0.5)
+    first.stop()
+
+    _, again = receiver()  # the same session: whatever it had not acknowledged would come again now
+    assert _receive(again, 1.5) == []
