@@ -358,7 +358,9 @@ class RolloutStep:
             return None
         previous = None
         if kind is DeploymentKind.INSTALL and device.active_deployment_id is not None:
-            active = self.session.get(Deployment, device.active_deployment_id)
+            # A committed row: no need to flush the deployments added so far first (once per device: quadratic).
+            with self.session.no_autoflush:
+                active = self.session.get(Deployment, device.active_deployment_id)
             previous = active.release_id if active is not None and active.device_id == device.id else None
         if kind is DeploymentKind.INSTALL and previous is None and device.id in self.installs:
             previous = self.installs[device.id].previous_release_id  # sent again after a reset: still owed that

@@ -7,11 +7,13 @@ Devices report through ``server.ingest`` exactly as the server applies MQTT repo
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import pytest
-from sqlalchemy import select
-from sqlalchemy.orm import selectinload
+from sqlalchemy import event, select
+from sqlalchemy.orm import Session, selectinload
 
 from server.db.models import AuditEvent, Deployment, Device, Rollout, Wave
 from server.devices import register_device
@@ -469,3 +471,34 @@ def test_the_servers_deployment_states_extend_what_agents_report() -> None:
     assert {s.value for s in UpdateState} <= {s.value for s in DeploymentState}
     assert all(DeploymentState.of(s).is_final == s.is_final for s in UpdateState)
     assert set(queries.FINAL_STATES) == {s.value for s in FINAL_DEPLOYMENT_STATES}
+
+
+@contextmanager
+def counted_flushes() -> Iterator[list[int]]:
+    count = [0]
+
+    def flushed(*_: object) -> None:
+        count[0] += 1
+
+    event.listen(Session, "after_flush", flushed)
+    try:
+        yield count
+    finally:
+        event.remove(Session, "after_flush", flushed)
+
+
+@pytest.mark.parametrize("upgrade", [False, True], ids=["first-install", "upgrade"])
+def test_a_wave_costs_a_few_flushes_whatever_its_size(fleet: Fleet, upgrade: bool) -> None:
+    """Each deployment used to flush every deployment added before it (an autoflush per directive number, and
+    per replaced deployment on an upgrade): quadratic in the wave, minutes for a wave of thousands."""
+    more = tuple(f"box-{i:02d}" for i in range(40))
+    fleet.ids |= {name: register_device(fleet.workspace.db, name, "x86-64").id for name in more}
+    if upgrade:
+        first = fleet.start(waves="100%", names=NAMES + more)
+        for name, deployment in fleet.deployments(first).items():
+            fleet.commit(name, deployment)
+        fleet.tick()
+    with counted_flushes() as flushes:
+        rollout_id = fleet.start(waves="100%", names=NAMES + more)
+    assert len(fleet.deployments(rollout_id)) == 45
+    assert flushes[0] < 10, flushes
