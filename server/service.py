@@ -94,8 +94,10 @@ logger = logging.getLogger(__name__)
 
 BATCH = 500
 # The server acknowledges a message only once the batch holding it committed, and a broker sends a client
-# at most this many unacknowledged QoS 1 messages: room for the batch being committed and the next one
-# arriving meanwhile. (Mosquitto's own limit, max_inflight_messages, would otherwise cap a batch at 100.)
+# at most this many unacknowledged QoS 1 messages (MQTT 5 Receive Maximum): room for the batch being
+# committed and the next one arriving meanwhile. Without it the broker's own limit applies: Mosquitto's
+# max_inflight_messages (100 in edgefleet's configs; tests/shared/test_mqtt_link.py sees it hold the first
+# window to 100), EMQX's max_inflight (32 by default).
 RECEIVE_MAXIMUM = 2 * BATCH
 StoredReport = tuple[str, str, int]  # (device_id, boot_id, seq)
 SESSION_EXPIRY_S = 24 * 3600  # how long the broker queues reports for a server that is down (agents resend after)
