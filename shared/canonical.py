@@ -14,6 +14,7 @@ from shared.errors import ProtocolError
 # that depends on the caller's stack, and fail somewhere other than here.
 MAX_JSON_DEPTH = 64
 
+
 def canonical_json(value: Any) -> bytes:
     """Sorted keys, no whitespace, UTF-8, no NaN/Infinity."""
     try:
