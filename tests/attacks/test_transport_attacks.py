@@ -76,6 +76,17 @@ def received(inbox: queue.Queue[Any], topic: str, timeout: float = 10.0) -> list
     return got
 
 
+def subscribed(inbox: queue.Queue[Any], attacker: paho.Client, topic: str, probe: bytes) -> None:
+    """Until ``probe``, published on ``topic``, reaches ``inbox``: the link's subscription (sent when it
+    connected) is in place, so what the attack publishes next is routed to it. The probe is taken out."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        attacker.publish(topic, probe, qos=1).wait_for_publish(10)
+        if [m for m in received(inbox, topic, timeout=0.5) if m.payload == probe]:
+            return
+    raise AssertionError(f"nothing published on {topic} reached the link")
+
+
 def test_oversized_message_for_the_agent_at_the_broker(
     harness: AttackHarness, mosquitto: Any, attacker: paho.Client
 ) -> None:
@@ -116,6 +127,7 @@ def test_oversized_message_for_the_server_at_the_broker(tmp_path: Path, mosquitt
         link.start()
         assert link.wait_connected(10)
         topic = device_topic(TopicKind.TELEMETRY, server.device)
+        subscribed(server.service.inbox, attacker, topic, b'{"probe":1}')
         huge = b'{"v":1,"pad":"' + b"x" * (1 << 20) + b'"}'
         assert len(huge) > MAX_SERVER_PACKET
         small = b'{"v":1,"surprise":true}'
