@@ -35,6 +35,9 @@ CORRUPT_RETRY_S = 1.0  # how soon a chunk that came corrupt is asked for again
 CORRUPT_PATIENCE_REQUESTS = 3  # ... and for how many regular request intervals without a good chunk
 PROGRESS_LOG_S = 5.0  # download progress is logged at most this often, and at every quarter
 MiB = 1024 * 1024
+# Chunks asked for (and subscribed to, one topic each) at a time: 64 MiB at the default chunk size. The
+# next window is asked for as soon as this one is in, so a large file costs one request per window.
+WANT_WINDOW_CHUNKS = 256
 
 
 class ChunkVerdict(enum.Enum):
@@ -75,20 +78,15 @@ class ChunkAssembler:
     def complete(self) -> bool:
         return len(self.held) == self.count
 
-    def missing_ranges(self, limit: int = 64) -> list[tuple[int, int]]:
-        """Missing chunk indices as [start, end) ranges."""
-        ranges: list[tuple[int, int]] = []
-        start = None
-        for i in range(self.count + 1):
-            missing = i < self.count and i not in self.held
-            if missing and start is None:
-                start = i
-            elif not missing and start is not None:
-                ranges.append((start, i))
-                start = None
-                if len(ranges) >= limit:
+    def next_window(self, limit: int = WANT_WINDOW_CHUNKS) -> list[int]:
+        """The first ``limit`` missing chunk indices: what the next request asks for, and listens for."""
+        window: list[int] = []
+        for index in range(self.count):
+            if index not in self.held:
+                window.append(index)
+                if len(window) == limit:
                     break
-        return ranges
+        return window
 
     def accept(self, index: int, data: bytes) -> ChunkVerdict:
         """Check one chunk against its signed digest and write it; raises StorageError only."""
@@ -132,6 +130,17 @@ class ChunkAssembler:
         fsync_file(self.part)
 
 
+def as_ranges(indices: list[int]) -> list[tuple[int, int]]:
+    """Ascending chunk indices as [start, end) ranges."""
+    ranges: list[tuple[int, int]] = []
+    for index in indices:
+        if ranges and ranges[-1][1] == index:
+            ranges[-1] = (ranges[-1][0], index + 1)
+        else:
+            ranges.append((index, index + 1))
+    return ranges
+
+
 @dataclass
 class Download:
     assemblers: dict[str, ChunkAssembler]  # by file sha256
@@ -139,6 +148,7 @@ class Download:
     last_progress: float = field(default_factory=time.monotonic)
     stored_this_round: bool = False
     corrupt_this_round: list[str] = field(default_factory=list)
+    windows: dict[str, set[int]] = field(default_factory=dict)  # by file: chunks asked for and still missing
     barren_rounds: int = 0  # rounds in a row that brought corrupt copies and nothing good
 
     @property

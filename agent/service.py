@@ -14,7 +14,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, Protocol
 
 from agent.config import AgentConfig
@@ -47,7 +47,7 @@ from shared.messages import (
     encode_payload,
 )
 from shared.mqtt import Inbound, LinkDown, LinkUp, MqttLink, NetworkLoop, Will
-from shared.topics import ROOT_TOPIC, Topic, TopicKind, chunk_filter, device_topic, parse_topic, want_topic
+from shared.topics import ROOT_TOPIC, Topic, TopicKind, chunk_topic, device_topic, parse_topic, want_topic
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +85,7 @@ class AgentService:
         self._rejections_held = 0
         self.inbox: queue.Queue[Any] = queue.Queue() if inbox is None else inbox
         self.stopping = threading.Event()
+        self._chunk_topics: dict[str, set[str]] = {}  # by file: the chunk topics subscribed to
         offline = encode_payload(Availability(v=PROTOCOL_VERSION, online=False))
         self.link = MqttLink(
             config.broker_address(),
@@ -251,11 +252,16 @@ class AgentService:
         except EdgefleetError as exc:
             logger.warning("could not ask for chunks: %s", exc)
 
-    def watch_chunks(self, sha256: str, watch: bool) -> None:
-        if watch:
-            self.link.subscribe(chunk_filter(sha256))
-        else:
-            self.link.unsubscribe(chunk_filter(sha256))
+    def watch_chunks(self, sha256: str, indices: Collection[int]) -> None:
+        """One topic per chunk still missing, not the file's wildcard: the server publishes a chunk for
+        whoever asked, and a device listening to all of them would receive every copy that any device in
+        the wave asked for, again and again until its own download ends (quadratic in a large wave)."""
+        wanted = {chunk_topic(sha256, index) for index in indices}
+        held = self._chunk_topics.pop(sha256, set())
+        if wanted:
+            self._chunk_topics[sha256] = wanted
+        self.link.unsubscribe(*sorted(held - wanted))
+        self.link.subscribe(*sorted(wanted - held))
 
     # -- inbound -------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Protocol
 
@@ -33,6 +33,7 @@ from agent.download import (
     ChunkAssembler,
     ChunkVerdict,
     Download,
+    as_ranges,
     verify_file,
 )
 from agent.files import fsync_file
@@ -84,7 +85,8 @@ class Reporter(Protocol):
 
     def want(self, sha256: str, ranges: list[tuple[int, int]]) -> None: ...
 
-    def watch_chunks(self, sha256: str, watch: bool) -> None: ...
+    def watch_chunks(self, sha256: str, indices: Collection[int]) -> None:
+        """Receive these chunks of the file from now on, and no others (none: stop listening)."""
 
 
 class Updater:
@@ -216,9 +218,15 @@ class Updater:
         if progress is not None:
             logger.info("downloading %s for deployment %s: %s", assembler.entry.name, self.record.deployment_id,
                         progress)
+        window = download.windows.setdefault(sha256, set())
+        window.discard(index)
         if assembler.complete:
-            self.reporter.watch_chunks(sha256, False)
+            self.reporter.watch_chunks(sha256, ())
             self.step()
+        elif window:
+            self.reporter.watch_chunks(sha256, window)  # a copy published for another device no longer comes
+        else:
+            self._ask(download, sha256, assembler)  # this window is in: the next one at once
 
     def tick(self) -> None:
         """Periodic work: see whether the trial ended, re-ask for missing chunks (resume, or soon
@@ -265,9 +273,16 @@ class Updater:
             return
         for sha256, assembler in download.assemblers.items():
             if not assembler.complete:
-                self.reporter.watch_chunks(sha256, True)
-                self.reporter.want(sha256, assembler.missing_ranges())
+                self._ask(download, sha256, assembler)
         download.last_request = self.monotonic()
+
+    def _ask(self, download: Download, sha256: str, assembler: ChunkAssembler) -> None:
+        """Listen for the file's next window of missing chunks, then ask for them (the subscription is in
+        place before the server can answer: both go out on one connection, in this order)."""
+        window = assembler.next_window()
+        download.windows[sha256] = set(window)
+        self.reporter.watch_chunks(sha256, window)
+        self.reporter.want(sha256, as_ranges(window))
 
     def step(self) -> None:
         """Run handlers until one waits in an unchanged state. A verified newer directive waiting while
@@ -518,7 +533,7 @@ class Updater:
     def _discard_downloads(self) -> None:
         if self._download is not None:
             for sha256 in self._download.assemblers:
-                self.reporter.watch_chunks(sha256, False)
+                self.reporter.watch_chunks(sha256, ())
         self._download = None
         shutil.rmtree(self.downloads_dir, ignore_errors=True)
 

@@ -42,6 +42,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from shared.errors import ConfigError, TransportError
 
@@ -276,8 +277,8 @@ class MqttLink:
         logger.info("connected to %s", self.broker.url())
         with self._lock:
             subscriptions = list(self._subscriptions.items())
-        for topic_filter, qos in subscriptions:
-            client.subscribe(topic_filter, qos=qos)
+        if subscriptions:  # one SUBSCRIBE: an agent amid a download may hold a filter per chunk it misses
+            client.subscribe([(f, SubscribeOptions(qos=qos)) for f, qos in subscriptions])
         with self._lock:
             self._connection += 1
         self.connected.set()
@@ -341,17 +342,20 @@ class MqttLink:
     def wait_connected(self, timeout: float) -> bool:
         return self.connected.wait(timeout)
 
-    def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+    def subscribe(self, *topic_filters: str, qos: int = 1) -> None:
+        """Subscribe to each filter (in one SUBSCRIBE), now if connected and again on every connect."""
         with self._lock:
-            self._subscriptions[topic_filter] = qos
-        if self.connected.is_set():
-            self._client.subscribe(topic_filter, qos=qos)
+            for topic_filter in topic_filters:
+                self._subscriptions[topic_filter] = qos
+        if topic_filters and self.connected.is_set():
+            self._client.subscribe([(f, SubscribeOptions(qos=qos)) for f in topic_filters])
 
-    def unsubscribe(self, topic_filter: str) -> None:
+    def unsubscribe(self, *topic_filters: str) -> None:
+        """End the subscriptions among ``topic_filters`` that this link holds (in one UNSUBSCRIBE)."""
         with self._lock:
-            known = self._subscriptions.pop(topic_filter, None)
-        if known is not None and self.connected.is_set():
-            self._client.unsubscribe(topic_filter)
+            known = [f for f in topic_filters if self._subscriptions.pop(f, None) is not None]
+        if known and self.connected.is_set():
+            self._client.unsubscribe(known)
 
     def publish(
         self,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 import errno
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ class RecordingReporter:
         self.wants: list[tuple[str, list[tuple[int, int]]]] = []
         self.unanswered: collections.deque[tuple[str, list[tuple[int, int]]]] = collections.deque()
         self.watching: set[str] = set()
-        self.watch_log: list[tuple[str, bool]] = []
+        self.watch_log: list[tuple[str, list[int]]] = []  # (file, the chunks listened for from then on)
         self.state_changes = 0
 
     def event(self, deployment_id: str, state: UpdateState, reason: str) -> None:
@@ -59,9 +59,9 @@ class RecordingReporter:
         self.wants.append((sha256, list(ranges)))
         self.unanswered.append((sha256, list(ranges)))
 
-    def watch_chunks(self, sha256: str, watch: bool) -> None:
-        self.watch_log.append((sha256, watch))
-        if watch:
+    def watch_chunks(self, sha256: str, indices: Collection[int]) -> None:
+        self.watch_log.append((sha256, sorted(indices)))
+        if indices:
             self.watching.add(sha256)
         else:
             self.watching.discard(sha256)

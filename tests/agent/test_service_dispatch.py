@@ -165,8 +165,10 @@ def test_a_valid_desired_state_while_disconnected_starts_the_download_without_ra
     # next connection's hello and chunk requests repeat them.
     modes = service.offline_modes  # type: ignore[attr-defined]
     assert modes == {TopicKind.EVENTS: "queue", TopicKind.STATE: "drop", TopicKind.WANT: "drop"}
-    # Chunk subscriptions are remembered for the next connection.
-    assert set(service.link._subscriptions) >= {f"ef/v1/artifacts/{release.model_sha}/chunks/+"}
+    # A subscription to each missing chunk, remembered for the next connection; never the file's wildcard.
+    model_chunks = {f"ef/v1/artifacts/{release.model_sha}/chunks/{i}" for i in range(len(release.manifest.file("model").chunks))}
+    assert set(service.link._subscriptions) >= model_chunks
+    assert not any(f.endswith("/+") for f in service.link._subscriptions)
 
 
 def test_a_rejected_desired_state_is_reported_while_disconnected(

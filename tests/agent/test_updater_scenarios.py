@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from agent.download import WANT_WINDOW_CHUNKS
 from agent.record import TrustedState, UpdateRecord
 from agent.states import State
 from shared.errors import StorageError
@@ -37,7 +38,9 @@ from tests.agent.material import (
     BENCHMARK,
     GATES,
     REQUEST_INTERVAL,
+    chunk_of,
     make_config,
+    payload,
     trusted_bytes,
 )
 
@@ -249,6 +252,49 @@ def test_update_scenario(sc: Scenario, harness: Harness, monkeypatch: pytest.Mon
         assert h.updater.slots.active_slot() == "a"
         assert h.active_model_bytes() == first.model
         assert not h.slot_file("b").exists()  # a rolled-back or failed stage leaves no half slot
+
+
+def test_a_large_file_is_asked_for_and_listened_to_one_window_of_missing_chunks_at_a_time(harness: Harness) -> None:
+    """The agent listens only for chunks it still misses: one topic each, dropped as each one arrives (a copy
+    another device asked for no longer reaches it), and the next window is asked for as soon as one is in."""
+    h = harness
+    count = 2 * WANT_WINDOW_CHUNKS + 10
+    release = h.release(version=1, model=payload("large-model", count * 64))
+    h.updater.offer(release.desired)
+    model = release.model_sha
+    assert (model, [(0, WANT_WINDOW_CHUNKS)]) in h.reporter.wants
+    assert h.reporter.watch_log[-2:] == [(model, list(range(WANT_WINDOW_CHUNKS))), (release.eval_sha, [0, 1, 2])]
+
+    h.reporter.unanswered.remove((model, [(0, WANT_WINDOW_CHUNKS)]))  # answered chunk by chunk below
+    h.updater.on_chunk(model, 5, chunk_of(release.model, 5))
+    assert h.reporter.watch_log[-1] == (model, [i for i in range(WANT_WINDOW_CHUNKS) if i != 5])
+    for index in range(WANT_WINDOW_CHUNKS - 1):
+        if index != 5:
+            h.updater.on_chunk(model, index, chunk_of(release.model, index))
+    assert [sha for sha, _ in h.reporter.unanswered] == [release.eval_sha]  # a chunk is still out: no new ask
+    h.updater.on_chunk(model, WANT_WINDOW_CHUNKS - 1, chunk_of(release.model, WANT_WINDOW_CHUNKS - 1))
+    second = list(range(WANT_WINDOW_CHUNKS, 2 * WANT_WINDOW_CHUNKS))
+    assert h.reporter.watch_log[-1] == (model, second)
+    assert h.reporter.unanswered[-1] == (model, [(WANT_WINDOW_CHUNKS, 2 * WANT_WINDOW_CHUNKS)])
+
+    h.pump()
+    assert h.reporter.wants[-1] == (model, [(2 * WANT_WINDOW_CHUNKS, count)])
+    assert h.reporter.watching == set()
+    assert h.reporter.states() == HAPPY
+    assert h.slot_file("a").read_bytes() == release.model
+
+
+def test_a_resumed_download_asks_and_listens_only_for_the_chunks_the_disk_lacks(harness: Harness) -> None:
+    h = harness
+    release = h.release(version=1)
+    h.updater.offer(release.desired)
+    h.reporter.unanswered.clear()
+    for index in (0, 2, 3):
+        h.updater.on_chunk(release.model_sha, index, chunk_of(release.model, index))
+    h.reporter.clear()
+    h.restart().resume()
+    assert (release.model_sha, [(1, 2), (4, 5)]) in h.reporter.wants
+    assert (release.model_sha, [1, 4]) in h.reporter.watch_log
 
 
 # -- happy path in detail ----------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from shared.errors import TransportError
-from shared.mqtt import BrokerAddress, Inbound, MqttLink, probe_broker
+from shared.mqtt import BrokerAddress, Inbound, LinkUp, MqttLink, probe_broker
 
 LOGGER = "shared.mqtt"
 
@@ -252,3 +252,42 @@ def test_acknowledging_a_batch_at_once_counts_every_message(links: list[MqttLink
 
     _, again = receiver()  # the same session: whatever it had not acknowledged would come again now
     assert _receive(again, 1.5) == []
+
+
+def test_several_filters_in_one_call_are_held_dropped_and_renewed_on_reconnect(
+    links: list[MqttLink], mosquitto: Any
+) -> None:
+    """subscribe/unsubscribe with several filters (an agent's one topic per missing chunk): what arrives is
+    exactly what the link still holds, also after the broker restarted and the link subscribed anew."""
+    from server.broker import Mosquitto
+
+    inbox: queue.Queue[Any] = queue.Queue()
+    link = MqttLink(local(mosquitto.port), client_id=f"chunks-{time.monotonic_ns()}", inbox=inbox)
+    links.append(link)
+    link.subscribe("file/0", "file/1", "file/2", "file/3")  # before the first connection: sent on connect
+    link.start()
+    assert link.wait_connected(10)
+    link.subscribe("file/4", "file/5")
+    link.unsubscribe("file/1", "file/5", "file/never")
+
+    def delivered() -> list[str]:
+        sender = start(links, local(mosquitto.port))
+        assert sender.wait_connected(10)
+        time.sleep(0.3)  # the receiver's subscriptions travel on its own connection
+        for i in range(7):
+            sender.publish(f"file/{i}", b"x")
+        return sorted(m.topic for m in _receive(inbox, 1.0))
+
+    assert delivered() == ["file/0", "file/2", "file/3", "file/4"]
+
+    mosquitto.kill()
+    again = Mosquitto(mosquitto.workdir, port=mosquitto.port).start()
+    try:
+        deadline = time.monotonic() + 15
+        while not isinstance(inbox.get(timeout=max(0.0, deadline - time.monotonic())), LinkUp):
+            pass  # the connection lost, then back: the link subscribed anew (a new broker has no session)
+        assert delivered() == ["file/0", "file/2", "file/3", "file/4"]
+    finally:
+        for started in links:
+            started.stop()
+        again.stop()
