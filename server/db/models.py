@@ -256,6 +256,12 @@ class Deployment(Base):
     """One device's part of a rollout."""
 
     __tablename__ = "deployments"
+    # Every report looks up its device's open deployments, and the engine a rollout's: without these, each
+    # was a scan of every deployment ever made (quadratic in a rollout's size).
+    __table_args__ = (
+        Index("ix_deployments_device_seq", "device_id", "seq"),
+        Index("ix_deployments_rollout", "rollout_id"),
+    )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     rollout_id: Mapped[str] = mapped_column(ForeignKey("rollouts.id"))
