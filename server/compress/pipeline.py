@@ -28,7 +28,7 @@ import numpy as np
 from server.compress.evalset import EvalSet, write_eval_file
 from server.compress.progress import BuildEvent, ProgressCallback, Step, ignore
 from server.compress.quantization import Quantization
-from server.compress.recipes import Recipe, Transform
+from server.compress.recipes import Recipe, Transform, parse_recipe
 from server.compress.sources import KerasSource, PrebuiltSource, SavedModelSource
 from shared.benchmark import BenchmarkSettings
 from shared.errors import EdgefleetError, UserInputError
@@ -302,17 +302,29 @@ def choose(reports: list[VariantReport], goal: ProfileGoal, reference: float) ->
     def preferred_first(i: int) -> int:
         return 0 if judged[i].quantization == goal.preferred.value else 1
 
+    def accuracy(i: int) -> float:
+        return judged[i].accuracy or 0.0
+
+    # A transform that left the shipped file as large as the plain quantization's (pruning whose sparse
+    # encoding fell back to dense, say) gained nothing a device sees: the simpler variant is chosen.
+    plain = {judged[i].quantization: size(i) for i in ok if not parse_recipe(judged[i].recipe).transforms}
+    shadowed = {i for i in ok
+                if parse_recipe(judged[i].recipe).transforms and size(i) == plain.get(judged[i].quantization)}
+    for i in shadowed:
+        judged[i] = replace(judged[i], reason=f"ships as many bytes as plain {judged[i].quantization}: the "
+                                              "simpler variant is preferred")
+    eligible = [i for i in ok if i not in shadowed]
     if goal.objective == "size":
-        best = min(size(i) for i in ok)
-        band = [i for i in ok if size(i) <= best * (1 + SIZE_TIE)]
+        best = min(size(i) for i in eligible)
+        band = [i for i in eligible if size(i) <= best * (1 + SIZE_TIE)]
         pick = min(band, key=lambda i: (p95(i), preferred_first(i)))
         why = f"smallest within {SIZE_TIE:.0%} ({size(pick)} bytes); then lowest p95"
     else:
-        best_p95 = min(p95(i) for i in ok)
-        band = [i for i in ok if p95(i) <= max(best_p95 * (1 + LATENCY_NOISE), best_p95 + LATENCY_NOISE_MS)]
-        pick = min(band, key=lambda i: (preferred_first(i), size(i), p95(i)))
+        best_p95 = min(p95(i) for i in eligible)
+        band = [i for i in eligible if p95(i) <= max(best_p95 * (1 + LATENCY_NOISE), best_p95 + LATENCY_NOISE_MS)]
+        pick = min(band, key=lambda i: (preferred_first(i), -accuracy(i), size(i), p95(i)))
         why = (f"p95 within noise ({LATENCY_NOISE:.0%}/{LATENCY_NOISE_MS * 1000:.0f} µs) of the best "
-               f"{best_p95:.4f} ms; then preferred {goal.preferred.value}, then size")
+               f"{best_p95:.4f} ms; then preferred {goal.preferred.value}, then accuracy, then size")
     judged[pick] = replace(judged[pick], verdict="chosen", reason=why)
     return judged
 

@@ -141,3 +141,35 @@ def test_sparse_encoding_falls_back_when_xnnpack_would_not_delegate_it(
     decision, note = sparse_encoding_verdict(dense, dense_parts, sparse, sparse_parts)
     assert decision is use_sparse
     assert fragment in note
+
+
+def test_inside_the_latency_band_higher_accuracy_wins_before_smaller_size() -> None:
+    band = [
+        variant("int8", size=53_000, acc=0.975, p95=0.200),
+        variant("distill:0.5+int8", size=20_000, acc=0.972, p95=0.195),
+        variant("lowrank:0.9+int8", size=30_000, acc=0.978, p95=0.205),
+    ]
+    chosen = choose(band, ProfileGoal("rpi4", Q.INT8), REFERENCE)
+    assert [r.recipe for r in chosen if r.chosen] == ["lowrank:0.9+int8"]
+    assert "then accuracy, then size" in next(r for r in chosen if r.chosen).reason
+    equal = [variant("int8", size=53_000, acc=0.975, p95=0.2), variant("distill:0.5+int8", size=20_000, acc=0.975,
+                                                                        p95=0.2)]
+    assert [r.recipe for r in choose(equal, ProfileGoal("rpi4", Q.INT8), REFERENCE) if r.chosen] == ["distill:0.5+int8"]
+
+
+@pytest.mark.parametrize("objective", ["latency", "size"])
+def test_a_transform_that_ships_as_many_bytes_as_the_plain_variant_is_not_preferred(objective: str) -> None:
+    """Pruning whose sparse encoding fell back to dense int8 ships a file as large as plain int8: even a bit
+    faster and a bit more accurate in the host's measurement, the simpler variant is chosen."""
+    reports = [
+        variant("float32", size=176_000, acc=0.98, p95=0.5),
+        variant("int8", size=53_000, acc=0.975, p95=0.200),
+        variant("prune:0.5+int8", size=53_000, acc=0.976, p95=0.199),
+    ]
+    chosen = choose(reports, ProfileGoal("rpi4", Q.INT8, objective=objective), REFERENCE)
+    assert verdicts(chosen) == {"float32": "ok", "int8": "chosen", "prune:0.5+int8": "ok"}
+    pruned = next(r for r in chosen if r.recipe == "prune:0.5+int8")
+    assert pruned.reason == "ships as many bytes as plain int8: the simpler variant is preferred"
+    # Without the plain variant to compare with, the pruned one is a candidate like any other.
+    alone = choose([reports[0], reports[2]], ProfileGoal("rpi4", Q.INT8, objective=objective), REFERENCE)
+    assert [r.recipe for r in alone if r.chosen] == ["prune:0.5+int8"]
