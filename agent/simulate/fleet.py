@@ -1,12 +1,19 @@
-"""Many simulated devices in one process, on three threads.
+"""Many simulated devices in one process, on a handful of threads.
 
 Each device is a real ``AgentService`` (updater, trust, download, slots,
 outbox on disk under its own data directory) with the runtime stand-in of
 ``agent/simulate/runtime.py``. Instead of a paho thread and a loop thread per
-device: one ``SharedNetwork`` thread drives every connection, and the caller's
-thread steps the services: the one whose inbox just received something at
-once (its inbox says so), and all of them every ``TICK_S``, as a real agent's
-loop does when its inbox stays empty.
+device: one ``SharedNetwork`` thread drives every connection, and
+``STEPPERS`` threads step the services, each its own share of them: the one
+whose inbox just received something at once (its inbox says so), and all of
+them every ``TICK_S``, as a real agent's loop does when its inbox stays empty.
+
+Why several stepping threads: an install is mostly durable writes (the
+update record, the outbox, the slot, each fsynced), and a real device waits
+for its own disk while the others wait for theirs. One thread stepping
+thousands of devices would wait for every fsync in turn; the fleet fell
+behind its chunks, whose copies then piled up in the inboxes (0.8 MiB per
+device). fsync releases the GIL, so the steppers' waits overlap.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from shared.interpreter import RuntimeInfo
 logger = logging.getLogger(__name__)
 
 TICK_S = 0.5  # as a real agent's loop: its inbox wait
+STEPPERS = 8  # threads stepping the services (device i belongs to thread i % STEPPERS)
 STOP_GRACE_S = 10.0
 
 
@@ -149,8 +157,10 @@ class SimulatedFleet:
         self.configs = configs
         self.runtime = runtime
         self.network = SharedNetwork()
-        self._ready: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._steppers = max(1, min(STEPPERS, len(configs)))
+        self._ready: list[queue.SimpleQueue[int]] = [queue.SimpleQueue() for _ in range(self._steppers)]
         self.services: list[AgentService] = []
+        self._failure: BaseException | None = None  # what ended a stepping thread, raised by run()
 
     def _service(self, index: int, config: AgentConfig) -> AgentService:
         starter = self.runtime.starter(config.device.id)
@@ -159,7 +169,7 @@ class SimulatedFleet:
             return Updater(config, reporter, start_trial=starter)
 
         return SimulatedAgent(config, updater_factory=updater, serving_factory=lambda *a, **k: NoServing(),
-                              inbox=ReadyInbox(index, self._ready), network=self.network)
+                              inbox=ReadyInbox(index, self._ready[index % self._steppers]), network=self.network)
 
     def run(self, stop: StopFlag, duration: float | None = None) -> FleetSummary:
         """Run every device until ``stop`` is set (or ``duration`` seconds passed), then disconnect them."""
@@ -176,7 +186,7 @@ class SimulatedFleet:
             summary.start_seconds = time.monotonic() - started
             logger.info("%d simulated devices started in %.1f s", len(self.services), summary.start_seconds)
             deadline = None if duration is None else started + duration
-            self._loop(stop, deadline)
+            self._step_all(stop, deadline)
             summary.rss_bytes, summary.threads = process_memory()
         finally:
             summary.connected = sum(1 for s in self.services if s.link.connected.is_set())
@@ -190,21 +200,41 @@ class SimulatedFleet:
         summary.active = dict(sorted(Counter(_active(s) for s in self.services).items()))
         return summary
 
-    def _loop(self, stop: StopFlag, deadline: float | None) -> None:
+    def _step_all(self, stop: StopFlag, deadline: float | None) -> None:
+        """Step every share of the devices on its own thread until ``stop`` or ``deadline``; the caller's
+        thread waits with them (and raises what ended one of them: the others then stop too)."""
+        threads = [threading.Thread(target=self._loop, args=(k, stop, deadline), name=f"simulate-step-{k}",
+                                    daemon=True) for k in range(self._steppers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if self._failure is not None:
+            raise self._failure
+
+    def _loop(self, share: int, stop: StopFlag, deadline: float | None) -> None:
+        try:
+            self._run_share(share, stop, deadline)
+        except BaseException as exc:  # ends the fleet: run() raises it on the caller's thread
+            self._failure = self._failure or exc
+
+    def _run_share(self, share: int, stop: StopFlag, deadline: float | None) -> None:
+        services = self.services[share::self._steppers]
+        ready_queue = self._ready[share]
         next_tick = time.monotonic() + TICK_S
-        while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
+        while not stop.is_set() and self._failure is None and (deadline is None or time.monotonic() < deadline):
             ready: set[int] = set()
             try:
-                ready.add(self._ready.get(timeout=max(0.0, min(next_tick - time.monotonic(), TICK_S))))
+                ready.add(ready_queue.get(timeout=max(0.0, min(next_tick - time.monotonic(), TICK_S))))
                 while True:
-                    ready.add(self._ready.get_nowait())
+                    ready.add(ready_queue.get_nowait())
             except queue.Empty:
                 pass
             for index in sorted(ready):
                 self._step(self.services[index], tick=True)
             if time.monotonic() >= next_tick:
                 next_tick = time.monotonic() + TICK_S
-                for service in self.services:
+                for service in services:
                     self._step(service, tick=True)
 
     def _step(self, service: AgentService, *, tick: bool) -> None:
