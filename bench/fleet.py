@@ -38,6 +38,8 @@ Columns:
 - **server CPU**: CPU seconds of every replica during the rollout ÷ its
   duration (1.00 = one core busy); **peak RSS MiB**: the largest replica's
   high-water mark over its life;
+- **simulator MiB/1,000**: the simulator processes' high-water marks added
+  up, per 1,000 devices (what a laptop needs to play the fleet);
 - **result**: ``ok``, or why the row has no numbers.
 
 Everything (broker, PostgreSQL, servers, simulator) shares this host's cores.
@@ -110,6 +112,7 @@ class Row:
     server_cpu: float | None = None
     peak_rss: int | None = None
     installs: int | None = None  # install directives sent: one per device unless some device got it twice
+    simulator_peak: int | None = None  # bytes, the simulator's processes added up
 
 
 def cli(env: dict[str, str], *args: str, timeout: float = 900) -> str:
@@ -118,6 +121,13 @@ def cli(env: dict[str, str], *args: str, timeout: float = 900) -> str:
     if done.returncode != 0:
         raise BenchFailure(f"edgefleet {' '.join(args[:2])} failed: {done.stderr.strip().splitlines()[-1:]}")
     return done.stdout
+
+
+def child_pids(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
 
 
 def cpu_seconds(pid: int) -> float:
@@ -233,9 +243,12 @@ class FleetRun:
         files = artifact_files(self.db, rollout_id)
         sent = monitor.bytes_by_file()
         peak = max((peak_rss_bytes(p.pid) or 0) for p in self.servers())
+        simulator = self.procs["simulate"].pid
+        simulator_peak = sum(peak_rss_bytes(pid) or 0 for pid in [simulator, *child_pids(simulator)])
         return Row(self.config, online_s=self.online_s, seconds=seconds,
                    egress_ratio=sum(sent[sha] for sha in files) / sum(files.values()),
-                   rows_per_s=rows / seconds, server_cpu=cpu / seconds, peak_rss=peak, installs=self.installs)
+                   rows_per_s=rows / seconds, server_cpu=cpu / seconds, peak_rss=peak, installs=self.installs,
+                   simulator_peak=simulator_peak)
 
     def wait_committed(self, rollout_id: str, started: float) -> None:
         assert self.db is not None
@@ -303,7 +316,7 @@ def cell(value: float | None, fmt: str) -> str:
 def print_table(rows: list[Row]) -> None:
     header = ["devices", "backend", "replicas", "online after s", "start → all committed s", "devices/min",
               "vs AWS IoT Jobs (1,000/min)", "directives ÷ devices", "egress ÷ artifact", "rows/s",
-              "server CPU (cores)", "peak RSS MiB", "result"]
+              "server CPU (cores)", "peak RSS MiB", "simulator MiB/1,000", "result"]
     lines = []
     for row in rows:
         rate = row.config.devices / row.seconds * 60 if row.seconds else None
@@ -313,7 +326,9 @@ def print_table(rows: list[Row]) -> None:
             f"{rate / AWS_IOT_JOBS_MAX_PER_MIN:.2f}x" if rate else "-",
             cell(row.installs / row.config.devices if row.installs else None, ".2f"), cell(row.egress_ratio, ".2f"),
             cell(row.rows_per_s, ".0f"), cell(row.server_cpu, ".2f"),
-            cell(row.peak_rss / 2**20 if row.peak_rss else None, ".0f"), row.result,
+            cell(row.peak_rss / 2**20 if row.peak_rss else None, ".0f"),
+            cell(row.simulator_peak / 2**20 / row.config.devices * 1000 if row.simulator_peak else None, ".0f"),
+            row.result,
         ])
     print(markdown_table(header, lines))
 

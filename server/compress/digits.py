@@ -63,10 +63,46 @@ def build_digits_cnn(seed: int = 0) -> Any:
     return model
 
 
+def build_digits_resnet(seed: int = 0, width: int = 48, blocks: int = 2) -> Any:
+    """A small residual net on the same digits (about 85k parameters at width 48), compiled with Adam.
+
+    A stem convolution, then ``blocks`` residual blocks (convolution, batch norm, ReLU, convolution, batch
+    norm, added to the block's input, ReLU), global average pooling and two Dense layers: the shape of the
+    ResNets users bring, small enough to train in seconds. Batch norm uses momentum 0.9: with Keras' 0.99
+    its moving statistics lag the weights of so short a training, and the net predicts by chance outside it."""
+    keras = import_keras()
+    keras.utils.set_random_seed(seed)
+    layers = keras.layers
+    pixels = keras.Input(shape=DIGITS_INPUT_SHAPE, name="pixels")
+    x = layers.ReLU(name="stem_relu")(layers.BatchNormalization(momentum=0.9, name="stem_bn")(
+        layers.Conv2D(width, 3, padding="same", use_bias=False, name="stem_conv")(pixels)))
+    for b in range(blocks):
+        y = layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"block{b}_conv1")(x)
+        y = layers.ReLU(name=f"block{b}_relu1")(layers.BatchNormalization(momentum=0.9, name=f"block{b}_bn1")(y))
+        y = layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"block{b}_conv2")(y)
+        y = layers.BatchNormalization(momentum=0.9, name=f"block{b}_bn2")(y)
+        x = layers.ReLU(name=f"block{b}_out")(layers.Add(name=f"block{b}_add")([x, y]))
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    x = layers.Dense(64, activation="relu", name="hidden")(x)
+    scores = layers.Dense(DIGITS_CLASSES, activation="softmax", name="scores")(x)
+    model = keras.Model(pixels, scores, name="digits_resnet")
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate=2e-3), loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    return model
+
+
 def train_digits_cnn(epochs: int = DEFAULT_EPOCHS, seed: int = 0) -> tuple[Any, EvalSet]:
     """A trained digits CNN and the held-out test set it was not trained on."""
     train, test = digits_split(seed)
     model = build_digits_cnn(seed)
+    model.fit(train.x, train.y, epochs=epochs, batch_size=32, shuffle=True, verbose=0)
+    return model, test
+
+
+def train_digits_resnet(epochs: int = DEFAULT_EPOCHS, seed: int = 0) -> tuple[Any, EvalSet]:
+    """A trained residual digits net and the held-out test set."""
+    train, test = digits_split(seed)
+    model = build_digits_resnet(seed)
     model.fit(train.x, train.y, epochs=epochs, batch_size=32, shuffle=True, verbose=0)
     return model, test
 

@@ -121,6 +121,11 @@ def _apply(transform: Transform, model: Any, inputs: CompressionInputs) -> tuple
             epochs=inputs.epochs,
         )
         return pruned.model, {"zero_fraction": round(pruned.zero_fraction, 4), "layers_pruned": pruned.layers_pruned}
+    if transform.kind == "prune-units":
+        from server.compress.structured import prune_units
+
+        narrowed = prune_units(model, train, fraction=transform.value or 0.5, epochs=inputs.epochs)
+        return narrowed.model, {"units": narrowed.units, "untouched": narrowed.untouched}
     if transform.kind == "distill":
         from server.compress.distill import distill, width_scaled_student
 
@@ -212,6 +217,8 @@ def build_variant(
     representative = (inputs.train or inputs.evalset).x
     try:
         model, details = transformed_model(recipe, inputs, step)
+        if model is not None:
+            details["params"] = int(model.count_params())
         step(Step.CONVERT, "")
         if recipe.transforms:
             tflite = convert(model, recipe.quantization, representative)

@@ -3,7 +3,8 @@
 Text form, as users type it and as reports show it::
 
     int8                      quantize only
-    prune:0.5+int8            magnitude pruning to 50% sparsity, fine-tuned, then full int8
+    prune:0.5+int8            weight pruning: 50% of the weights zeroed (magnitude), fine-tuned, then full int8
+    prune-units:0.5+int8      neuron/filter pruning: half the units and filters removed, fine-tuned, then int8
     prune24+float16           2:4 structured sparsity
     distill:0.5+int8          distil into a half-width copy of the model
     distill:student+int8      distil into the student architecture given with --student
@@ -22,12 +23,13 @@ from shared.errors import UserInputError
 
 TRANSFORMS = {
     "prune": "target sparsity in (0, 1)",
+    "prune-units": "fraction of units and filters to remove, in (0, 1)",
     "prune24": "2:4 structured sparsity (no value)",
     "distill": "student width in (0, 1], or 'student' for the --student model",
     "lowrank": "energy to keep in (0, 1]",
 }
 RETRAINING = frozenset(TRANSFORMS)  # every transform fine-tunes or trains on data
-_STEP = re.compile(r"([a-z0-9]+)(?::([0-9.]+|student))?")
+_STEP = re.compile(r"([a-z0-9]+(?:-[a-z0-9]+)*)(?::([0-9.]+|student))?")
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,8 @@ def auto_candidates(
     retraining transforms (when there is data to retrain on) with the preferred one."""
     candidates = [Recipe((), q) for q in quantizations]
     if has_training_data:
-        transforms = [Transform("prune", 0.5), Transform("prune", 0.8), Transform("distill", 0.5)]
+        transforms = [Transform("prune", 0.5), Transform("prune", 0.8), Transform("prune-units", 0.5),
+                      Transform("distill", 0.5)]
         if has_large_dense:
             transforms.append(Transform("lowrank", 0.9))
         if has_student:

@@ -1,4 +1,5 @@
-"""``auto`` with training data: the report lists pruning at 50% and 80% with gzip sizes; limits refuse rollouts."""
+"""``auto`` with training data: the report lists weight pruning at 50% and 80% with gzip sizes and neuron/filter
+pruning with its parameter count; limits refuse rollouts."""
 
 from __future__ import annotations
 
@@ -43,8 +44,8 @@ def test_auto_with_training_data_reports_every_step_and_picks_within_budget(
     (report,) = build_profiles(workspace.db, workspace.blobs, with_training_data, ["rpi4"], settings=QUICK_BENCHMARK)
     variants = {v.recipe: v for v in report.variants}
     assert set(variants) == {
-        "int8", "dynamic_range", "float16", "float32", "prune:0.5+int8", "prune:0.8+int8", "distill:0.5+int8",
-        "lowrank:0.9+int8",
+        "int8", "dynamic_range", "float16", "float32", "prune:0.5+int8", "prune:0.8+int8", "prune-units:0.5+int8",
+        "distill:0.5+int8", "lowrank:0.9+int8",
     }
     for recipe in ("prune:0.5+int8", "prune:0.8+int8"):
         pruned = variants[recipe]
@@ -54,6 +55,10 @@ def test_auto_with_training_data_reports_every_step_and_picks_within_budget(
         assert pruned.gzip_bytes is not None and pruned.size_bytes is not None
         assert "encoding" in pruned.details  # sparse shipped, or the reason it fell back to dense
     assert variants["prune:0.8+int8"].gzip_bytes < variants["int8"].gzip_bytes  # type: ignore[operator]
+    narrowed = variants["prune-units:0.5+int8"]
+    assert narrowed.verdict != "failed", narrowed.reason
+    assert narrowed.details["params"] < 0.6 * variants["int8"].details["params"]
+    assert narrowed.size_bytes < 0.6 * variants["int8"].size_bytes  # type: ignore[operator]
     assert variants["distill:0.5+int8"].details["student_params"] < variants["distill:0.5+int8"].details[
         "teacher_params"]
     (chosen,) = [v for v in report.variants if v.chosen]

@@ -19,6 +19,9 @@ Q = Quantization
         ("prune:0.5+int8", Recipe((Transform("prune", 0.5),), Q.INT8)),
         ("Prune:0.50 + INT8", Recipe((Transform("prune", 0.5),), Q.INT8)),
         ("prune24+float16", Recipe((Transform("prune24"),), Q.FLOAT16)),
+        ("prune-units:0.5+int8", Recipe((Transform("prune-units", 0.5),), Q.INT8)),
+        ("Prune-Units:0.25+prune:0.5+float16", Recipe((Transform("prune-units", 0.25), Transform("prune", 0.5)),
+                                                     Q.FLOAT16)),
         ("distill:0.5+lowrank:0.9+int16x8", Recipe((Transform("distill", 0.5), Transform("lowrank", 0.9)), Q.INT16X8)),
         ("distill:student+int8", Recipe((Transform("distill"),), Q.INT8)),
     ],
@@ -43,6 +46,10 @@ def test_recipes_parse_and_print_canonically(text: str, expected: Recipe) -> Non
         ("prune:0.5+prune:0.8+int8", "repeats a step"),
         ("prune:x+int8", "unknown step"),
         ("prune:student+int8", "only distill takes 'student'"),
+        ("prune-units:1+int8", "fraction of units and filters to remove, in (0, 1)"),
+        ("prune-units+int8", "prune-units needs a value"),
+        ("prune-+int8", "unknown step"),
+        ("-prune:0.5+int8", "unknown step"),
     ],
 )
 def test_bad_recipes_are_clear_errors(text: str, fragment: str) -> None:
@@ -56,7 +63,8 @@ def test_auto_candidates_add_retraining_steps_only_with_training_data() -> None:
     assert [str(r) for r in plain] == ["int8", "float32"]
     full = auto_candidates((Q.INT8, Q.FLOAT32), Q.INT8, has_training_data=True, has_large_dense=True)
     assert [str(r) for r in full] == [
-        "int8", "float32", "prune:0.5+int8", "prune:0.8+int8", "distill:0.5+int8", "lowrank:0.9+int8",
+        "int8", "float32", "prune:0.5+int8", "prune:0.8+int8", "prune-units:0.5+int8", "distill:0.5+int8",
+        "lowrank:0.9+int8",
     ]
     no_dense = auto_candidates((Q.INT8,), Q.INT8, has_training_data=True, has_large_dense=False)
     assert "lowrank:0.9+int8" not in [str(r) for r in no_dense]
