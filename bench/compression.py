@@ -3,7 +3,9 @@
     python bench/compression.py [--quick] [--skip-imagenet]
 
 (a) a digits CNN trained here (scikit-learn's bundled digits), with training
-    data, so the retraining steps (pruning, distillation, low-rank) run too;
+    data, so the retraining steps (pruning, distillation, low-rank) run too,
+    and a small residual net on the same data (neuron/filter pruning next to
+    a residual add);
 (b) keras.applications MobileNetV2 (alpha 0.35, 96x96) and EfficientNetB0
     (224x224), weights=None (nothing is downloaded): size and latency only;
     their "accuracy" is top-1 agreement with their own float32 model on
@@ -39,6 +41,7 @@ from shared.benchmark import BenchmarkSettings
 QUANTIZATIONS = ["float32", "dynamic_range", "float16", "int8", "int8_float_io", "int16x8"]
 DIGITS_RECIPES = QUANTIZATIONS + [
     "prune:0.5+float32", "prune:0.8+float32", "prune:0.5+int8", "prune:0.8+int8", "prune24+int8",
+    "prune-units:0.5+float32", "prune-units:0.5+int8",
     "distill:0.5+float32", "distill:0.5+int8", "lowrank:0.5+float32", "lowrank:0.5+int8",
 ]
 IMAGENET_RECIPES = ["float32", "dynamic_range", "float16", "int8", "int16x8"]
@@ -50,6 +53,17 @@ def digits_case(epochs: int) -> tuple[str, CompressionInputs, list[str]]:
     model, test = train_digits_cnn(epochs=epochs)
     train, _ = digits_split()
     return "digits CNN", CompressionInputs(model, test, train, epochs=3), DIGITS_RECIPES
+
+
+RESNET_RECIPES = ["float32", "int8", "prune-units:0.5+float32", "prune-units:0.5+int8"]
+
+
+def resnet_case(epochs: int) -> tuple[str, CompressionInputs, list[str]]:
+    from server.compress.digits import digits_split, train_digits_resnet
+
+    model, test = train_digits_resnet(epochs=epochs)
+    train, _ = digits_split()
+    return "digits ResNet", CompressionInputs(model, test, train, epochs=3), RESNET_RECIPES
 
 
 def imagenet_case(name: str, samples: int) -> tuple[str, CompressionInputs, list[str]]:
@@ -103,6 +117,9 @@ def print_table(rows: list[tuple[str, VariantReport]], references: dict[str, flo
             notes.append(encoding.split(" (")[0] + " encoding")
         if "student_params" in r.details:
             notes.append(f"params {r.details['teacher_params']}->{r.details['student_params']}")
+        if "units" in r.details:
+            notes.append(f"params {b.details.get('params') if b else '?'}->{r.details.get('params')}; units "
+                         + ",".join(v.split("/")[0] for v in r.details["units"].values()))
         if "ranks" in r.details:
             notes.append("ranks " + ",".join(str(v) for v in r.details["ranks"].values()))
         lines.append([
@@ -124,7 +141,7 @@ def main() -> None:
     parser.add_argument("--skip-imagenet", action="store_true", help="only the digits CNN")
     args = parser.parse_args()
     settings = BenchmarkSettings(min_seconds=0.2, min_runs=20) if args.quick else BenchmarkSettings()
-    cases = [digits_case(epochs=5 if args.quick else 15)]
+    cases = [digits_case(epochs=5 if args.quick else 15), resnet_case(epochs=3 if args.quick else 10)]
     if not args.skip_imagenet:
         samples = 8 if args.quick else 32
         cases += [imagenet_case("MobileNetV2", samples), imagenet_case("EfficientNetB0", samples)]

@@ -372,7 +372,8 @@ def report_table(report: ProfileReport) -> str:
 
     rows = [
         [
-            ("* " if v.chosen else "  ") + v.recipe + (" [experiment]" if is_experiment(v) else ""), cell(v.size_bytes), ratio(v.size_bytes, base), cell(v.gzip_bytes),
+            ("* " if v.chosen else "  ") + v.recipe + (" [experiment]" if is_experiment(v) else ""),
+            params_cell(v.details.get("params")), cell(v.size_bytes), ratio(v.size_bytes, base), cell(v.gzip_bytes),
             cell(v.accuracy, ".4f"),
             f"{v.accuracy - report.reference_accuracy:+.4f}" if v.accuracy is not None else "-",
             cell(v.p50_ms, ".4f"), ratio(v.p50_ms, base_p50), cell(v.p95_ms, ".4f"), human_bytes(v.peak_rss_bytes),
@@ -387,9 +388,24 @@ def report_table(report: ProfileReport) -> str:
     if not report.eval_labelled:
         header += "\n(the eval set has no labels: ACCURACY is top-1 agreement with the float model)"
     return header + "\n" + table(
-        ["RECIPE", "BYTES", "VS F32", "GZIP", "ACCURACY", "DELTA", "P50 MS", "VS F32", "P95 MS", "RSS", "VERDICT",
-         "WHY"], rows,
-    ) + load_errors_table(report)
+        ["RECIPE", "PARAMS", "BYTES", "VS F32", "GZIP", "ACCURACY", "DELTA", "P50 MS", "VS F32", "P95 MS", "RSS",
+         "VERDICT", "WHY"], rows,
+    ) + units_notes(report) + load_errors_table(report)
+
+
+def params_cell(params: int | None) -> str:
+    return "-" if params is None else f"{params / 1000:.1f}k"
+
+
+def units_notes(report: ProfileReport) -> str:
+    """For each neuron/filter-pruned variant: the units each layer kept, and the layers left whole and why."""
+    lines = []
+    for v in report.variants:
+        if "units" in v.details:
+            kept = ", ".join(f"{layer} {units}" for layer, units in v.details["units"].items())
+            whole = "; ".join(f"{layer} ({why})" for layer, why in v.details.get("untouched", {}).items())
+            lines.append(f"{v.recipe}: units kept {kept}" + (f"; left whole: {whole}" if whole else ""))
+    return "\n" + "\n".join(lines) if lines else ""
 
 
 def load_errors_table(report: ProfileReport) -> str:
