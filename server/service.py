@@ -103,6 +103,7 @@ StoredReport = tuple[str, str, int]  # (device_id, boot_id, seq)
 SESSION_EXPIRY_S = 24 * 3600  # how long the broker queues reports for a server that is down (agents resend after)
 RETRY_BATCH_S = 2.0  # after the database refused a batch (locked, disk full)
 IDENTITY_SYNC_S = 5.0  # how soon a device removed by a command that died before telling the broker is cut off
+TICK_SHARE_FACTOR = 2.0  # the next engine tick waits at least twice as long as the last one took
 
 
 def session_client_id(data_dir: DataDir, replica: str = DEFAULT_REPLICA) -> str:
@@ -417,6 +418,12 @@ class ServerService:
         except EdgefleetError as exc:  # tried again at the next interval
             logger.error("could not update the broker's identities: %s", exc)
 
+    def next_tick_in(self, tick_s: float) -> float:
+        """Seconds until the next engine tick. A tick reads every device and deployment: with thousands of them
+        it takes a good part of a second, and back to back ticks would leave the reports waiting. So the loop
+        gives the engine at most a third of its time, and ticks often enough to keep the lease."""
+        return min(max(self.tick_interval, TICK_SHARE_FACTOR * tick_s), self.lease.ttl_s / 3)
+
     def _wait_s(self, next_tick: float) -> float:
         """How long the loop may wait for messages: until the next tick or chunk window closes."""
         due = self.chunks.next_due()
@@ -473,6 +480,7 @@ class ServerService:
                         self.stopping.wait(RETRY_BATCH_S)
                 self.chunks.flush()
                 if time.monotonic() >= next_tick:
+                    tick_started = time.monotonic()
                     self.check_root()
                     try:
                         self.engine.tick()  # renews the lease, or finds another replica holds it
@@ -483,7 +491,7 @@ class ServerService:
                     was_leading = self._leading
                     if self.follow_leadership() and not was_leading:
                         self.check_root()  # publish the root now, not a tick later
-                    next_tick = time.monotonic() + self.tick_interval
+                    next_tick = time.monotonic() + self.next_tick_in(time.monotonic() - tick_started)
                 if not self._leading:
                     continue
                 if time.monotonic() >= next_compaction:

@@ -269,7 +269,8 @@ class Deployment(Base):
     release_id: Mapped[int] = mapped_column(ForeignKey("releases.id"))
     seq: Mapped[int] = mapped_column(Integer)  # per-device directive sequence number
     min_accuracy_gate: Mapped[float] = mapped_column(Float)
-    directive: Mapped[dict[str, Any] | None] = mapped_column(default=None)  # SignedEnvelope as JSON
+    # SignedEnvelope as JSON, loaded only when read: the engine and ingest load deployments by the thousand
+    directive: Mapped[dict[str, Any] | None] = mapped_column(default=None, deferred=True)
     state: Mapped[str] = mapped_column(String(32), default="pending")
     reason: Mapped[str] = mapped_column(Text, default="")
     accuracy: Mapped[float | None] = mapped_column(Float, default=None)

@@ -6,7 +6,7 @@ from collections.abc import Collection, Sequence
 from datetime import datetime
 
 from sqlalchemy import and_, exists, func, or_, select, update
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, selectinload, undefer
 from sqlalchemy.orm.attributes import set_committed_value
 
 from server.db.models import (
@@ -216,6 +216,7 @@ def unpublished_deployments(session: Session) -> Sequence[Deployment]:
     ones withdrawn after they were sent (the engine clears their retained desired state)."""
     return session.scalars(
         select(Deployment)
+        .options(undefer(Deployment.directive))  # each is signed or re-sent: loaded with the row, not one by one
         .join(Device, Deployment.device_id == Device.id)
         .where(Deployment.published_at.is_(None), _LIVE)
         .order_by(Deployment.created_at)

@@ -7,6 +7,7 @@ import time
 
 import pytest
 from sqlalchemy import select
+from sqlalchemy.orm import undefer
 
 from server.db import Database
 from server.db.models import Deployment, Rollout
@@ -42,7 +43,8 @@ def trusted_keys(workspace: Workspace) -> TrustedKeys:
 def deployments_of(db: Database, rollout_id: str) -> dict[str, Deployment]:
     """{device id: deployment}, detached (the session factory does not expire on commit)."""
     with db.session() as session:
-        rows = session.scalars(select(Deployment).where(Deployment.rollout_id == rollout_id)).all()
+        rows = session.scalars(select(Deployment).options(undefer(Deployment.directive))
+                               .where(Deployment.rollout_id == rollout_id)).all()
         return {d.device_id: d for d in rows}
 
 

@@ -505,3 +505,12 @@ def test_a_deployment_another_replica_changed_meanwhile_fails_the_batch_which_th
     monkeypatch.setattr(ingest, "advance_deployment", real)
     setup.service.handle_batch(batch)  # the loop's retry
     assert recorder.acked == batch and deployment_state(setup) == "failed"
+
+
+def test_the_engine_ticks_at_most_a_third_of_the_time_but_often_enough_to_keep_its_lease(setup: Setup) -> None:
+    from server.service import TICK_SHARE_FACTOR
+
+    service = setup.service
+    assert service.next_tick_in(0.01) == service.tick_interval  # a quick tick: the usual interval
+    assert service.next_tick_in(0.9) == pytest.approx(TICK_SHARE_FACTOR * 0.9)  # a slow one: twice its time
+    assert service.next_tick_in(60.0) == pytest.approx(service.lease.ttl_s / 3)  # never past a third of the lease
