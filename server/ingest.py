@@ -111,8 +111,12 @@ def reconcile_deployments(session: Session, device: Device, message: DeviceState
 def settle_superseded(session: Session, device: Device, seq: int) -> None:
     """The device has taken the directive numbered ``seq``: its older deployments still open are over
     (it ends or cancels one install before it takes the next, so it never ran them or its word was lost)."""
-    for deployment in queries.open_deployments(session, device.id):
-        if deployment.seq < seq:
+    # Asked for every report: without a flush of the batch so far (one per report was most of the ingest's
+    # time), so a deployment an earlier report of the batch just ended still reads as open; its state says.
+    with session.no_autoflush:
+        older = queries.open_deployments(session, device.id, below_seq=seq)
+    for deployment in older:
+        if not DeploymentState(deployment.state).is_final:
             advance_deployment(session, device, deployment, UpdateState.FAILED.value, SUPERSEDED)
 
 

@@ -236,13 +236,12 @@ def superseded_unsent_deployments(session: Session) -> Sequence[Deployment]:
     ).all()
 
 
-def open_deployments(session: Session, device_id: str) -> Sequence[Deployment]:
-    """The device's deployments that have not reached a final state."""
-    return session.scalars(
-        select(Deployment)
-        .where(Deployment.device_id == device_id, Deployment.state.not_in(FINAL_STATES))
-        .order_by(Deployment.seq)
-    ).all()
+def open_deployments(session: Session, device_id: str, *, below_seq: int | None = None) -> Sequence[Deployment]:
+    """The device's deployments that have not reached a final state (only those numbered below ``below_seq``)."""
+    query = select(Deployment).where(Deployment.device_id == device_id, Deployment.state.not_in(FINAL_STATES))
+    if below_seq is not None:
+        query = query.where(Deployment.seq < below_seq)
+    return session.scalars(query.order_by(Deployment.seq)).all()
 
 
 def latest_deployment(session: Session, device_id: str) -> Deployment | None:

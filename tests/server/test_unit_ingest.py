@@ -19,8 +19,9 @@ from sqlalchemy import func, select
 from server.db import Database
 from server.db.models import Deployment, Device, EventRecord, TelemetryRecord
 from server.devices import register_device
-from server.ingest import apply_availability, apply_event, apply_state, apply_telemetry
+from server.ingest import apply_availability, apply_event, apply_state, apply_telemetry, settle_superseded
 from server.rollouts import start_rollout
+from server.rollouts.states import SUPERSEDED
 from server.selection import Selection
 from server.setup import Workspace
 from shared import PROTOCOL_VERSION
@@ -511,3 +512,21 @@ def test_a_state_past_an_open_deployment_settles_it_as_superseded(fleet: Fleet) 
         device_state(fleet.cam, active=None), directive_seq=seq + 1,
         outcome=DeploymentOutcome(fleet.deployment, "committed"),
     ))["state"] == "committed"
+
+
+def test_a_deployment_a_report_ended_earlier_in_the_same_batch_is_not_taken_as_superseded(fleet: Fleet) -> None:
+    """settle_superseded reads the open deployments without flushing the batch first: the one an earlier
+    report of the batch just committed still reads as open in the database, and must stay committed."""
+    with fleet.db.session() as session:
+        for seq, state in enumerate((UpdateState.DOWNLOADING, UpdateState.TRIAL, UpdateState.COMMITTED), start=1):
+            apply_event(session, event(fleet.cam, fleet.deployment, state, seq))
+        device = session.get(Device, fleet.cam)
+        assert device is not None
+        settle_superseded(session, device, seq=2)  # the device has taken a newer directive since
+        apply_event(session, event(fleet.other, fleet.other_deployment, UpdateState.DOWNLOADING, 1))
+        other = session.get(Device, fleet.other)
+        assert other is not None
+        settle_superseded(session, other, seq=2)
+    assert deployment_row(fleet.db, fleet.deployment)["state"] == "committed"
+    assert (deployment_row(fleet.db, fleet.other_deployment)["state"], deployment_row(
+        fleet.db, fleet.other_deployment)["reason"]) == ("failed", SUPERSEDED)
