@@ -346,20 +346,41 @@ def build_problem(report: ProfileReport) -> str | None:
 @model_group.command("report")
 @click.argument("model_ref", metavar="NAME[:VERSION]")
 @click.option("--profile", default=None, help="Only this profile.")
+@click.option("--ops", "with_ops", is_flag=True,
+              help="Also each variant's TFLite graph: operator counts, XNNPACK coverage, fused layers.")
 @DATA_DIR
 @JSON
-def model_report(model_ref: str, profile: str | None, data_dir: Path, as_json: bool) -> None:
+def model_report(model_ref: str, profile: str | None, with_ops: bool, data_dir: Path, as_json: bool) -> None:
     """The compression report: every variant built for each profile, and the one chosen."""
     from server.compression import compression_report
 
-    _print_reports(compression_report(open_workspace(data_dir, db_url=given_db_url()).db, model_ref, profile), as_json)
+    reports = compression_report(open_workspace(data_dir, db_url=given_db_url()).db, model_ref, profile)
+    _print_reports(reports, as_json, with_ops=with_ops)
 
 
-def _print_reports(reports: list[ProfileReport], as_json: bool) -> None:
-    if as_json:
+def _print_reports(reports: list[ProfileReport], as_json: bool, *, with_ops: bool = False) -> None:
+    if as_json:  # the graph is in each variant's details
         click.echo(json.dumps([report_json(r) for r in reports], indent=2))
         return
-    click.echo("\n\n".join(report_table(r) for r in reports))
+    click.echo("\n\n".join(report_table(r) + (ops_section(r) if with_ops else "") for r in reports))
+
+
+def ops_section(report: ProfileReport) -> str:
+    """``model report --ops``: what the converter made of each variant."""
+    from server.compress.graph import describe_graph
+
+    lines = ["", "graphs (operators; XNNPACK coverage; Keras layers each fused operator holds):"]
+    for v in report.variants:
+        graph = v.details.get("graph")
+        if not graph:
+            continue
+        if "error" in graph:
+            lines.append(f"  {v.recipe}: {graph['error']}")
+            continue
+        described = describe_graph(graph, v.details.get("undelegated_ops"), v.details.get("delegate_partitions"))
+        lines.append(f"  {v.recipe}: {described[0]}")
+        lines += [f"    {line}" for line in described[1:]]
+    return "\n".join(lines)
 
 
 def report_table(report: ProfileReport) -> str:

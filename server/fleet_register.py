@@ -30,6 +30,7 @@ from server.setup import Workspace
 from shared.agent_toml import BrokerIdentity
 from shared.errors import UserInputError
 from shared.failpoints import failpoint
+from shared.files import atomic_write_bytes
 from shared.mqtt import BrokerAddress
 from shared.serve_address import DEFAULT_SERVE_LISTEN
 
@@ -91,16 +92,7 @@ def _write_config(path: Path, text: str) -> None:
     """All of it or nothing, as far as a killed run is concerned: a temporary file renamed over the claim.
     (Not fsynced: thousands of configs would take minutes. After a power cut, a config the rename left
     empty is a leftover claim like any other, and a new run resumes it.)"""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)  # a temporary file a killed run left keeps its mode; so does the umask's
-        data = memoryview(text.encode())
-        while data:
-            data = data[os.write(fd, data):]
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, text.encode(), private=True, durable=False)
 
 
 def _claim_all(paths: list[Path]) -> set[Path]:

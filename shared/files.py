@@ -61,10 +61,12 @@ def private_dir(path: Path) -> None:
 
 def atomic_write_bytes(
     path: Path, data: bytes, *, private: bool = False, exclusive: bool = False, failpoint_name: str | None = None,
+    durable: bool = True,
 ) -> None:
     """Replace ``path`` with ``data`` all at once, durably. ``private``: mode 0600 from the start;
     ``exclusive``: refuse (AlreadyExistsError) if ``path`` exists; ``failpoint_name``: a failpoint between
-    the new bytes being safe in the temp file and the rename (``shared/failpoints.py``)."""
+    the new bytes being safe in the temp file and the rename (``shared/failpoints.py``); ``durable=False``:
+    no fsyncs (still whole or absent for a killed process, but a power cut may leave it empty)."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -74,7 +76,8 @@ def atomic_write_bytes(
             if private:
                 os.fchmod(fd, PRIVATE_FILE)  # whatever the umask said
             _write_all(fd, data)
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         if failpoint_name is not None:
@@ -90,7 +93,8 @@ def atomic_write_bytes(
                 _create_exclusive(path, data, mode)  # e.g. a FAT stick for an offline key: no hard links there
         else:
             os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        if durable:
+            _fsync_dir(path.parent)
     except OSError as exc:
         raise storage_error(exc, str(path)) from exc
     finally:

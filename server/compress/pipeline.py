@@ -26,12 +26,13 @@ from typing import Any
 import numpy as np
 
 from server.compress.evalset import EvalSet, write_eval_file
+from server.compress.graph import graph_report
 from server.compress.progress import BuildEvent, ProgressCallback, Step, ignore
 from server.compress.quantization import Quantization
 from server.compress.recipes import Recipe, Transform, parse_recipe
 from server.compress.sources import KerasSource, PrebuiltSource, SavedModelSource
 from shared.benchmark import BenchmarkSettings
-from shared.errors import EdgefleetError, UserInputError
+from shared.errors import EdgefleetError, ModelError, UserInputError
 from shared.trial import TrialRequest, run_trial
 
 logger = logging.getLogger(__name__)
@@ -200,6 +201,7 @@ def measure(tflite: bytes, inputs: CompressionInputs, workdir: Path, threads: in
         "p95_ms": result.benchmark.p95_ms,
         "peak_rss_bytes": result.benchmark.peak_rss_bytes,
         "ops": list(dict.fromkeys(result.ops)),
+        "undelegated_ops": len(result.ops),  # what XNNPACK left to the reference kernels
         "delegate_partitions": result.delegate_partitions,
     }
 
@@ -231,7 +233,12 @@ def build_variant(
     except EdgefleetError as exc:
         logger.warning("variant %s failed: %s", recipe, exc)
         return VariantReport(str(recipe), recipe.quantization.value, verdict="failed", reason=str(exc))
-    details.update({k: metrics.pop(k) for k in ("ops", "delegate_partitions", "encoding") if k in metrics})
+    details.update({k: metrics.pop(k) for k in ("ops", "undelegated_ops", "delegate_partitions", "encoding")
+                    if k in metrics})
+    try:
+        details["graph"] = graph_report(tflite, model)
+    except ModelError as exc:  # the variant ran; only its description is missing
+        details["graph"] = {"error": str(exc)}
     return VariantReport(
         str(recipe), recipe.quantization.value, tflite=tflite, size_bytes=len(tflite), gzip_bytes=gzip_size(tflite),
         details=details, **metrics,

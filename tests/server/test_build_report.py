@@ -72,6 +72,11 @@ def test_auto_with_training_data_reports_every_step_and_picks_within_budget(
     assert [row["recipe"] for row in as_json["variants"] if row["chosen"]] == [chosen.recipe]
     table = run("model", "report", with_training_data, "--profile", "rpi4", "--data-dir", workspace.data_dir.root)
     assert f"* {chosen.recipe}" in table.output and "prune:0.8+int8" in table.output
+    assert "prune-units:0.5+int8: units kept" in table.output
+    assert "left whole: scores (its units are the model's output)" in table.output
+    ops = run("model", "report", with_training_data, "--profile", "rpi4", "--ops", "--data-dir",
+              workspace.data_dir.root).output
+    assert "  int8: " in ops and "XNNPACK took" in ops and "CONV_2D <- " in ops
 
 
 def test_a_profile_whose_limits_no_variant_fits_is_refused_before_rollout(workspace: Workspace, tmp_path: Path) -> None:

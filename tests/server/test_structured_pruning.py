@@ -59,8 +59,8 @@ def test_a_residual_net_narrows_inside_its_blocks_and_leaves_the_adds_consistent
     splits: tuple[EvalSet, EvalSet]
 ) -> None:
     train, test = splits
-    model, _ = train_digits_resnet(epochs=6)
-    result = prune_units(model, train, fraction=0.5, epochs=2)
+    model, _ = train_digits_resnet(epochs=3)
+    result = prune_units(model, train, fraction=0.5, epochs=1)
     after = widths(result.model)
     for block in (0, 1):
         assert after[f"block{block}_conv1"] == 24  # read only by the block's second convolution

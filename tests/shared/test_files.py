@@ -52,3 +52,18 @@ def test_a_write_into_a_file_is_a_storage_error(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(StorageError, match="cannot write"):
         atomic_write_bytes(tmp_path / "file" / "inside", b"data")
+
+
+def test_a_write_that_need_not_be_durable_skips_the_fsyncs_but_is_still_whole_and_private(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[int] = []
+    monkeypatch.setattr(shared.files.os, "fsync", lambda fd: synced.append(fd))
+    target = tmp_path / "agent.toml"
+    target.write_text("")  # a claim a run left empty
+    atomic_write_bytes(target, b"[device]\n", private=True, durable=False)
+    assert target.read_bytes() == b"[device]\n" and synced == []
+    assert os.stat(target).st_mode & 0o777 == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["agent.toml"]  # no temporary file left behind
+    atomic_write_bytes(target, b"again\n")
+    assert synced  # the default stays durable
