@@ -200,7 +200,8 @@ def build_profiles(
 ) -> list[ProfileReport]:
     """Build every candidate of each profile for a model version, store the reports, and make
     each profile's chosen variant the version's artifact for it. Transformed models (pruned,
-    distilled, factorised) are built once and shared by all profiles.
+    distilled, factorised) are built once and shared by all profiles, and so is each variant with its host
+    measurement when two profiles ask for the same recipe at the same thread count.
 
     With a ``recipe`` other than ``auto`` and the profile's own, the build is an experiment (see the
     module's docstring): it changes what the profile ships only with ``ship``, and only if the variant

@@ -86,6 +86,9 @@ class CompressionInputs:
     epochs: int = 3
     settings: BenchmarkSettings = field(default_factory=BenchmarkSettings)
     _transformed: dict[tuple[Transform, ...], tuple[Any, dict[str, Any]]] = field(default_factory=dict)
+    # Variants built and measured so far, by (recipe, threads): profiles that ask for the same variant with
+    # the same thread count share one build and one measurement.
+    _variants: dict[tuple[str, int], VariantReport] = field(default_factory=dict)
     _float_predictions: np.ndarray | None = None
     _eval_file: Path | None = None  # the evalset written once for the trial children
 
@@ -361,9 +364,15 @@ def compress_for_profile(
                 progress(BuildEvent(kind, goal.name, name, index, total, detail))
 
             step(Step.VARIANT, "")
-            report = build_variant(recipe, inputs, Path(tmp), threads=goal.threads, step=step)
-            progress(BuildEvent(Step.DONE, goal.name, name, index, total, variant_outcome(report),
-                                failed=report.verdict == "failed"))
+            built = inputs._variants.get((name, goal.threads))
+            if built is None:
+                built = inputs._variants[name, goal.threads] = build_variant(
+                    recipe, inputs, Path(tmp), threads=goal.threads, step=step)
+                outcome = variant_outcome(built)
+            else:
+                outcome = f"{variant_outcome(built)} (built for an earlier profile)"
+            report = replace(built, details=dict(built.details))
+            progress(BuildEvent(Step.DONE, goal.name, name, index, total, outcome, failed=report.verdict == "failed"))
             reports.append(report)
     return reference, choose(reports, goal, reference)
 

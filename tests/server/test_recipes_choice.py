@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import pytest
 
 from server.compress.pipeline import ProfileGoal, VariantReport, choose, sparse_encoding_verdict
@@ -181,3 +184,31 @@ def test_a_transform_that_ships_as_many_bytes_as_the_plain_variant_is_not_prefer
     # Without the plain variant to compare with, the pruned one is a candidate like any other.
     alone = choose([reports[0], reports[2]], ProfileGoal("rpi4", Q.INT8, objective=objective), REFERENCE)
     assert [r.recipe for r in alone if r.chosen] == ["prune:0.5+int8"]
+
+
+def test_profiles_asking_for_the_same_variant_share_one_build_and_measurement(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A build for several profiles converts and measures a (recipe, threads) pair once; each profile still
+    judges it against its own goal, and a profile with another thread count measures again."""
+    import server.compress.pipeline as pipeline
+    from server.compress.pipeline import CompressionInputs, compress_for_profile
+
+    built: list[tuple[str, int]] = []
+
+    def fake_build(recipe: Recipe, inputs: Any, workdir: Path, threads: int = 1, step: Any = None) -> VariantReport:
+        built.append((str(recipe), threads))
+        return variant(str(recipe), size=50_000 if recipe.quantization is Q.INT8 else 170_000, acc=0.98, p95=0.2)
+
+    monkeypatch.setattr(pipeline, "build_variant", fake_build)
+    monkeypatch.setattr(pipeline, "float_reference", lambda inputs: (REFERENCE, None))
+    inputs = CompressionInputs.__new__(CompressionInputs)  # no model needed: building is faked
+    inputs._variants = {}
+    recipes = [parse_recipe("int8"), parse_recipe("float32")]
+    _, pi = compress_for_profile(recipes, inputs, ProfileGoal("rpi4", Q.INT8))
+    _, small = compress_for_profile(recipes, inputs, ProfileGoal("zero", Q.FLOAT32, max_model_bytes=60_000))
+    _, jetson = compress_for_profile(recipes, inputs, ProfileGoal("jetson", Q.INT8, threads=4))
+    assert built == [("int8", 1), ("float32", 1), ("int8", 4), ("float32", 4)]
+    assert verdicts(pi) == {"int8": "chosen", "float32": "ok"}
+    assert verdicts(small) == {"int8": "chosen", "float32": "too_big"}  # judged against its own limits
+    assert verdicts(jetson) == {"int8": "chosen", "float32": "ok"}
