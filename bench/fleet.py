@@ -57,6 +57,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 from sqlalchemy import func, select
 
@@ -313,7 +314,7 @@ def cell(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
-def print_table(rows: list[Row]) -> None:
+def print_table(rows: list[Row], file: TextIO = sys.stdout) -> None:
     header = ["devices", "backend", "replicas", "online after s", "start → all committed s", "devices/min",
               "vs AWS IoT Jobs (1,000/min)", "directives ÷ devices", "egress ÷ artifact", "rows/s",
               "server CPU (cores)", "peak RSS MiB", "simulator MiB/1,000", "result"]
@@ -330,7 +331,7 @@ def print_table(rows: list[Row]) -> None:
             cell(row.simulator_peak / 2**20 / row.config.devices * 1000 if row.simulator_peak else None, ".0f"),
             row.result,
         ])
-    print(markdown_table(header, lines))
+    print(markdown_table(header, lines), file=file, flush=True)
 
 
 def main() -> None:
@@ -358,6 +359,7 @@ def main() -> None:
             started = time.monotonic()
             rows.append(measure(config, model, tmp / f"run-{i}", args.waves, args.processes))
             print(f"  [{config.label()}] done in {time.monotonic() - started:.0f} s wall", file=sys.stderr)
+            print_table(rows, file=sys.stderr)  # so far: a long run stopped early still leaves its rows
     finally:
         if args.keep:
             print(f"  kept {tmp}", file=sys.stderr)

@@ -36,7 +36,7 @@ def sync_broker(db: Database, layout: BrokerLayout) -> bool:
     if not layout.exists():
         return False
     with db.reading() as session:
-        identities = [(d.id, d.broker_secret) for d in queries.devices(session) if d.broker_secret]
+        identities = queries.broker_secrets(session)
     return write_identities(layout, identities, [broker_username(name) for name in replica_names(db)])
 
 

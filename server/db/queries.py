@@ -78,6 +78,14 @@ def devices(session: Session) -> Sequence[Device]:
     return session.scalars(select(Device).where(_LIVE).order_by(Device.name)).all()
 
 
+def broker_secrets(session: Session) -> list[tuple[str, str]]:
+    """(device id, broker password hash) of every live device that has one: two columns, not whole rows (the
+    leader reads them every few seconds, for every device)."""
+    rows = session.execute(select(Device.id, Device.broker_secret)
+                           .where(_LIVE, Device.broker_secret.is_not(None)).order_by(Device.name))
+    return [(device_id, secret) for device_id, secret in rows if secret]
+
+
 def devices_with_profile(session: Session, profile: str) -> Sequence[Device]:
     return session.scalars(select(Device).where(Device.profile_name == profile, _LIVE).order_by(Device.name)).all()
 
