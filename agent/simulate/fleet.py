@@ -160,7 +160,7 @@ class SimulatedFleet:
         self._steppers = max(1, min(STEPPERS, len(configs)))
         self._ready: list[queue.SimpleQueue[int]] = [queue.SimpleQueue() for _ in range(self._steppers)]
         self.services: list[AgentService] = []
-        self._failure: BaseException | None = None  # what ended a stepping thread, raised by run()
+        self._failure: Exception | None = None  # what ended a stepping thread, raised by run()
 
     def _service(self, index: int, config: AgentConfig) -> AgentService:
         starter = self.runtime.starter(config.device.id)
@@ -215,7 +215,8 @@ class SimulatedFleet:
     def _loop(self, share: int, stop: StopFlag, deadline: float | None) -> None:
         try:
             self._run_share(share, stop, deadline)
-        except BaseException as exc:  # ends the fleet: run() raises it on the caller's thread
+        except Exception as exc:  # ends the fleet: run() raises it on the caller's thread
+            logger.exception("simulator stepping thread %d failed: stopping every device", share)
             self._failure = self._failure or exc
 
     def _run_share(self, share: int, stop: StopFlag, deadline: float | None) -> None:

@@ -20,6 +20,7 @@ the same fraction (at least one unit stays), then the narrower model is fine-tun
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Iterator
@@ -107,7 +108,7 @@ def layer_graph(model: Any) -> tuple[dict[str, Any], dict[str, list[str]], set[s
     consumers: dict[str, list[str]] = {name: [] for name in layers}
     if isinstance(model, keras.Sequential):
         names = [layer.name for layer in model.layers]
-        for before, after in zip(names, names[1:], strict=False):
+        for before, after in itertools.pairwise(names):
             consumers[before].append(after)
         return layers, consumers, {names[-1]}
     config = model.get_config()

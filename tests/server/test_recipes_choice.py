@@ -191,7 +191,7 @@ def test_profiles_asking_for_the_same_variant_share_one_build_and_measurement(
 ) -> None:
     """A build for several profiles converts and measures a (recipe, threads) pair once; each profile still
     judges it against its own goal, and a profile with another thread count measures again."""
-    import server.compress.pipeline as pipeline
+    from server.compress import pipeline
     from server.compress.pipeline import CompressionInputs, compress_for_profile
 
     built: list[tuple[str, int]] = []
