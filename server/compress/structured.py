@@ -194,14 +194,16 @@ def _follow(group: UnitGroup, start: str, layers: dict[str, Any], consumers: dic
             elif kind in CHANNELWISE:
                 if kind.startswith("Depthwise") and getattr(layer, "depth_multiplier", 1) != 1:
                     return f"feeds {after}, a depthwise convolution with a depth multiplier"
-                if kind == "BatchNormalization" and getattr(layer, "axis", -1) not in (-1, [-1], len(layer.input.shape) - 1):
+                if kind == "BatchNormalization" and (positions > 1 or not _normalizes_channels(layer)):
                     return f"feeds {after}, a batch norm over another axis"
                 group.followers.append(after)
                 if channelwise_chain:
                     group.tap = after
                 frontier.append((after, positions))
             elif kind == "Flatten":
-                shape = layer.input.shape  # (batch, ..., channels): channels vary fastest once flattened
+                shape = _input_shape(layer)  # (batch, ..., channels): channels vary fastest once flattened
+                if shape is None:
+                    return f"feeds {after}, a Flatten used more than once"
                 group.followers.append(after)
                 frontier.append((after, positions * math.prod(int(d) for d in shape[1:-1])))
             elif kind in ("Add", "Subtract", "Multiply", "Average", "Maximum", "Minimum"):
@@ -211,6 +213,21 @@ def _follow(group: UnitGroup, start: str, layers: dict[str, Any], consumers: dic
             else:
                 return f"feeds {after} ({kind}), which edgefleet cannot narrow"
     return None
+
+
+def _input_shape(layer: Any) -> tuple[Any, ...] | None:
+    """The layer's input shape; None for a layer called on several inputs (a shared layer)."""
+    try:
+        return tuple(layer.input.shape)
+    except (AttributeError, ValueError):
+        return None
+
+
+def _normalizes_channels(layer: Any) -> bool:
+    shape = _input_shape(layer)
+    axis = getattr(layer, "axis", -1)
+    axis = axis[0] if isinstance(axis, (list, tuple)) and len(axis) == 1 else axis
+    return shape is not None and isinstance(axis, int) and axis in (-1, len(shape) - 1)
 
 
 # -- ranking ---------------------------------------------------------------------------------------

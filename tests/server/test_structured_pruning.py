@@ -118,3 +118,9 @@ def test_bad_fractions_and_models_with_nothing_to_narrow_are_clear_errors(
     linear = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(10, name="only")])
     with pytest.raises(UserInputError, match="no layer of .* can lose units .*only: its units are the model's output"):
         prune_units(linear, train, fraction=0.5)
+    # A batch norm behind Flatten normalises each (position, channel) feature: the filters stay.
+    flat_norm = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3, name="conv"),
+                                  keras.layers.Flatten(), keras.layers.BatchNormalization(name="bn"),
+                                  keras.layers.Dense(10, name="out")])
+    groups, untouched = plan_groups(flat_norm)
+    assert groups == [] and untouched["conv"] == "feeds bn, a batch norm over another axis"
