@@ -210,5 +210,8 @@ def test_broker_restart_is_survived_and_rollouts_still_land(fleet: Fleet, first_
         assert time.monotonic() < deadline, "not everyone reconnected to the restarted broker"
         time.sleep(0.5)
 
-    rollout_id = cli("rollout", "start", "digits:1", "--device", "pi", "--data-dir", str(fleet.data_dir)).strip()
+    # The same model again: its trial times it against itself, and a 20 µs model's p95 on a busy 2-core machine
+    # measures the scheduler (2.47x itself, seen in CI). This test is about the broker, not the latency gate.
+    rollout_id = cli("rollout", "start", "digits:1", "--device", "pi", "--max-latency-ratio", "1000", "--data-dir",
+                     str(fleet.data_dir)).strip()
     expect_state(fleet.wait_settled(rollout_id), "succeeded")
