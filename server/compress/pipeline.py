@@ -324,9 +324,9 @@ def choose(reports: list[VariantReport], goal: ProfileGoal, reference: float) ->
 
     # A transform that left the shipped file as large as the plain quantization's (pruning whose sparse
     # encoding fell back to dense, say) gained nothing a device sees: the simpler variant is chosen.
-    plain = {judged[i].quantization: size(i) for i in ok if not parse_recipe(judged[i].recipe).transforms}
-    shadowed = {i for i in ok
-                if parse_recipe(judged[i].recipe).transforms and size(i) == plain.get(judged[i].quantization)}
+    transformed = {i for i in ok if parse_recipe(judged[i].recipe).transforms}
+    plain = {judged[i].quantization: size(i) for i in ok if i not in transformed}
+    shadowed = {i for i in transformed if size(i) == plain.get(judged[i].quantization)}
     for i in shadowed:
         judged[i] = replace(judged[i], reason=f"ships as many bytes as plain {judged[i].quantization}: the "
                                               "simpler variant is preferred")
