@@ -147,8 +147,15 @@ def recipes_for(
         return [fixed]
     allowed = tuple(Quantization.parse(q) for q in profile.quantizations.split(",") if q.strip())
     preferred = Quantization.parse(profile.quantization)
+    possible = tuple(q for q in allowed or (preferred,) if q in source.quantizations)  # a PyTorch model has fewer
+    if not possible:
+        raise UserInputError(
+            f"profile {profile.name} allows only {', '.join(q.value for q in allowed or (preferred,))}, which a "
+            f"{source.kind} model cannot be converted to; it can be: "
+            f"{', '.join(q.value for q in source.quantizations)}"
+        )
     return auto_candidates(
-        allowed or (preferred,), preferred,
+        possible, preferred if preferred in possible else possible[0],
         has_training_data=has_train and source.keras_model is not None,
         has_large_dense=_has_large_dense(source.keras_model),
         has_student=has_student,

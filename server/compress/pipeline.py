@@ -31,6 +31,7 @@ from server.compress.progress import BuildEvent, ProgressCallback, Step, ignore
 from server.compress.quantization import Quantization
 from server.compress.recipes import Recipe, Transform, parse_recipe
 from server.compress.sources import KerasSource, PrebuiltSource, SavedModelSource
+from server.compress.torch_source import TorchSource
 from shared.benchmark import BenchmarkSettings
 from shared.errors import EdgefleetError, ModelError, UserInputError
 from shared.trial import TrialRequest, run_trial
@@ -93,7 +94,7 @@ class CompressionInputs:
     _eval_file: Path | None = None  # the evalset written once for the trial children
 
     def __post_init__(self) -> None:
-        if not isinstance(self.source, (KerasSource, SavedModelSource, PrebuiltSource)):
+        if not isinstance(self.source, (KerasSource, SavedModelSource, PrebuiltSource, TorchSource)):
             self.source = KerasSource(self.source)
 
 

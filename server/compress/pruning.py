@@ -17,11 +17,9 @@ and cloning the model.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -30,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from server.compress.child import raise_failure, run_worker
 from server.compress.convert import import_keras, model_signature
 from server.compress.evalset import EvalSet, check_against_model, write_eval_file
 from shared.errors import ModelError, StorageError, UserInputError
@@ -48,7 +47,6 @@ PRUNABLE_KERNELS = {
     "Conv2DTranspose": "kernel",
     "SeparableConv2D": "pointwise_kernel",
 }
-_PROJECT_ROOT = Path(__file__).resolve().parents[2]  # holds the server package, for the child's import path
 _WORKER_ENVIRONMENT = {"TF_USE_LEGACY_KERAS": "1"}
 _WORKER_DEFAULTS = {**ALWAYS_ENVIRONMENT, **QUIET_ENVIRONMENT}  # its stderr goes to the debug log anyway
 
@@ -191,33 +189,10 @@ def _check_options(
 
 def _run_worker(request: dict[str, Any], timeout: float) -> dict[str, Any]:
     """Run the worker on ``request``; its ``{"ok": true, ...}`` report, or the error it reported."""
-    env = {**os.environ, **_WORKER_ENVIRONMENT}
-    for key, value in _WORKER_DEFAULTS.items():
-        env.setdefault(key, value)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.fspath(_PROJECT_ROOT), env.get("PYTHONPATH")]))
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-m", WORKER_MODULE],
-            input=json.dumps(request),
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=timeout,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise ModelError(f"pruning did not finish within {timeout:g} s; try fewer epochs or samples") from exc
-    except OSError as exc:
-        raise ModelError(f"cannot start the pruning worker: {exc.strerror or exc}") from exc
-    logger.debug("pruning worker stderr:\n%s", proc.stderr)
-    report = _last_json_line(proc.stdout)
-    if report is None:
-        how = f"was killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exited with {proc.returncode}"
-        last = [line.strip() for line in proc.stderr.splitlines() if line.strip()][-1:]
-        raise ModelError(f"the pruning worker {how} without a result{': ' + last[0] if last else ''}")
-    if report.get("ok") is not True:
-        message = str(report.get("error") or "the pruning worker failed without a message")
-        raise UserInputError(message) if report.get("kind") == "user_input" else ModelError(message)
+    report = run_worker(sys.executable, WORKER_MODULE, request, timeout=timeout, what="the pruning worker",
+                        environment=_WORKER_ENVIRONMENT, defaults=_WORKER_DEFAULTS,
+                        timeout_hint="; try fewer epochs or samples")
+    raise_failure(report, "the pruning worker")
     fraction, layers, accuracy = report.get("zero_fraction"), report.get("layers_pruned"), report.get("val_accuracy")
     if not (
         isinstance(fraction, float)
@@ -226,17 +201,6 @@ def _run_worker(request: dict[str, Any], timeout: float) -> dict[str, Any]:
     ):
         raise ModelError(f"the pruning worker returned a malformed report: {report}")
     return report
-
-
-def _last_json_line(stdout: str) -> dict[str, Any] | None:
-    lines = [line for line in stdout.splitlines() if line.strip()]
-    if not lines:
-        return None
-    try:
-        report = json.loads(lines[-1])
-    except ValueError:
-        return None
-    return report if isinstance(report, dict) else None
 
 
 def _read_weights(path: Path) -> list[np.ndarray]:

@@ -3,7 +3,10 @@
 - Keras ``.keras`` / ``.h5``: everything, including the retraining transforms;
 - a TensorFlow SavedModel directory: every quantization, no retraining
   (pruning, distillation and low-rank need a Keras model);
-- a prebuilt ``.tflite``: evaluated and signed, shipped as it is.
+- a prebuilt ``.tflite``: evaluated and signed, shipped as it is;
+- a PyTorch ``torch.export`` program (``.pt2``): converted with litert-torch
+  and quantized with ai-edge-quantizer, in a child process
+  (``server.compress.torch_source``); no retraining.
 
 In the blob store a SavedModel directory is one deterministic tar.
 """
@@ -22,6 +25,7 @@ import numpy as np
 
 from server.compress.evalset import EvalSet, check_against_model
 from server.compress.quantization import Quantization
+from server.compress.torch_source import TORCH_SUFFIX, TorchSource
 from shared.errors import ModelError, UserInputError
 
 SAVED_MODEL_SUFFIX = ".savedmodel.tar"
@@ -31,6 +35,7 @@ class ModelSource(Protocol):
     kind: str
     input_shape: tuple[int, ...]
     num_classes: int
+    quantizations: tuple[Quantization, ...]  # what ``convert`` can make
 
     @property
     def keras_model(self) -> Any | None: ...
@@ -44,6 +49,7 @@ class ModelSource(Protocol):
 class KerasSource:
     model: Any
     kind: str = "keras"
+    quantizations: tuple[Quantization, ...] = Quantization.convertible()
 
     def __post_init__(self) -> None:
         from server.compress.convert import model_signature
@@ -67,6 +73,7 @@ class KerasSource:
 
 class SavedModelSource:
     kind = "saved_model"
+    quantizations = Quantization.convertible()
 
     def __init__(self, directory: Path) -> None:
         from server.compress.convert import import_tensorflow
@@ -114,6 +121,7 @@ class SavedModelSource:
 
 class PrebuiltSource:
     kind = "tflite"
+    quantizations = (Quantization.PREBUILT,)
 
     def __init__(self, data: bytes, name: str) -> None:
         from shared.interpreter import TFLiteModel
@@ -158,6 +166,8 @@ def detect_kind(path: Path) -> str:
         return "saved_model"
     if path.suffix == ".tflite":
         return "tflite"
+    if path.suffix == TORCH_SUFFIX:
+        return "torch"
     return "keras"  # load_keras_model explains anything else
 
 
@@ -193,6 +203,8 @@ def open_source(path: Path) -> ModelSource:
     kind = detect_kind(path)
     if kind == "saved_model":
         return SavedModelSource(path)
+    if kind == "torch":
+        return TorchSource(path)
     if kind == "tflite":
         try:
             return PrebuiltSource(path.read_bytes(), path.name)

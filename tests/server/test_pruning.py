@@ -223,7 +223,7 @@ def test_a_worker_that_dies_is_a_model_error(
 
 def test_a_worker_that_takes_too_long_is_stopped(digits: tuple[Any, EvalSet, EvalSet, list[np.ndarray]]) -> None:
     model, train, _, _ = digits
-    with pytest.raises(ModelError, match=r"pruning did not finish within 0\.2 s"):
+    with pytest.raises(ModelError, match=r"the pruning worker did not finish within 0\.2 s; try fewer epochs"):
         prune_model(model, train, sparsity=0.5, timeout=0.2)
 
 
