@@ -1,12 +1,15 @@
 """Compression benchmark: every recipe on three models, measured the way the product measures.
 
-    python bench/compression.py [--quick] [--skip-imagenet]
+    python bench/compression.py [--quick] [--skip-imagenet] [--skip-torch]
 
 (a) a digits CNN trained here (scikit-learn's bundled digits), with training
     data, so the retraining steps (pruning, distillation, low-rank) run too,
     and a small residual net on the same data (neuron/filter pruning next to
     a residual add);
-(b) keras.applications MobileNetV2 (alpha 0.35, 96x96) and EfficientNetB0
+(b) a PyTorch CNN trained on the same data in the torch venv
+    (``tests/torch_env.py``, ``EDGEFLEET_TORCH_PYTHON``), exported with
+    torch.export, converted by litert-torch and quantized by ai-edge-quantizer;
+(c) keras.applications MobileNetV2 (alpha 0.35, 96x96) and EfficientNetB0
     (224x224), weights=None (nothing is downloaded): size and latency only;
     their "accuracy" is top-1 agreement with their own float32 model on
     random inputs.
@@ -64,6 +67,20 @@ def resnet_case(epochs: int) -> tuple[str, CompressionInputs, list[str]]:
     model, test = train_digits_resnet(epochs=epochs)
     train, _ = digits_split()
     return "digits ResNet", CompressionInputs(model, test, train, epochs=3), RESNET_RECIPES
+
+
+TORCH_RECIPES = ["float32", "dynamic_range", "float16", "int8", "int16x8"]
+
+
+def torch_case(work: Path) -> tuple[str, CompressionInputs, list[str]]:
+    from server.compress.evalset import load_eval_file
+    from server.compress.torch_source import PYTHON_VARIABLE, TorchSource
+    from tests.torch_env import torch_python, train_torch_digits
+
+    os.environ.setdefault(PYTHON_VARIABLE, torch_python())
+    digits = train_torch_digits(work)
+    inputs = CompressionInputs(TorchSource(digits.program), load_eval_file(digits.eval), load_eval_file(digits.train))
+    return "digits CNN (PyTorch)", inputs, TORCH_RECIPES
 
 
 def imagenet_case(name: str, samples: int) -> tuple[str, CompressionInputs, list[str]]:
@@ -138,15 +155,18 @@ def print_table(rows: list[tuple[str, VariantReport]], references: dict[str, flo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="shorter timing and training (a smoke run)")
-    parser.add_argument("--skip-imagenet", action="store_true", help="only the digits CNN")
+    parser.add_argument("--skip-imagenet", action="store_true", help="only the digits models")
+    parser.add_argument("--skip-torch", action="store_true", help="without the PyTorch model")
     args = parser.parse_args()
     settings = BenchmarkSettings(min_seconds=0.2, min_runs=20) if args.quick else BenchmarkSettings()
-    cases = [digits_case(epochs=5 if args.quick else 15), resnet_case(epochs=3 if args.quick else 10)]
-    if not args.skip_imagenet:
-        samples = 8 if args.quick else 32
-        cases += [imagenet_case("MobileNetV2", samples), imagenet_case("EfficientNetB0", samples)]
     rows, references = [], {}
     with tempfile.TemporaryDirectory(prefix="edgefleet-bench-") as tmp:
+        cases = [digits_case(epochs=5 if args.quick else 15), resnet_case(epochs=3 if args.quick else 10)]
+        if not args.skip_torch:
+            cases.append(torch_case(Path(tmp)))
+        if not args.skip_imagenet:
+            samples = 8 if args.quick else 32
+            cases += [imagenet_case("MobileNetV2", samples), imagenet_case("EfficientNetB0", samples)]
         for label, inputs, recipes in cases:
             inputs.settings = settings
             references[label] = float_reference(inputs)[0]

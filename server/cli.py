@@ -233,7 +233,8 @@ def model_group() -> None:
 @model_group.command("add")
 @click.argument("name")
 @click.option("--file", "model_file", type=click.Path(path_type=Path), required=True,
-              help="Keras model (.keras or .h5), a TensorFlow SavedModel directory, or a prebuilt .tflite.")
+              help="Keras model (.keras or .h5), a TensorFlow SavedModel directory, a PyTorch torch.export "
+                   "program (.pt2, needs edgefleet[torch]), or a prebuilt .tflite.")
 @click.option("--eval", "eval_file", type=click.Path(path_type=Path, dir_okay=False), required=True,
               help="Evaluation data: .npz with arrays x (inputs) and y (integer labels).")
 @click.option("--train", "train_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
