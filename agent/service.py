@@ -15,9 +15,11 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from agent.config import AgentConfig
+from agent.measure import Measurer
 from agent.outbox import Outbox
 from agent.root import RootTrust
 from agent.serving import Serving
@@ -68,6 +70,23 @@ class ServingPart(Protocol):
     def stop(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class _MeasureChannel:
+    """What the measurer may tell the outside world: its chunk subscriptions are its own."""
+
+    service: AgentService
+
+    def measured(self, measurement_id: str, benchmark: BenchmarkResult | None, accuracy: float | None,
+                 samples: int | None, reason: str | None) -> None:
+        self.service.measured(measurement_id, benchmark, accuracy, samples, reason)
+
+    def want(self, sha256: str, ranges: list[tuple[int, int]]) -> None:
+        self.service.want(sha256, ranges)
+
+    def watch_chunks(self, sha256: str, indices: Collection[int]) -> None:
+        self.service.watch_chunks(sha256, indices, owner="measure")
+
+
 class AgentService:
     def __init__(
         self, config: AgentConfig, *, updater_factory: Callable[..., Updater] = Updater,
@@ -85,7 +104,8 @@ class AgentService:
         self._rejections_held = 0
         self.inbox: queue.Queue[Any] = queue.Queue() if inbox is None else inbox
         self.stopping = threading.Event()
-        self._chunk_topics: dict[str, set[str]] = {}  # by file: the chunk topics subscribed to
+        # by file, then by who downloads it (the updater, the measurer): the chunk topics each listens to
+        self._chunk_topics: dict[str, dict[str, set[str]]] = {}
         offline = encode_payload(Availability(v=PROTOCOL_VERSION, online=False))
         self.link = MqttLink(
             config.broker_address(),
@@ -102,6 +122,10 @@ class AgentService:
         self.updater = updater_factory(config, self)
         if self.root is not None:
             self.updater.use_keys(self.root.keys)
+        self.measurer = Measurer(
+            config, _MeasureChannel(self), keys=lambda: self.updater.keys,
+            release_counter=lambda: self.updater.trusted.release_counter, busy=self.installing,
+        )
         self.serving = serving_factory(config, send=self.serving_report, backlog=lambda: self.outbox.waiting(SERVING))
         self._handlers: dict[TopicKind, Callable[[Topic, Inbound], None]] = {
             TopicKind.DESIRED: self._on_desired,
@@ -252,16 +276,36 @@ class AgentService:
         except EdgefleetError as exc:
             logger.warning("could not ask for chunks: %s", exc)
 
-    def watch_chunks(self, sha256: str, indices: Collection[int]) -> None:
+    def watch_chunks(self, sha256: str, indices: Collection[int], *, owner: str = "update") -> None:
         """One topic per chunk still missing, not the file's wildcard: the server publishes a chunk for
         whoever asked, and a device listening to all of them would receive every copy that any device in
-        the wave asked for, again and again until its own download ends (quadratic in a large wave)."""
-        wanted = {chunk_topic(sha256, index) for index in indices}
-        held = self._chunk_topics.pop(sha256, set())
-        if wanted:
-            self._chunk_topics[sha256] = wanted
+        the wave asked for, again and again until its own download ends (quadratic in a large wave).
+        ``owner``: the updater and a measurement may fetch the same file (an eval slice) at once; a topic
+        stays subscribed while either wants it."""
+        watchers = self._chunk_topics.setdefault(sha256, {})
+        held = set().union(*watchers.values())
+        watchers[owner] = {chunk_topic(sha256, index) for index in indices}
+        if not watchers[owner]:
+            del watchers[owner]
+        wanted = set().union(*watchers.values())
+        if not watchers:
+            del self._chunk_topics[sha256]
         self.link.unsubscribe(*sorted(held - wanted))
         self.link.subscribe(*sorted(wanted - held))
+
+    def measured(self, measurement_id: str, benchmark: BenchmarkResult | None, accuracy: float | None,
+                 samples: int | None, reason: str | None) -> None:
+        """A benchmark-only trial's result, or why there is none (agent/measure.py), through the outbox."""
+        self._report(TopicKind.TELEMETRY, Telemetry(
+            v=PROTOCOL_VERSION, device_id=self.device_id, boot_id=self.boot_id, seq=self._next_seq(),
+            deployment_id=measurement_id, kind="measurement", ts=time.time(), benchmark=benchmark,
+            accuracy=accuracy, samples=samples, reason=reason,
+        ))
+
+    def installing(self) -> str | None:
+        """The install under way or waiting, if any: it comes before a measurement."""
+        deployment = self.updater.install_under_way()
+        return None if deployment is None else f"the device is installing deployment {deployment}"
 
     # -- inbound -------------------------------------------------------------
 
@@ -277,6 +321,8 @@ class AgentService:
         assert isinstance(command, Command)
         if command.name == "ping":
             self.state_changed()
+        elif command.name == "measure":
+            self.measurer.offer(command)
 
     def _on_ack(self, topic: Topic, message: Inbound) -> None:
         ack = decode_payload(TopicKind.ACK, message.payload)
@@ -285,7 +331,8 @@ class AgentService:
 
     def _on_chunk(self, topic: Topic, message: Inbound) -> None:
         assert topic.sha256 is not None and topic.chunk_index is not None
-        self.updater.on_chunk(topic.sha256, topic.chunk_index, message.payload)
+        if not self.measurer.on_chunk(topic.sha256, topic.chunk_index, message.payload):
+            self.updater.on_chunk(topic.sha256, topic.chunk_index, message.payload)
 
     def _on_root(self, topic: Topic, message: Inbound) -> None:
         if not message.payload or self.root is None:
@@ -305,6 +352,7 @@ class AgentService:
             self.outbox.link_up()
             try:
                 self.updater.request_missing()
+                self.measurer.request_missing()
             except EdgefleetError as exc:  # e.g. a full disk as the download fails: the next tick retries
                 logger.error("could not ask for the missing chunks: %s", exc)
             return
@@ -370,12 +418,19 @@ class AgentService:
             logger.error("update step failed: %s", exc)
         except Exception:  # a bug: the agent must keep answering and reporting all the same
             logger.exception("unexpected error in an update step")
+        try:
+            self.measurer.tick()
+        except EdgefleetError as exc:
+            logger.error("measurement step failed: %s", exc)
+        except Exception:  # a bug: a measurement must not stop updates or serving
+            logger.exception("unexpected error in a measurement step")
         self._serving_tick()
         self.outbox.retry_due(connected=self.link.connected.is_set())
 
     def finish(self) -> None:
         """End a trial, stop serving (its last report into the outbox), say offline and disconnect."""
         self.updater.stop()
+        self.measurer.stop()
         try:
             self.serving.stop()  # the last report goes into the outbox before the link closes
         except Exception:

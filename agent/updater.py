@@ -178,6 +178,12 @@ class Updater:
         self._accept(desired, manifest, directive)
         self.step()
 
+    def install_under_way(self) -> str | None:
+        """The deployment being installed, or verified and waiting its turn; None when there is none."""
+        if self.state is not State.IDLE:
+            return self.record.deployment_id or "?"
+        return self._pending_id if self.pending is not None else None
+
     def use_keys(self, keys: TrustedKeys) -> None:
         """A newer root of trust: verify with its keys from now on, and offer the last refused desired state
         again (its directive or release may be signed by a key only the new root lists: the two travel on

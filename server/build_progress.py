@@ -94,6 +94,11 @@ class _BarView:
             if event.profile in self.profiles:
                 progress.advance(self.profiles[event.profile])
             return
+        if event.step is Step.DEVICE:  # benchmark-only trials on devices: one line as each is sent and answered
+            self._end_variant()
+            mark = "[red]✗[/]" if event.failed else "[cyan]⇄[/]"
+            progress.console.print(f"{mark} {event}", highlight=False)
+            return
         if self.variant is not None:  # TRANSFORM, CONVERT, MEASURE
             done = self.steps.index(event.step) if event.step in self.steps else 0
             description = f"  {event.recipe} ({event.index}/{event.total}): {event.step.value}"

@@ -14,12 +14,12 @@ import click
 from server import audit
 from server.catalog import ModelSummary
 from server.cli_options import DATA_DIR, JSON, duration_seconds, given_db_url
-from server.compression import ProfileReport, is_experiment
+from server.compression import ProfileReport
 from server.db import Database
-from server.load_errors import CONFIRMATIONS, by_pair
 from server.model_read_model import model_json, report_json
 from server.paths import DataDir
 from server.render import cell, human_bytes, table
+from server.report_text import ops_section, report_table
 from server.setup import Workspace, init_data_dir, open_workspace
 from shared.mqtt import BrokerAddress
 
@@ -295,11 +295,17 @@ def model_table(models: list[ModelSummary]) -> str:
 @click.option("--ship", is_flag=True, help="Make the experiment's variant what the profile ships (if it fits).")
 @click.option("--student", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="A Keras student architecture for distill:student (its weights are not used).")
+@click.option("--measure-on", "measure_on", multiple=True, metavar="DEVICE",
+              help="Also time every candidate on this online device of the profile (repeatable; a benchmark-only "
+                   "trial, never installed) and choose by its numbers. Needs the server running and the release "
+                   "key online.")
+@click.option("--measure-timeout", type=click.FloatRange(min=1), default=900.0, show_default=True,
+              help="Seconds to wait for the devices' numbers; without them the host's stand.")
 @DATA_DIR
 @JSON
 def model_build(
-    model_ref: str, profiles: tuple[str, ...], recipe: str | None, ship: bool, student: Path | None, data_dir: Path,
-    as_json: bool,
+    model_ref: str, profiles: tuple[str, ...], recipe: str | None, ship: bool, student: Path | None,
+    measure_on: tuple[str, ...], measure_timeout: float, data_dir: Path, as_json: bool,
 ) -> None:
     """Compress NAME[:VERSION] for each profile, measure every variant, and pick one."""
     from server.build_progress import build_progress
@@ -308,7 +314,9 @@ def model_build(
     workspace = open_workspace(data_dir, db_url=given_db_url())
     with build_progress() as progress:
         reports = build_profiles(workspace.db, workspace.blobs, model_ref, list(profiles), recipe=recipe,
-                                 student=student, progress=progress, ship=ship, actor=audit.operator())
+                                 student=student, progress=progress, ship=ship, actor=audit.operator(),
+                                 measure_on=measure_on, keys=workspace.keys() if measure_on else None,
+                                 measure_timeout_s=measure_timeout)
     _print_reports(reports, as_json)
     if not as_json:
         for report in reports:
@@ -366,80 +374,3 @@ def _print_reports(reports: list[ProfileReport], as_json: bool, *, with_ops: boo
     click.echo("\n\n".join(report_table(r) + (ops_section(r) if with_ops else "") for r in reports))
 
 
-def ops_section(report: ProfileReport) -> str:
-    """``model report --ops``: what the converter made of each variant."""
-    from server.compress.graph import describe_graph
-
-    lines = ["", "graphs (operators; XNNPACK coverage; Keras layers each fused operator holds):"]
-    for v in report.variants:
-        graph = v.details.get("graph")
-        if not graph:
-            continue
-        if "error" in graph:
-            lines.append(f"  {v.recipe}: {graph['error']}")
-            continue
-        described = describe_graph(graph, v.details.get("undelegated_ops"), v.details.get("delegate_partitions"))
-        lines.append(f"  {v.recipe}: {described[0]}")
-        lines += [f"    {line}" for line in described[1:]]
-    return "\n".join(lines)
-
-
-def report_table(report: ProfileReport) -> str:
-    float32 = next((v for v in report.variants if v.recipe == "float32" and v.size_bytes), None)
-    base = float32.size_bytes if float32 else None
-    base_p50 = float32.p50_ms if float32 else None
-
-    def ratio(value: float | None, reference: float | None) -> str:
-        return f"{value / reference:.2f}x" if value and reference else "-"
-
-    rows = [
-        [
-            ("* " if v.chosen else "  ") + v.recipe + (" [experiment]" if is_experiment(v) else ""),
-            params_cell(v.details.get("params")), cell(v.size_bytes), ratio(v.size_bytes, base), cell(v.gzip_bytes),
-            cell(v.accuracy, ".4f"),
-            f"{v.accuracy - report.reference_accuracy:+.4f}" if v.accuracy is not None else "-",
-            cell(v.p50_ms, ".4f"), ratio(v.p50_ms, base_p50), cell(v.p95_ms, ".4f"), human_bytes(v.peak_rss_bytes),
-            v.verdict, v.reason or str(v.details.get("encoding", "")),
-        ]
-        for v in report.variants
-    ]
-    header = (f"{report.model}:{report.version} for {report.profile} (objective {report.objective}, budget "
-              f"{report.accuracy_budget:g} below float32 accuracy {report.reference_accuracy:.4f}); * = chosen (ships)")
-    if any(is_experiment(v) for v in report.variants):
-        header += "\n[experiment] = built with 'model build --recipe', not the profile's own recipe: shipped only with --ship"
-    if not report.eval_labelled:
-        header += "\n(the eval set has no labels: ACCURACY is top-1 agreement with the float model)"
-    return header + "\n" + table(
-        ["RECIPE", "PARAMS", "BYTES", "VS F32", "GZIP", "ACCURACY", "DELTA", "P50 MS", "VS F32", "P95 MS", "RSS",
-         "VERDICT", "WHY"], rows,
-    ) + units_notes(report) + load_errors_table(report)
-
-
-def params_cell(params: int | None) -> str:
-    return "-" if params is None else f"{params / 1000:.1f}k"
-
-
-def units_notes(report: ProfileReport) -> str:
-    """For each neuron/filter-pruned variant: the units each layer kept, and the layers left whole and why."""
-    lines = []
-    for v in report.variants:
-        if "units" in v.details:
-            kept = ", ".join(f"{layer} {units}" for layer, units in v.details["units"].items())
-            whole = "; ".join(f"{layer} ({why})" for layer, why in v.details.get("untouched", {}).items())
-            lines.append(f"{v.recipe}: units kept {kept}" + (f"; left whole: {whole}" if whole else ""))
-    return "\n" + "\n".join(lines) if lines else ""
-
-
-def load_errors_table(report: ProfileReport) -> str:
-    """Who reported that their runtime could not load a variant; empty when nobody did."""
-    known = by_pair(report.load_errors)
-    rows = [
-        [v.recipe, e.runtime, "confirmed" if known[e.model_sha256, e.runtime].confirmed else "unconfirmed", e.device,
-         cell(e.deployment_id), e.reported_at.strftime("%Y-%m-%d %H:%MZ"), e.reason]
-        for v in report.variants for e in report.load_errors_of(v)
-    ]
-    if not rows:
-        return ""
-    return (f"\n\nload errors reported by devices (a runtime with {CONFIRMATIONS}+ reports is refused at rollout "
-            "unless --ignore-load-errors):\n"
-            + table(["RECIPE", "RUNTIME", "STATUS", "DEVICE", "DEPLOYMENT", "REPORTED", "REASON"], rows))

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from server import audit
+from server import audit, measurements
 from server.blobs import BlobStore
 from server.catalog import resolve_version
 from server.compress.evalset import EvalSet, load_eval_file
@@ -34,10 +35,11 @@ from server.compress.sources import ModelSource, open_source, unpack_source
 from server.db import Database, Session, queries
 from server.db.models import Artifact, ModelVersion, Profile, Variant
 from server.devices import get_profile
+from server.keys import SigningKeys
 from server.load_errors import LoadErrorReport, reports_on
 from server.native_output import native_stderr_to_log
 from shared.benchmark import BenchmarkSettings
-from shared.errors import UserInputError
+from shared.errors import ConfigError, UserInputError
 
 logger = logging.getLogger(__name__)
 
@@ -204,6 +206,9 @@ def build_profiles(
     progress: ProgressCallback = ignore,
     ship: bool = False,
     actor: str | None = None,
+    measure_on: Sequence[str] = (),
+    keys: SigningKeys | None = None,
+    measure_timeout_s: float = measurements.DEFAULT_TIMEOUT_S,
 ) -> list[ProfileReport]:
     """Build every candidate of each profile for a model version, store the reports, and make
     each profile's chosen variant the version's artifact for it. Transformed models (pruned,
@@ -214,6 +219,9 @@ def build_profiles(
     module's docstring): it changes what the profile ships only with ``ship``, and only if the variant
     passed the profile's budget and limits. Every profile's recipe is checked before anything is built.
     ``progress`` hears a ``BuildEvent`` (``server.compress.progress``) at every step.
+
+    ``measure_on``: device names; each profile's candidates are also timed on its devices among them, and
+    chosen by their numbers (``server/measurements.py``; it needs ``keys`` with the release key online).
     """
     with db.session() as session:
         version = resolve_version(session, model_ref)
@@ -221,6 +229,12 @@ def build_profiles(
         profiles = [get_profile(session, name) for name in profile_names]
         for profile in profiles:
             session.expunge(profile)
+        devices = {name: [d.id for d in found] for name, found in
+                   measurements.reference_devices(session, measure_on, profile_names).items()}
+        slice_reference = version.reference_accuracy
+    if devices and (keys is None or keys.release is None):
+        raise ConfigError("--measure-on signs every candidate for the device, and this server holds no release key "
+                          "(it is offline): build without --measure-on, or keep the release key online")
     ref = f"{sources.model_name}:{sources.version}"
     reports = []
     with tempfile.TemporaryDirectory(prefix="edgefleet-build-") as tmp:
@@ -243,6 +257,11 @@ def build_profiles(
             progress(BuildEvent(Step.PROFILE, profile.name, index=number, total=len(recipes)))
             with native_stderr_to_log(f"compressing {sources.model_name} for {profile.name}"):
                 reference, variants = compress_for_profile(recipes, inputs, goal_of(profile), progress)
+            if profile.name in devices:
+                assert keys is not None
+                reference, variants = measurements.measure_candidates(
+                    db, blobs, keys, sources.version_id, goal_of(profile), variants, devices[profile.name],
+                    (reference, slice_reference), measure_timeout_s, progress)
             if experiment is None:
                 _store(db, blobs, sources, profile.name, reference, variants)
                 reports += compression_report(db, ref, profile.name)

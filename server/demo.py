@@ -28,10 +28,10 @@ from server.broker import free_port, wait_listening
 from server.broker_identities import new_identity, sync_broker, write_device_files
 from server.broker_setup import BrokerLayout, setup_broker
 from server.catalog import add_model
-from server.cli import report_table
 from server.compression import compression_report
 from server.devices import agent_config_toml, register_device
 from server.load_generator import LoadGenerator, Target, describe, load_samples
+from server.report_text import report_table
 from server.rollout_cli import status_table
 from server.rollouts import RolloutStatus, rollout_status, start_rollout
 from server.roots import ROOT_FILE, RootStore, write_root_file

@@ -23,6 +23,7 @@ import logging
 from datetime import datetime, timezone
 from typing import Any
 
+from server import measurements
 from server.db import Session, queries
 from server.db.models import Deployment, Device, EventRecord, LoadErrorRecord, TelemetryRecord
 from server.latency.store import store_serving_report
@@ -216,7 +217,11 @@ def telemetry_row(device_id: str, message: Telemetry) -> dict[str, Any]:
 
 
 def apply_new_telemetry(session: Session, device: Device, message: Telemetry) -> None:
-    """What a trial result just stored changes: its deployment's measured metrics."""
+    """What a trial result just stored changes: its deployment's measured metrics (or, for a benchmark-only
+    trial, its measurement's)."""
+    if message.kind == "measurement":
+        measurements.record(session, device, message)
+        return
     bench = message.benchmark
     deployment = _deployment(session, device, message.deployment_id)
     if deployment is not None and bench is not None:

@@ -37,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from server import ingest_counters
+from server import ingest_counters, measurements
 from server.blobs import BlobStore
 from server.broker_identities import sync_broker
 from server.broker_setup import BrokerLayout
@@ -213,6 +213,7 @@ class ServerService:
         if device is None or not message.hello:
             return
         self.engine.on_hello(session, device, message.directive_seq)  # published by the next tick
+        measurements.on_hello(session, device.id)
 
     def _on_availability(self, session: Session, topic: Topic, message: Availability) -> None:
         assert topic.device_id is not None
@@ -491,6 +492,8 @@ class ServerService:
                     was_leading = self._leading
                     if self.follow_leadership() and not was_leading:
                         self.check_root()  # publish the root now, not a tick later
+                    if self._leading:
+                        self.send_measurements()
                     next_tick = time.monotonic() + self.next_tick_in(time.monotonic() - tick_started)
                 if not self._leading:
                     continue
@@ -506,6 +509,14 @@ class ServerService:
                 self.lease.release()  # another replica takes over at its next tick
             except EdgefleetError as exc:  # it expires by itself
                 logger.warning("could not release the engine lease: %s", exc)
+
+    def send_measurements(self) -> None:
+        """Benchmark-only trials a build waits for (``model build --measure-on``): sent until answered."""
+        try:
+            with self.db.session() as session:
+                measurements.send_due(session, lambda topic, payload: self._publish(topic, payload, False))
+        except EdgefleetError as exc:
+            logger.error("could not send the open measurements (at the next tick): %s", exc)
 
     def stop(self) -> None:
         self.stopping.set()

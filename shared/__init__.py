@@ -10,4 +10,6 @@ and ``paho-mqtt``; numpy and the TFLite interpreter are imported lazily by
 PROTOCOL_VERSION = 1  # the major version: peers of another major refuse each other
 # The minor version (shared/protocol.py): only adds optional fields, which peers of an older minor ignore.
 # 1: Manifest.threads, serving telemetry (Telemetry.serving).
-PROTOCOL_MINOR = 1
+# 2: benchmark-only trials: the "measure" command (Command.order, Command.manifest), "measurement" telemetry
+#    and Telemetry.reason.
+PROTOCOL_MINOR = 2

@@ -202,15 +202,40 @@ class DesiredState:
 
 
 @dataclass(frozen=True)
-class Command:
+class MeasureOrder:
+    """A benchmark-only trial of a release-signed candidate on one device (``model build --measure-on``),
+    signed by the director key. It is not a directive: it has no sequence number, rollout or gates, so no
+    agent can take it for an install, and the candidate is never staged in a slot or committed."""
+
     v: int
-    name: str  # "ping" | "benchmark"
-    args: dict[str, Any] = field(default_factory=dict)
+    device_id: str
+    measurement_id: str
+    manifest_sha256: str  # pins the candidate's signed manifest
+    issued: int
+    expires: int
 
     def __post_init__(self) -> None:
         _check_version(self.v)
-        if self.name not in ("ping", "benchmark"):
+        if not 0 < len(self.measurement_id) <= MAX_ID_LENGTH:
+            raise ValueError("measurement id must be 1..64 characters")
+
+
+@dataclass(frozen=True)
+class Command:
+    v: int
+    name: str  # "ping" | "benchmark" | "measure"
+    args: dict[str, Any] = field(default_factory=dict)
+    # "measure": a signed MeasureOrder and the candidate's signed manifest. An agent of minor 1 refuses the
+    # command by its name, so it can never mistake it for anything it knows.
+    order: SignedEnvelope | None = field(default=None, metadata=since(2))
+    manifest: SignedEnvelope | None = field(default=None, metadata=since(2))
+
+    def __post_init__(self) -> None:
+        _check_version(self.v)
+        if self.name not in ("ping", "benchmark", "measure"):
             raise ValueError(f"unknown command {self.name!r}")
+        if (self.name == "measure") != (self.order is not None and self.manifest is not None):
+            raise ValueError("a measure command carries a signed order and manifest, and only it does")
 
 
 @dataclass(frozen=True)
@@ -397,7 +422,7 @@ class ServingReport:
             raise ValueError("more recorded invoke times than calls")
 
 
-TELEMETRY_KINDS = frozenset({"trial", "serving"})
+TELEMETRY_KINDS = frozenset({"trial", "serving", "measurement"})
 
 
 @dataclass(frozen=True)
@@ -407,13 +432,16 @@ class Telemetry:
     boot_id: str
     seq: int
     deployment_id: str | None
-    kind: str  # "trial" (benchmark, accuracy, samples, previous) or "serving" (serving)
+    # "trial" (benchmark, accuracy, samples, previous), "serving" (serving), or "measurement" (a benchmark-only
+    # trial, its deployment_id the measurement id: benchmark, accuracy and samples, or the reason it failed)
+    kind: str
     ts: float
     benchmark: BenchmarkResult | None = None
     accuracy: float | None = None
     samples: int | None = None
     previous: PreviousModel | None = None
     serving: ServingReport | None = field(default=None, metadata=since(1))
+    reason: str | None = field(default=None, metadata=since(2))
 
     def __post_init__(self) -> None:
         _check_version(self.v)
@@ -421,6 +449,11 @@ class Telemetry:
             raise ValueError(f"unknown telemetry kind {self.kind!r}")
         if (self.kind == "serving") != (self.serving is not None):
             raise ValueError("serving telemetry carries a serving report, and only it does")
+        if self.kind == "measurement" and (self.deployment_id is None
+                                           or (self.reason is None) == (self.benchmark is None)):
+            raise ValueError("a measurement names its id and carries either a benchmark or the reason it failed")
+        if self.reason is not None and len(self.reason) > MAX_REASON_LENGTH:
+            raise ValueError("telemetry reason too long")
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from shared.canonical import canonical_digest, canonical_json
 from shared.errors import ConfigError, ExpiredError, ProtocolError, ReplayError, SignatureError, TargetError
-from shared.messages import Directive, Manifest, Signature, SignedEnvelope
+from shared.messages import Directive, Manifest, MeasureOrder, Signature, SignedEnvelope
 from shared.protocol import decode_versioned, encode_versioned
 
 
@@ -201,3 +201,21 @@ def verify_directive(
     if directive.manifest_sha256 != envelope_digest(manifest_envelope):
         raise SignatureError("directive does not pin this manifest")
     return directive
+
+
+def verify_measure_order(
+    envelope: SignedEnvelope, trusted: TrustedKeys, *, now: float, device_id: str, manifest_envelope: SignedEnvelope,
+) -> MeasureOrder:
+    """A benchmark-only trial order: director-signed, for this device, unexpired, pinning this manifest."""
+    signed = trusted.verify(envelope, KeyRole.DIRECTOR)
+    try:
+        order = decode_versioned(MeasureOrder, signed)
+    except ProtocolError as exc:
+        raise SignatureError(f"signed measure order is malformed: {exc}") from exc
+    if order.device_id != device_id:
+        raise TargetError(f"measure order is for device {order.device_id}, not {device_id}")
+    if order.expires <= now:
+        raise ExpiredError(f"measure order {order.measurement_id} expired at {order.expires}")
+    if order.manifest_sha256 != envelope_digest(manifest_envelope):
+        raise SignatureError("measure order does not pin this manifest")
+    return order

@@ -22,6 +22,7 @@ class Step(str, Enum):
     CONVERT = "convert"
     MEASURE = "measure"  # evaluate and benchmark in a child process
     DONE = "done"  # the candidate is built and measured (or failed): ``detail`` says how it went
+    DEVICE = "device"  # benchmark-only trials on the profile's reference devices: sent, then each result
 
 
 # The steps of one candidate, in order (TRANSFORM only for recipes that retrain).
@@ -44,6 +45,8 @@ class BuildEvent:
         where = f"{self.profile}: {self.recipe}"
         if self.step is Step.VARIANT:
             return f"{where} ({self.index}/{self.total})"
+        if self.step is Step.DEVICE and not self.recipe:
+            return f"{self.profile}: {self.detail}"
         if self.step is Step.DONE:
             return f"{where}: {'failed' if self.failed else 'done'}{': ' + self.detail if self.detail else ''}"
         return f"{where}: {self.step.value}{' ' + self.detail if self.detail else ''}"

@@ -484,3 +484,34 @@ class ServerReplica(Base):
     host: Mapped[str] = mapped_column(String(255))
     pid: Mapped[int] = mapped_column(Integer)
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Measurement(Base):
+    """A benchmark-only trial of one build candidate on one device (``model build --measure-on``). The
+    command (a director-signed order and the candidate's release-signed manifest) is kept whole: the server
+    sends it until the device reports, and the build reads the result back."""
+
+    __tablename__ = "measurements"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"), index=True)
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
+    profile_name: Mapped[str] = mapped_column(String(64))
+    recipe: Mapped[str] = mapped_column(String(200))
+    model_sha256: Mapped[str] = mapped_column(String(64), index=True)
+    eval_sha256: Mapped[str] = mapped_column(String(64))
+    command: Mapped[dict[str, Any]] = mapped_column()  # the encoded Command, as published
+    state: Mapped[str] = mapped_column(String(16), default="pending")  # pending | done | failed | expired
+    expires_at: Mapped[datetime] = mapped_column()
+    published_at: Mapped[datetime | None] = mapped_column(default=None)
+    p50_ms: Mapped[float | None] = mapped_column(Float, default=None)
+    p95_ms: Mapped[float | None] = mapped_column(Float, default=None)
+    peak_rss_bytes: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    accuracy: Mapped[float | None] = mapped_column(Float, default=None)
+    runtime: Mapped[str] = mapped_column(String(64), default="")
+    threads: Mapped[int | None] = mapped_column(Integer, default=None)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    device: Mapped[Device] = relationship()

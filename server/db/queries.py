@@ -17,6 +17,7 @@ from server.db.models import (
     EnrolmentToken,
     EventRecord,
     LoadErrorRecord,
+    Measurement,
     Model,
     ModelVersion,
     Profile,
@@ -160,9 +161,12 @@ def variants_of(session: Session, model_version_id: int, profile: str | None = N
 
 
 def servable_blob(session: Session, sha256: str) -> bool:
-    """Only files that a signed release names are served to agents."""
+    """Only files that a signed release or an open measurement (``server/measurements.py``) names are served
+    to agents."""
     named = exists().where(or_(Release.model_sha256 == sha256, Release.eval_sha256 == sha256))
-    return bool(session.scalar(select(named)))
+    measured = exists().where(Measurement.state == "pending",
+                              or_(Measurement.model_sha256 == sha256, Measurement.eval_sha256 == sha256))
+    return bool(session.scalar(select(or_(named, measured))))
 
 
 def rollout(session: Session, rollout_id: str) -> Rollout | None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,20 +22,12 @@ from server.compress.digits import train_digits_cnn
 from server.compress.evalset import EvalSet, eval_slice, write_eval_file
 from server.compress.quantization import Quantization
 from shared.trial import TrialRequest, TrialResult, run_trial
-
-ROOT = Path(__file__).resolve().parents[2]
-VENV = ROOT / ".venv-tflite-runtime"
-PACKAGES = ["numpy<2", "tflite-runtime==2.14.0", "paho-mqtt>=2.1,<3", "cryptography>=42", "click>=8.1"]
+from tests.tflite_runtime_env import ROOT, tflite_runtime_python
 
 
 @pytest.fixture(scope="module")
 def fallback_python() -> str:
-    python = VENV / "bin" / "python"
-    probe = [str(python), "-c", "import tflite_runtime, numpy; assert numpy.__version__ < '2'"]
-    if not python.exists() or subprocess.run(probe, capture_output=True, check=False).returncode != 0:
-        subprocess.run([sys.executable, "-m", "venv", "--clear", str(VENV)], check=True, timeout=300)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", *PACKAGES], check=True, timeout=900)
-    return str(python)
+    return tflite_runtime_python()
 
 
 @pytest.fixture(scope="module")

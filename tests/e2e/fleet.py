@@ -80,15 +80,18 @@ class Fleet:
 
     # -- processes ------------------------------------------------------------------
 
-    def start(self, name: str, *args: str, failpoints: str | None = None) -> None:
+    def start(self, name: str, *args: str, failpoints: str | None = None, python: str | None = None) -> None:
+        """``python``: another venv's (a device with other packages), which runs this checkout's code."""
         env = {**os.environ}
         env.pop("EDGEFLEET_FAILPOINTS", None)
         if failpoints:
             env["EDGEFLEET_FAILPOINTS"] = failpoints
+        if python:
+            env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
         log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
         self.processes[name] = subprocess.Popen(
-            [sys.executable, "-m", "edgefleet", "--log-level", "info", *args], stdout=log, stderr=subprocess.STDOUT,
-            env=env,
+            [python or sys.executable, "-m", "edgefleet", "--log-level", "info", *args], stdout=log,
+            stderr=subprocess.STDOUT, env=env,
         )
         log.close()
 
@@ -96,8 +99,8 @@ class Fleet:
         http = self.dashboard.removeprefix("http://") if self.dashboard else "off"
         self.start("server", "server", "--data-dir", str(self.data_dir), "--broker", self.broker.url, "--http", http)
 
-    def start_agent(self, name: str, *, failpoints: str | None = None) -> None:
-        self.start(name, "agent", "--config", str(self.configs[name]), failpoints=failpoints)
+    def start_agent(self, name: str, *, failpoints: str | None = None, python: str | None = None) -> None:
+        self.start(name, "agent", "--config", str(self.configs[name]), failpoints=failpoints, python=python)
 
     def log(self, name: str) -> str:
         return (self.root / f"{name}.log").read_text(errors="replace")
