@@ -20,10 +20,21 @@ from agent.service import AgentService
 from agent.states import State
 from agent.updater import Updater
 from shared.codec import encode
-from shared.messages import MAX_DESIRED_PAYLOAD, Event, PreviousModel, Telemetry, decode_payload
+from shared.messages import (
+    MAX_DESIRED_PAYLOAD,
+    Command,
+    Event,
+    MeasureOrder,
+    PreviousModel,
+    Telemetry,
+    decode_payload,
+    encode_payload,
+)
 from shared.mqtt import Inbound, LinkDown, LinkUp
+from shared.signing import envelope_digest, sign_envelope
 from shared.topics import TopicKind, chunk_topic, device_topic, parse_topic, want_topic
-from tests.agent.material import BENCHMARK, DEVICE, NOW, Keys, make_config, make_release
+from tests.agent.fakes import ScriptedTrial
+from tests.agent.material import BENCHMARK, DEVICE, NOW, Keys, chunk_of, make_config, make_release
 
 OTHER = "pi-garage-02"
 SHA = "ab" * 32
@@ -254,3 +265,40 @@ def test_trial_telemetry_carries_the_replaced_models_numbers(
     assert (first.deployment_id, first.accuracy, first.benchmark, first.previous) == ("dep-2", 0.93, BENCHMARK, previous)
     assert second.previous is None
     assert len(service.outbox) == 2  # kept until the server acknowledges them
+
+
+def test_a_measure_command_is_fetched_timed_and_reported_beside_the_updater(
+    service: AgentService, published: list[tuple[str, bytes, bool]], keys: Keys
+) -> None:
+    service.measurer.clock = lambda: NOW  # the signed fixtures' time
+    service.measurer.start = ScriptedTrial()
+    release = make_release(keys, version=5, profile=service.config.device.profile)
+    order = sign_envelope(MeasureOrder(v=1, device_id=DEVICE, measurement_id="m-7",
+                                       manifest_sha256=envelope_digest(release.manifest_env), issued=NOW,
+                                       expires=NOW + 600), keys.director)
+    command = Command(v=1, name="measure", order=order, manifest=release.manifest_env)
+    service.handle(Inbound(device_topic(TopicKind.CMD, DEVICE), encode_payload(command), False))
+    assert {topic for topic, _, _ in published} == {want_topic(DEVICE, release.model_sha),
+                                                    want_topic(DEVICE, release.eval_sha)}
+    for sha, blob in release.blobs().items():
+        for index in range(-(-len(blob) // 64)):
+            service.handle(Inbound(chunk_topic(sha, index), chunk_of(blob, index), False))
+    service.tick()
+    (telemetry,) = [decode_payload(TopicKind.TELEMETRY, p) for t, p, _ in published if t.endswith("/telemetry")]
+    assert (telemetry.kind, telemetry.deployment_id, telemetry.benchmark) == ("measurement", "m-7", BENCHMARK)
+    assert service.updater.state is State.IDLE and service.updater.record.deployment_id is None
+
+
+def test_chunk_subscriptions_stay_while_the_updater_or_a_measurement_wants_them(
+    service: AgentService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    subscribed: set[str] = set()
+    monkeypatch.setattr(service.link, "subscribe", lambda *topics: subscribed.update(topics))
+    monkeypatch.setattr(service.link, "unsubscribe", lambda *topics: subscribed.difference_update(topics))
+    service.watch_chunks(SHA, [0, 1])
+    service.watch_chunks(SHA, [1, 2], owner="measure")
+    assert subscribed == {chunk_topic(SHA, i) for i in (0, 1, 2)}
+    service.watch_chunks(SHA, (), owner="measure")  # the measurement ended: the updater still wants 0 and 1
+    assert subscribed == {chunk_topic(SHA, i) for i in (0, 1)}
+    service.watch_chunks(SHA, ())
+    assert subscribed == set()

@@ -324,7 +324,7 @@ def test_desired_state_has_the_larger_limit() -> None:
 # -- semantic validation (``__post_init__``) also surfaces as ProtocolError ------------
 
 
-def _with(kind: TopicKind, **changes: Any) -> bytes:
+def _with(kind: TopicKind, /, **changes: Any) -> bytes:
     return _dumps({**encode(SAMPLES[kind]), **changes})
 
 
@@ -333,6 +333,10 @@ def _with(kind: TopicKind, **changes: Any) -> bytes:
     [
         (TopicKind.CMD, {"name": "rm -rf"}),
         (TopicKind.CMD, {"name": ""}),
+        (TopicKind.CMD, {"name": "measure"}),  # a measure command carries its signed order and manifest
+        (TopicKind.TELEMETRY, {"kind": "measurement", "reason": "and a result", "minor": 2}),  # one or the other
+        (TopicKind.TELEMETRY, {"kind": "measurement", "deployment_id": None, "reason": "x", "benchmark": None,
+                               "minor": 2}),
         (TopicKind.EVENTS, {"state": "exploded"}),
         (TopicKind.EVENTS, {"state": "TRIAL"}),
         (TopicKind.WANT, {"ranges": []}),
