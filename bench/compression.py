@@ -17,7 +17,9 @@
 Each variant is built by ``server.compress.pipeline.build_variant`` and
 measured in a child process with LiteRT and the benchmark_model-style timing
 the agents use (one thread). Ratios are against float32 measured in the same
-run. Prints one table.
+run. Prints one table, then the build times of the plain quantizations with the model exported to a
+SavedModel once (``KerasSource``) against once per candidate (``from_keras_model``, as before), in the
+same run.
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from bench.tables import markdown_table
 from server.compress.evalset import EvalSet
 from server.compress.pipeline import CompressionInputs, VariantReport, build_variant, float_reference
+from server.compress.quantization import Quantization
 from server.compress.recipes import parse_recipe
+from server.compress.sources import KerasSource
 from server.native_output import native_stderr_to_log
 from shared.benchmark import BenchmarkSettings
 
@@ -98,6 +102,56 @@ def imagenet_case(name: str, samples: int) -> tuple[str, CompressionInputs, list
     y = np.argmax(model.predict(x, verbose=0), axis=-1).astype(np.int64)
     label = f"{name} (random inputs)"
     return label, CompressionInputs(model, EvalSet(x=x, y=y)), IMAGENET_RECIPES
+
+
+class ExportEveryTime(KerasSource):
+    """The baseline for build times: ``TFLiteConverter.from_keras_model`` for every candidate, which exports the
+    model to a SavedModel again each time (what a build did before ``KerasSource`` exported once)."""
+
+    def convert(self, quantization: Quantization, representative_x: np.ndarray, *, sparse_encoding: bool = False
+                ) -> bytes:
+        from server.compress.convert import convert
+
+        return convert(self.model, quantization, representative_x, sparse_encoding=sparse_encoding)
+
+
+def build_seconds(source: KerasSource, evalset: EvalSet, recipes: list[str], work: Path,
+                  settings: BenchmarkSettings) -> tuple[float, float]:
+    """(seconds converting, seconds for the whole build) of every recipe, from a fresh source."""
+    inputs = CompressionInputs(source, evalset, settings=settings)
+    float_reference(inputs)
+    converting = 0.0
+    real = source.convert
+
+    def timed(*args: object, **kwargs: object) -> bytes:
+        nonlocal converting
+        started = time.monotonic()
+        try:
+            return real(*args, **kwargs)  # type: ignore[arg-type]
+        finally:
+            converting += time.monotonic() - started
+
+    source.convert = timed  # type: ignore[method-assign]
+    started = time.monotonic()
+    with native_stderr_to_log("build times"):
+        for text in recipes:
+            build_variant(parse_recipe(text), inputs, work)
+    return converting, time.monotonic() - started
+
+
+def print_build_times(cases: list[tuple[str, CompressionInputs, list[str]]], work: Path,
+                      settings: BenchmarkSettings) -> None:
+    rows = []
+    for label, inputs, recipes in cases:
+        plain = [r for r in recipes if not parse_recipe(r).transforms]
+        model, evalset = inputs.source.keras_model, inputs.evalset
+        before = build_seconds(ExportEveryTime(model), evalset, plain, work, settings)
+        after = build_seconds(KerasSource(model), evalset, plain, work, settings)
+        rows.append([label, str(len(plain)), f"{before[0]:.1f}", f"{after[0]:.1f}", f"{after[0] / before[0]:.2f}x",
+                     f"{before[1]:.1f}", f"{after[1]:.1f}", f"{after[1] / before[1]:.2f}x"])
+    print("\nbuild times of the plain quantizations (convert and measure each), one run each way:\n")
+    print(markdown_table(["model", "candidates", "convert s, export each time", "convert s, export once", "ratio",
+                          "build s, export each time", "build s, export once", "ratio"], rows))
 
 
 def run_case(label: str, inputs: CompressionInputs, recipes: list[str], work: Path) -> list[tuple[str, VariantReport]]:
@@ -177,6 +231,9 @@ def main() -> None:
           f"p50/p95 of >= {settings.min_runs} runs and >= {settings.min_seconds:g} s after warm-up; "
           f"ratios against float32 measured in the same run\n")
     print_table(rows, references)
+    with tempfile.TemporaryDirectory(prefix="edgefleet-bench-") as tmp:
+        print_build_times([c for c in cases if c[0] in ("digits CNN", "MobileNetV2 (random inputs)")], Path(tmp),
+                          settings)
 
 
 if __name__ == "__main__":

@@ -9,12 +9,15 @@ from run to run. Both are ``setdefault``: a value already in the environment win
 
 With TensorFlow 2.21 and Keras 3, ``TFLiteConverter.from_keras_model`` works
 directly: it exports the model's inference call (``training=False``) through
-``keras.export.ExportArchive`` to a temporary SavedModel and converts that.
-The same model, quantization and representative data give the same bytes.
+``keras.export.ExportArchive`` to a temporary SavedModel and converts that, on
+every call. ``export_for_conversion`` makes that export once, for every
+quantization of a model to convert from (``convert_saved_model``); both give
+the same bytes for the same model, quantization and representative data.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import warnings
@@ -177,6 +180,23 @@ def convert(
     input_shape, _ = model_signature(model)
     return _convert(tf.lite.TFLiteConverter.from_keras_model(model), quantization, representative_x, input_shape,
                     sparse_encoding)
+
+
+def export_for_conversion(model: Any, directory: Path) -> Path:
+    """The model's inference call (``training=False``) as a SavedModel in ``directory``: what
+    ``TFLiteConverter.from_keras_model`` exports to a temporary directory on every call, done once, so that
+    every quantization of one model converts from the same export (``convert_saved_model``)."""
+    tf, keras = import_tensorflow(), import_keras()
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    signature = [tf.TensorSpec(x.shape, dtype=x.dtype, name=x.name) for x in model.inputs]
+    archive.add_endpoint("serve", functools.partial(model.__call__, training=False), signature)
+    try:
+        with _quiet_conversion(keras):
+            archive.write_out(str(directory))
+    except Exception as exc:  # TensorFlow tracing errors of every kind
+        raise ModelError(f"cannot export the model for conversion: {_one_line(exc)}") from exc
+    return directory
 
 
 def convert_saved_model(

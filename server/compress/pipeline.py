@@ -90,12 +90,24 @@ class CompressionInputs:
     # Variants built and measured so far, by (recipe, threads): profiles that ask for the same variant with
     # the same thread count share one build and one measurement.
     _variants: dict[tuple[str, int], VariantReport] = field(default_factory=dict)
+    # Transformed models by id, each with its one SavedModel export (a KerasSource keeps the model alive)
+    _exports: dict[int, KerasSource] = field(default_factory=dict)
     _float_predictions: np.ndarray | None = None
     _eval_file: Path | None = None  # the evalset written once for the trial children
 
     def __post_init__(self) -> None:
         if not isinstance(self.source, (KerasSource, SavedModelSource, PrebuiltSource, TorchSource)):
             self.source = KerasSource(self.source)
+
+
+def keras_source(inputs: CompressionInputs, model: Any) -> KerasSource:
+    """``model`` (the source's, or a transformed one) as a source that exports it once for all its conversions."""
+    if isinstance(inputs.source, KerasSource) and model is inputs.source.model:
+        return inputs.source
+    known = inputs._exports.get(id(model))
+    if known is None or known.model is not model:
+        known = inputs._exports[id(model)] = KerasSource(model)
+    return known
 
 
 def gzip_size(data: bytes) -> int:
@@ -218,8 +230,6 @@ def build_variant(
 
     ``step`` hears each step as it starts (transform, convert, measure) with a detail.
     """
-    from server.compress.convert import convert
-
     representative = (inputs.train or inputs.evalset).x
     try:
         model, details = transformed_model(recipe, inputs, step)
@@ -227,7 +237,7 @@ def build_variant(
             details["params"] = int(model.count_params())
         step(Step.CONVERT, "")
         if recipe.transforms:
-            tflite = convert(model, recipe.quantization, representative)
+            tflite = keras_source(inputs, model).convert(recipe.quantization, representative)
         else:
             tflite = inputs.source.convert(recipe.quantization, representative)
         step(Step.MEASURE, f"{len(tflite)} bytes")
@@ -266,11 +276,10 @@ def _prefer_sparse_encoding(
     model: Any, recipe: Recipe, inputs: CompressionInputs, workdir: Path, threads: int,
     dense: bytes, dense_metrics: dict[str, Any], step: Callable[[Step, str], None] = lambda *_: None,
 ) -> tuple[bytes, dict[str, Any]]:
-    from server.compress.convert import convert
-
     try:
         step(Step.CONVERT, "sparse encoding")
-        sparse = convert(model, recipe.quantization, (inputs.train or inputs.evalset).x, sparse_encoding=True)
+        sparse = keras_source(inputs, model).convert(recipe.quantization, (inputs.train or inputs.evalset).x,
+                                                     sparse_encoding=True)
         step(Step.MEASURE, f"sparse encoding, {len(sparse)} bytes")
         sparse_metrics = measure(sparse, inputs, workdir, threads)
     except EdgefleetError as exc:

@@ -5,8 +5,8 @@ threads, where the ranking differs from the host's LiteRT: with 4 threads (on th
 int8 kernels run two orders of magnitude slower than float32, and it cannot load dynamic range at all. The host's build picks int8; the
 same build measured on the device picks a float variant, and its report carries the device's numbers.
 The device keeps serving its committed model throughout: a measurement is never staged or installed.
-The agent is killed (SIGKILL) as its first trial starts: it comes back, the server sends the order again,
-and the build still gets every result.
+The agent is killed (SIGKILL) as its first trial starts, and the server right after it: both come back,
+the server sends the order again, and the build still gets every result.
 """
 
 from __future__ import annotations
@@ -74,6 +74,8 @@ def test_the_device_numbers_choose_where_the_host_would_have_chosen_otherwise(fl
     )
     try:
         assert fleet.wait_killed("pi", timeout=120) == -9
+        fleet.kill("server")  # and the server too, with the order out and no result in
+        fleet.start_server()
         fleet.start_agent("pi", python=tflite_runtime_python())  # the server sends the order again on its hello
         out, err = build.communicate(timeout=400)
     finally:

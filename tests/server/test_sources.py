@@ -137,3 +137,37 @@ def test_an_eval_set_without_labels_measures_agreement_with_the_float_model(
     np.savez(nothing, images=test.x)
     refused = run("model", "add", "digits", "--file", keras_file, "--eval", nothing, "--data-dir", data)
     assert refused.exit_code == 1 and "no array 'x' or 'y'" in refused.output
+
+
+@pytest.mark.parametrize("quantization", [Quantization.FLOAT32, Quantization.DYNAMIC_RANGE, Quantization.INT8])
+def test_a_keras_source_exports_once_and_converts_to_what_from_keras_model_makes(
+    digits: tuple[Any, EvalSet], quantization: Quantization, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from server.compress import convert as convert_module
+    from server.compress import sources
+    from server.compress.sources import KerasSource
+
+    model, test = digits
+    exports: list[Path] = []
+    real = convert_module.export_for_conversion
+    monkeypatch.setattr(convert_module, "export_for_conversion", lambda m, d: exports.append(d) or real(m, d))
+    monkeypatch.setattr(sources, "EXPORT_ONCE_LAYERS", 1)  # the digits CNN is below the real threshold
+    source = KerasSource(model)
+    first = source.convert(quantization, test.x)
+    assert source.convert(Quantization.FLOAT16, test.x)  # another quantization from the same export
+    assert len(exports) == 1
+    # The same graph and weights; only the conversion metadata's model type differs (saved model, not Keras).
+    reference = convert(model, quantization, test.x)
+    assert len(first) == len(reference)
+    assert sum(a != b for a, b in zip(first, reference)) == 1
+
+
+def test_a_small_keras_model_converts_straight_from_keras(
+    digits: tuple[Any, EvalSet], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from server.compress import convert as convert_module
+    from server.compress.sources import KerasSource
+
+    model, test = digits
+    monkeypatch.setattr(convert_module, "export_for_conversion", lambda *_: pytest.fail("exported"))
+    assert KerasSource(model).convert(Quantization.FLOAT32, test.x) == convert(model, Quantization.FLOAT32, test.x)
