@@ -411,20 +411,10 @@ class AgentService:
         self.serving.start()
 
     def tick(self) -> None:
-        """The periodic work of one pass of the loop: update step, serving reports, resends."""
-        try:
-            self.updater.tick()
-        except EdgefleetError as exc:
-            logger.error("update step failed: %s", exc)
-        except Exception:  # a bug: the agent must keep answering and reporting all the same
-            logger.exception("unexpected error in an update step")
-        try:
-            self.measurer.tick()
-        except EdgefleetError as exc:
-            logger.error("measurement step failed: %s", exc)
-        except Exception:  # a bug: a measurement must not stop updates or serving
-            logger.exception("unexpected error in a measurement step")
-        self._serving_tick()
+        """The periodic work of one pass of the loop: update step, measurement, serving reports, resends."""
+        _guarded(self.updater.tick, "update step")
+        _guarded(self.measurer.tick, "measurement step")
+        _guarded(self.serving.tick, "serving report")
         self.outbox.retry_due(connected=self.link.connected.is_set())
 
     def finish(self) -> None:
@@ -438,13 +428,15 @@ class AgentService:
         offline = encode_payload(Availability(v=PROTOCOL_VERSION, online=False, boot_id=self.boot_id))
         self.link.stop(final=(device_topic(TopicKind.AVAILABILITY, self.device_id), offline))
 
-    def _serving_tick(self) -> None:
-        try:
-            self.serving.tick()
-        except EdgefleetError as exc:
-            logger.error("serving report failed: %s", exc)
-        except Exception:  # a bug: the agent must keep updating all the same
-            logger.exception("unexpected error in the serving reports")
-
     def stop(self) -> None:
         self.stopping.set()
+
+
+def _guarded(step: Callable[[], None], what: str) -> None:
+    """One part of the loop's periodic work: its failure is logged, and the other parts go on."""
+    try:
+        step()
+    except EdgefleetError as exc:  # e.g. a full disk: the next tick retries
+        logger.error("%s failed: %s", what, exc)
+    except Exception:  # a bug: the agent must keep updating, answering and reporting all the same
+        logger.exception("unexpected error in a %s", what)

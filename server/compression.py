@@ -17,6 +17,7 @@ experiments with recipes it did not build again.
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -194,6 +195,24 @@ def _load_inputs(blobs: BlobStore, sources: _Sources, work: Path, settings: Benc
     return CompressionInputs(open_source(model_path), evalset(sources.eval_sha256, "eval.npz"), train, settings=settings)
 
 
+BENCHMARK_SECONDS_VARIABLE = "EDGEFLEET_BENCHMARK_SECONDS"
+
+
+def host_benchmark_settings() -> BenchmarkSettings:
+    """How long a build times each candidate on the host: at least ``EDGEFLEET_BENCHMARK_SECONDS`` (default 1 s)
+    after a warm-up of half that, at most 0.5 s. Shorter is noisier; the devices' own trials are not affected."""
+    text = os.environ.get(BENCHMARK_SECONDS_VARIABLE, "").strip()
+    if not text:
+        return BenchmarkSettings()
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds <= 600:
+        raise UserInputError(f"{BENCHMARK_SECONDS_VARIABLE}={text!r}: expected seconds between 0 and 600")
+    return BenchmarkSettings(min_seconds=seconds, warmup_seconds=min(0.5, seconds / 2))
+
+
 def build_profiles(
     db: Database,
     blobs: BlobStore,
@@ -238,7 +257,7 @@ def build_profiles(
     ref = f"{sources.model_name}:{sources.version}"
     reports = []
     with tempfile.TemporaryDirectory(prefix="edgefleet-build-") as tmp:
-        inputs = _load_inputs(blobs, sources, Path(tmp), settings or BenchmarkSettings())
+        inputs = _load_inputs(blobs, sources, Path(tmp), settings or host_benchmark_settings())
         if student is not None:
             from server.compress.convert import load_keras_model
 

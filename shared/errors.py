@@ -127,3 +127,12 @@ class EndpointUnreachableError(InferenceError):
 
 class StorageError(EdgefleetError):
     pass
+
+
+def one_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (at most 300 characters), or its type's name: what
+    a clear error quotes of a third-party exception, whose message can be pages of MLIR or a traceback."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return lines[0] if len(lines[0]) <= 300 else lines[0][:299] + "…"

@@ -15,9 +15,9 @@ import base64
 import binascii
 import enum
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -187,19 +187,10 @@ def verify_directive(
     manifest_envelope: SignedEnvelope,
     min_seq: int = 0,
 ) -> Directive:
-    signed = trusted.verify(envelope, KeyRole.DIRECTOR)
-    try:
-        directive = decode_versioned(Directive, signed)
-    except ProtocolError as exc:
-        raise SignatureError(f"signed directive is malformed: {exc}") from exc
-    if directive.device_id != device_id:
-        raise TargetError(f"directive is for device {directive.device_id}, not {device_id}")
-    if directive.expires <= now:
-        raise ExpiredError(f"directive {directive.deployment_id} expired at {directive.expires}")
+    directive = _verify_director_document(envelope, trusted, Directive, "directive", now=now, device_id=device_id,
+                                          manifest_envelope=manifest_envelope, name=lambda d: d.deployment_id)
     if directive.seq < min_seq:
         raise ReplayError(f"directive sequence {directive.seq} is lower than the trusted {min_seq}")
-    if directive.manifest_sha256 != envelope_digest(manifest_envelope):
-        raise SignatureError("directive does not pin this manifest")
     return directive
 
 
@@ -207,15 +198,28 @@ def verify_measure_order(
     envelope: SignedEnvelope, trusted: TrustedKeys, *, now: float, device_id: str, manifest_envelope: SignedEnvelope,
 ) -> MeasureOrder:
     """A benchmark-only trial order: director-signed, for this device, unexpired, pinning this manifest."""
+    return _verify_director_document(envelope, trusted, MeasureOrder, "measure order", now=now, device_id=device_id,
+                                     manifest_envelope=manifest_envelope, name=lambda o: o.measurement_id)
+
+
+_DirectorSigned = TypeVar("_DirectorSigned", Directive, MeasureOrder)
+
+
+def _verify_director_document(
+    envelope: SignedEnvelope, trusted: TrustedKeys, cls: type[_DirectorSigned], what: str, *, now: float,
+    device_id: str, manifest_envelope: SignedEnvelope, name: Callable[[_DirectorSigned], str],
+) -> _DirectorSigned:
+    """What a directive and a measure order share: the director's signature, a well-formed document, this
+    device, not expired, and the manifest it pins."""
     signed = trusted.verify(envelope, KeyRole.DIRECTOR)
     try:
-        order = decode_versioned(MeasureOrder, signed)
+        document = decode_versioned(cls, signed)
     except ProtocolError as exc:
-        raise SignatureError(f"signed measure order is malformed: {exc}") from exc
-    if order.device_id != device_id:
-        raise TargetError(f"measure order is for device {order.device_id}, not {device_id}")
-    if order.expires <= now:
-        raise ExpiredError(f"measure order {order.measurement_id} expired at {order.expires}")
-    if order.manifest_sha256 != envelope_digest(manifest_envelope):
-        raise SignatureError("measure order does not pin this manifest")
-    return order
+        raise SignatureError(f"signed {what} is malformed: {exc}") from exc
+    if document.device_id != device_id:
+        raise TargetError(f"{what} is for device {document.device_id}, not {device_id}")
+    if document.expires <= now:
+        raise ExpiredError(f"{what} {name(document)} expired at {document.expires}")
+    if document.manifest_sha256 != envelope_digest(manifest_envelope):
+        raise SignatureError(f"{what} does not pin this manifest")
+    return document

@@ -32,7 +32,7 @@ import numpy as np
 
 from server.compress.evalset import EvalSet, check_against_model
 from server.compress.quantization import Quantization
-from shared.errors import ModelError, RuntimeMissingError, UserInputError
+from shared.errors import ModelError, RuntimeMissingError, UserInputError, one_line
 from shared.startup_noise import import_quietly
 
 logger = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def load_keras_model(path: str | os.PathLike[str]) -> Any:
                 f"cannot load the Keras model in {name}: it has a Lambda layer with Python code, which edgefleet "
                 "does not load because it could run arbitrary code; use built-in or registered custom layers"
             ) from exc
-        raise ModelError(f"cannot load the Keras model in {name}: {_one_line(exc)}") from exc
+        raise ModelError(f"cannot load the Keras model in {name}: {one_line(exc)}") from exc
     if not isinstance(model, keras.Model):
         raise ModelError(f"{name} holds a {type(model).__name__}, not a Keras model")
     return model
@@ -108,7 +108,7 @@ def _check_container(path: Path, suffix: str) -> None:
             with zipfile.ZipFile(path) as archive:
                 members = set(archive.namelist())
         except (OSError, zipfile.BadZipFile) as exc:
-            raise UserInputError(f"{path.name} is not a readable .keras archive: {_one_line(exc)}") from exc
+            raise UserInputError(f"{path.name} is not a readable .keras archive: {one_line(exc)}") from exc
         if "config.json" not in members:
             raise UserInputError(f"{path.name} is a zip archive but not a Keras model (it has no config.json)")
     else:
@@ -154,7 +154,7 @@ def predict_classes(model: Any, evalset: EvalSet) -> np.ndarray:
     try:
         scores = model.predict(evalset.x, batch_size=_PREDICT_BATCH, verbose=0)
     except Exception as exc:  # Keras wraps TensorFlow op errors in many types
-        raise ModelError(f"the Keras model failed to run on the evaluation set: {_one_line(exc)}") from exc
+        raise ModelError(f"the Keras model failed to run on the evaluation set: {one_line(exc)}") from exc
     predicted: np.ndarray = np.argmax(np.asarray(scores), axis=-1)
     return predicted
 
@@ -195,7 +195,7 @@ def export_for_conversion(model: Any, directory: Path) -> Path:
         with _quiet_conversion(keras):
             archive.write_out(str(directory))
     except Exception as exc:  # TensorFlow tracing errors of every kind
-        raise ModelError(f"cannot export the model for conversion: {_one_line(exc)}") from exc
+        raise ModelError(f"cannot export the model for conversion: {one_line(exc)}") from exc
     return directory
 
 
@@ -208,7 +208,7 @@ def convert_saved_model(
     try:
         converter = tf.lite.TFLiteConverter.from_saved_model(str(directory))
     except Exception as exc:  # OSError, ValueError, ... for a directory that is not a SavedModel
-        raise UserInputError(f"{directory.name} is not a TensorFlow SavedModel: {_one_line(exc)}") from exc
+        raise UserInputError(f"{directory.name} is not a TensorFlow SavedModel: {one_line(exc)}") from exc
     return _convert(converter, quantization, representative_x, input_shape, sparse_encoding)
 
 
@@ -241,7 +241,7 @@ def _convert(
         with _quiet_conversion(import_keras()):
             flatbuffer = converter.convert()
     except Exception as exc:  # ConverterError, ValueError, RuntimeError, ... from the MLIR converter
-        raise ModelError(f"TFLite conversion to {quantization.value} failed: {_one_line(exc)}") from exc
+        raise ModelError(f"TFLite conversion to {quantization.value} failed: {one_line(exc)}") from exc
     logger.debug("converted to %s: %d bytes", quantization.value, len(flatbuffer))
     return bytes(flatbuffer)
 
@@ -278,8 +278,3 @@ def _quiet_conversion(keras: ModuleType) -> Iterator[None]:
             keras.config.enable_interactive_logging()
 
 
-def _one_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    if not lines:
-        return type(exc).__name__
-    return lines[0] if len(lines[0]) <= 300 else lines[0][:299] + "…"

@@ -33,7 +33,7 @@ import numpy as np
 
 from server.compress.convert import import_keras, model_signature, predict_accuracy
 from server.compress.evalset import EvalSet, check_against_model
-from shared.errors import UserInputError
+from shared.errors import UserInputError, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def width_scaled_student(teacher: Any, width: float, *, seed: int = 0) -> Any:
             student = keras.Model.from_config(config)
     except Exception as exc:  # Keras raises ValueError, TypeError, ... when shapes no longer fit
         raise UserInputError(
-            f"cannot build a width-scaled student of {teacher.name!r} at width {width}: {_one_line(exc)} "
+            f"cannot build a width-scaled student of {teacher.name!r} at width {width}: {one_line(exc)} "
             "(layers that fix sizes, such as Reshape or residual Adds onto the input, do not scale)"
         ) from exc
     if tuple(student.outputs[0].shape) != tuple(teacher.outputs[0].shape):
@@ -358,8 +358,3 @@ def _distiller_class() -> type:
     return Distiller
 
 
-def _one_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    if not lines:
-        return type(exc).__name__
-    return lines[0] if len(lines[0]) <= 300 else lines[0][:299] + "…"

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from server.compress.pruning import PRUNABLE_KERNELS
+from shared.errors import one_line
 from shared.startup_noise import set_environment
 
 logger = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ def main() -> int:
         result = {"ok": False, "kind": exc.kind, "error": str(exc)}
     except Exception as exc:  # noqa: BLE001 - a bug or a broken environment: one line out, the traceback to stderr
         traceback.print_exc()
-        result = {"ok": False, "kind": "model", "error": f"pruning failed: {type(exc).__name__}: {_one_line(exc)}"}
+        result = {"ok": False, "kind": "model", "error": f"pruning failed: {type(exc).__name__}: {one_line(exc)}"}
     os.write(result_fd, (json.dumps(result) + "\n").encode())
     os.close(result_fd)
     return 0 if result["ok"] else 1
@@ -149,7 +150,7 @@ def prune(request: dict[str, Any]) -> dict[str, Any]:
     try:
         source = keras.saving.load_model(request["model_path"], compile=False, safe_mode=True)
     except Exception as exc:  # Keras raises many types for models it cannot load
-        raise PruneFailure(f"cannot load the model for pruning: {_one_line(exc)}") from exc
+        raise PruneFailure(f"cannot load the model for pruning: {one_line(exc)}") from exc
     reference_x = x[:_REFERENCE_SAMPLES]
     expected = _outputs(source, reference_x)
     pairs: list[tuple[Any, Any]] = []
@@ -256,7 +257,7 @@ def read_model_config(path: str) -> dict[str, Any]:
         with zipfile.ZipFile(path) as archive:
             config = json.loads(archive.read("config.json"))
     except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
-        raise PruneFailure(f"{os.path.basename(path)} is not a readable .keras model: {_one_line(exc)}") from exc
+        raise PruneFailure(f"{os.path.basename(path)} is not a readable .keras model: {one_line(exc)}") from exc
     if not isinstance(config, dict):
         raise PruneFailure(f"{os.path.basename(path)} has no model config")
     return config
@@ -447,7 +448,7 @@ def _load_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
         with np.load(path, allow_pickle=False) as archive:
             return archive["x"].astype(np.float32), archive["y"].astype(np.int64)
     except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
-        raise PruneFailure(f"cannot read {os.path.basename(path)}: {_one_line(exc)}", "user_input") from exc
+        raise PruneFailure(f"cannot read {os.path.basename(path)}: {one_line(exc)}", "user_input") from exc
 
 
 def _are_probabilities(scores: np.ndarray) -> bool:
@@ -459,13 +460,6 @@ def _check_same_outputs(expected: np.ndarray, actual: np.ndarray, what: str) -> 
     if expected.shape != actual.shape or not np.allclose(expected, actual, rtol=1e-3, atol=1e-4):
         difference = float(np.max(np.abs(expected - actual))) if expected.shape == actual.shape else math.inf
         raise PruneFailure(f"{what} does not reproduce the model's outputs (largest difference {difference:.3g})")
-
-
-def _one_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    if not lines:
-        return type(exc).__name__
-    return lines[0] if len(lines[0]) <= 300 else lines[0][:299] + "…"
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import numpy as np
 from server.compress.child import raise_failure, run_worker
 from server.compress.convert import import_keras, model_signature
 from server.compress.evalset import EvalSet, check_against_model, write_eval_file
-from shared.errors import ModelError, StorageError, UserInputError
+from shared.errors import ModelError, StorageError, UserInputError, one_line
 from shared.startup_noise import ALWAYS_ENVIRONMENT, QUIET_ENVIRONMENT
 
 logger = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ def prune_model(
         except OSError as exc:
             raise StorageError(f"cannot write the model for pruning to {model_path}: {exc.strerror or exc}") from exc
         except Exception as exc:  # Keras raises ValueError, TypeError, ... for models it cannot serialize
-            raise ModelError(f"cannot save the model for pruning: {_one_line(exc)}") from exc
+            raise ModelError(f"cannot save the model for pruning: {one_line(exc)}") from exc
         request = {
             "model_path": os.fspath(model_path),
             "train_path": os.fspath(write_eval_file(train, folder / "train.npz")),
@@ -126,7 +126,7 @@ def prune_model(
     try:
         pruned.set_weights(weights)
     except ValueError as exc:
-        raise ModelError(f"the pruned weights do not fit the model: {_one_line(exc)}") from exc
+        raise ModelError(f"the pruned weights do not fit the model: {one_line(exc)}") from exc
     zeros = zero_fraction(pruned)
     if not math.isclose(zeros, report["zero_fraction"], abs_tol=1e-6):
         raise ModelError(
@@ -208,11 +208,6 @@ def _read_weights(path: Path) -> list[np.ndarray]:
         with np.load(path, allow_pickle=False) as archive:
             return [archive[f"arr_{i}"] for i in range(len(archive.files))]
     except (OSError, KeyError, ValueError) as exc:
-        raise ModelError(f"cannot read the pruned weights: {_one_line(exc)}") from exc
+        raise ModelError(f"cannot read the pruned weights: {one_line(exc)}") from exc
 
 
-def _one_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    if not lines:
-        return type(exc).__name__
-    return lines[0] if len(lines[0]) <= 300 else lines[0][:299] + "…"

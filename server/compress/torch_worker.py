@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from shared.errors import one_line
+
 logger = logging.getLogger(__name__)
 
 INSTALL_HINT = "PyTorch models need the torch extra: pip install 'edgefleet[torch]'"
@@ -64,7 +66,7 @@ def load_program(path: str) -> Any:
     except Exception as exc:  # zipfile, pickle and schema errors all mean "not a .pt2 program"
         raise TorchFailure(
             f"{Path(path).name} is not a torch.export program (save one with "
-            f"torch.export.save(torch.export.export(model.eval(), (sample,)), 'model.pt2')): {_one_line(exc)}",
+            f"torch.export.save(torch.export.export(model.eval(), (sample,)), 'model.pt2')): {one_line(exc)}",
             kind="user_input",
         ) from exc
     return program
@@ -98,7 +100,7 @@ def run_module(module: Any, x: Any) -> Any:
         try:
             out = module(x)
         except Exception as exc:  # any error of the user's graph on its own inputs
-            raise TorchFailure(f"the PyTorch model failed to run: {_one_line(exc)}") from exc
+            raise TorchFailure(f"the PyTorch model failed to run: {one_line(exc)}") from exc
     if isinstance(out, (tuple, list)) and len(out) == 1:
         out = out[0]
     if not isinstance(out, torch.Tensor):
@@ -153,7 +155,7 @@ def convert(request: dict[str, Any]) -> dict[str, Any]:
         converted = litert_torch.convert(program.module(), (sample,))
         flatbuffer = bytes(converted.model_content())
     except Exception as exc:  # lowering and MLIR errors of every kind
-        raise TorchFailure(f"litert-torch could not convert the model: {_one_line(exc)}") from exc
+        raise TorchFailure(f"litert-torch could not convert the model: {one_line(exc)}") from exc
     Path(request["out"]).write_bytes(flatbuffer)
     return {"bytes": len(flatbuffer)}
 
@@ -196,7 +198,7 @@ def quantize(request: dict[str, Any]) -> dict[str, Any]:
         raise
     except Exception as exc:  # the quantizer's validation and MLIR errors
         raise TorchFailure(f"ai-edge-quantizer could not quantize to {request['quantization']}: "
-                           f"{_one_line(exc)}") from exc
+                           f"{one_line(exc)}") from exc
     Path(request["out"]).write_bytes(flatbuffer)
     return {"bytes": len(flatbuffer)}
 
@@ -232,17 +234,10 @@ def main() -> int:
     except Exception as exc:  # noqa: BLE001 - a bug or a broken environment: one line out, the traceback to stderr
         traceback.print_exc()
         result = {"ok": False, "kind": "model", "error": f"the PyTorch worker failed: {type(exc).__name__}: "
-                                                        f"{_one_line(exc)}"}
+                                                        f"{one_line(exc)}"}
     os.write(result_fd, (json.dumps(result) + "\n").encode())
     os.close(result_fd)
     return 0 if result["ok"] else 1
-
-
-def _one_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    if not lines:
-        return type(exc).__name__
-    return lines[0] if len(lines[0]) <= 300 else lines[0][:299] + "…"
 
 
 if __name__ == "__main__":

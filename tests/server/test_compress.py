@@ -425,3 +425,17 @@ def test_quantization_parse() -> None:
     assert Quantization.parse(" INT8 ") is Quantization.INT8
     with pytest.raises(UserInputError, match="choose one of: float32, dynamic_range, float16, int8"):
         Quantization.parse("int4")
+
+
+def test_the_host_benchmark_length_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from server.compression import BENCHMARK_SECONDS_VARIABLE, host_benchmark_settings
+    from shared.benchmark import BenchmarkSettings
+
+    monkeypatch.delenv(BENCHMARK_SECONDS_VARIABLE, raising=False)
+    assert host_benchmark_settings() == BenchmarkSettings()
+    monkeypatch.setenv(BENCHMARK_SECONDS_VARIABLE, "0.2")
+    assert (host_benchmark_settings().min_seconds, host_benchmark_settings().warmup_seconds) == (0.2, 0.1)
+    for bad in ("0", "-1", "soon", "nan", "1e9"):
+        monkeypatch.setenv(BENCHMARK_SECONDS_VARIABLE, bad)
+        with pytest.raises(UserInputError, match="EDGEFLEET_BENCHMARK_SECONDS=.*expected seconds between 0 and 600"):
+            host_benchmark_settings()
