@@ -24,6 +24,7 @@ import numpy as np
 from server.compress.convert import import_keras, model_signature
 from server.compress.distill import rebuildable_kind
 from server.compress.evalset import EvalSet, check_against_model
+from server.compress.rebuild import copy_weights, rebuilt
 from shared.errors import UserInputError
 
 logger = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ def factorize_dense(model: Any, *, energy: float = 0.9, min_params: int = 4096) 
         raise UserInputError(f"the kept energy must be in (0, 1], got {energy}")
     if min_params < 1:
         raise UserInputError(f"min_params must be at least 1, got {min_params}")
-    kind = rebuildable_kind(model, "factorise the Dense layers of")
+    rebuildable_kind(model, "factorise the Dense layers of")  # before the work: a subclassed model cannot be
     model_signature(model)
     plan: dict[str, _Factors] = {}
     for layer in model.layers:
@@ -74,26 +75,19 @@ def factorize_dense(model: Any, *, energy: float = 0.9, min_params: int = 4096) 
         if factors is not None:
             plan[layer.name] = factors
     new_layers = {name: _factor_layers(keras, model.get_layer(name), factors) for name, factors in plan.items()}
-    rebuild = _rebuild_sequential if kind == "sequential" else _rebuild_functional
-    try:
-        rebuilt = rebuild(keras, model, new_layers)
-    except ValueError as exc:  # e.g. a layer already named "<dense>_lowrank"
-        raise UserInputError(f"cannot rebuild {model.name!r} with factorised Dense layers: {exc}") from exc
-    for layer in model.layers:
-        if layer.name in plan:
-            first, second = new_layers[layer.name]
-            factors = plan[layer.name]
-            first.set_weights([factors.first])
-            second.set_weights([factors.second, *layer.get_weights()[1:]])
-        elif layer.weights:
-            rebuilt.get_layer(layer.name).set_weights(layer.get_weights())
+    factored = rebuilt(model, new_layers, "factorise the Dense layers of")  # e.g. "<dense>_lowrank" is taken
+    copy_weights(model, factored, skip=set(plan))
+    for name, factors in plan.items():
+        first, second = new_layers[name]
+        first.set_weights([factors.first])
+        second.set_weights([factors.second, *model.get_layer(name).get_weights()[1:]])
     replaced = [factors.rank for factors in plan.values()]
     for rank in replaced:
         logger.info(
             "factorised %s (%dx%d) at rank %d: %d -> %d params",
             rank.name, rank.in_dim, rank.out_dim, rank.rank, rank.params_before, rank.params_after,
         )  # fmt: skip
-    return LowRankResult(model=rebuilt, replaced=replaced)
+    return LowRankResult(model=factored, replaced=replaced)
 
 
 def _factorize(layer: Any, energy: float, min_params: int) -> _Factors | None:
@@ -136,36 +130,6 @@ def _factor_layers(keras: Any, layer: Any, factors: _Factors) -> tuple[Any, Any]
     first = dict(config, name=f"{layer.name}{FACTOR_SUFFIX}", units=factors.rank.rank, activation="linear",
                  use_bias=False, activity_regularizer=None, bias_regularizer=None, bias_constraint=None)  # fmt: skip
     return keras.layers.Dense.from_config(first), keras.layers.Dense.from_config(config)
-
-
-def _clone_layer(layer: Any) -> Any:
-    return layer.__class__.from_config(layer.get_config())
-
-
-def _input_like(keras: Any, tensor: Any) -> Any:
-    """A new ``keras.Input`` like ``tensor``, named after its input layer (a tensor's own name is generated)."""
-    return keras.Input(batch_shape=tensor.shape, dtype=tensor.dtype, name=tensor._keras_history.operation.name)
-
-
-def _rebuild_sequential(keras: Any, model: Any, new_layers: dict[str, tuple[Any, Any]]) -> Any:
-    layers: list[Any] = [_input_like(keras, model.inputs[0])]
-    for layer in model.layers:
-        layers.extend(new_layers[layer.name] if layer.name in new_layers else [_clone_layer(layer)])
-    return keras.Sequential(layers, name=model.name)
-
-
-def _rebuild_functional(keras: Any, model: Any, new_layers: dict[str, tuple[Any, Any]]) -> Any:
-    def call_function(layer: Any, *args: Any, **kwargs: Any) -> Any:
-        # ``layer`` is the clone of the original; a factorised layer's clone is never called.
-        if layer.name in new_layers:
-            first, second = new_layers[layer.name]
-            return second(first(*args, **kwargs))
-        return layer(*args, **kwargs)
-
-    inputs = keras.tree.map_structure(lambda tensor: _input_like(keras, tensor), model.input)
-    return keras.models.clone_model(
-        model, input_tensors=inputs, clone_function=_clone_layer, call_function=call_function
-    )
 
 
 def fine_tune(

@@ -19,12 +19,15 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
+from contextlib import closing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from server.compress.ahead import ConversionAhead, can_overlap
 from server.compress.evalset import EvalSet, write_eval_file
 from server.compress.graph import graph_report
 from server.compress.progress import BuildEvent, ProgressCallback, Step, ignore
@@ -131,13 +134,16 @@ def _apply(transform: Transform, model: Any, inputs: CompressionInputs) -> tuple
     if train is None:
         raise UserInputError(f"{transform} retrains the model: add the model version with training data (--train)")
     if transform.kind in ("prune", "prune24"):
+        from server.compress.bn_fold import fold_batch_norms
         from server.compress.pruning import prune_model
 
+        model, folded = fold_batch_norms(model)  # magnitudes as the device multiplies by them
         pruned = prune_model(
             model, train, sparsity=transform.value or 0.5, structured_2_4=transform.kind == "prune24",
             epochs=inputs.epochs,
         )
-        return pruned.model, {"zero_fraction": round(pruned.zero_fraction, 4), "layers_pruned": pruned.layers_pruned}
+        return pruned.model, {"zero_fraction": round(pruned.zero_fraction, 4), "layers_pruned": pruned.layers_pruned,
+                              **_folded_detail(folded)}
     if transform.kind == "prune-units":
         from server.compress.structured import prune_units
 
@@ -157,12 +163,18 @@ def _apply(transform: Transform, model: Any, inputs: CompressionInputs) -> tuple
         result = distill(model, student, train, epochs=inputs.epochs * 3)
         return result.model, {"student_params": result.student_params, "teacher_params": result.teacher_params}
     if transform.kind == "lowrank":
+        from server.compress.bn_fold import fold_batch_norms
         from server.compress.lowrank import factorize_dense, fine_tune
 
+        model, folded = fold_batch_norms(model)  # the directions of the weights the device multiplies by
         factored = factorize_dense(model, energy=transform.value or 0.9)
         tuned = fine_tune(factored.model, train, epochs=inputs.epochs)
-        return tuned, {"ranks": {r.name: r.rank for r in factored.replaced}}
+        return tuned, {"ranks": {r.name: r.rank for r in factored.replaced}, **_folded_detail(folded)}
     raise AssertionError(f"unknown transform {transform.kind}")
+
+
+def _folded_detail(folded: list[str]) -> dict[str, Any]:
+    return {"bn_folded": folded} if folded else {}
 
 
 def transformed_model(
@@ -224,11 +236,14 @@ def measure(tflite: bytes, inputs: CompressionInputs, workdir: Path, threads: in
 
 def build_variant(
     recipe: Recipe, inputs: CompressionInputs, workdir: Path, threads: int = 1,
-    step: Callable[[Step, str], None] = lambda *_: None,
+    step: Callable[[Step, str], None] = lambda *_: None, *, converted: Future[bytes] | None = None,
+    before_measure: Callable[[], None] = lambda: None,
 ) -> VariantReport:
     """Build and measure one recipe; any failure becomes a ``failed`` row with its reason.
 
-    ``step`` hears each step as it starts (transform, convert, measure) with a detail.
+    ``step`` hears each step as it starts (transform, convert, measure) with a detail. ``converted``: the
+    plain recipe's conversion, already started (``server/compress/ahead.py``); ``before_measure`` runs between
+    the conversion and the measurement.
     """
     representative = (inputs.train or inputs.evalset).x
     try:
@@ -238,9 +253,12 @@ def build_variant(
         step(Step.CONVERT, "")
         if recipe.transforms:
             tflite = keras_source(inputs, model).convert(recipe.quantization, representative)
+        elif converted is not None:
+            tflite = converted.result()  # its error, if it failed
         else:
             tflite = inputs.source.convert(recipe.quantization, representative)
         step(Step.MEASURE, f"{len(tflite)} bytes")
+        before_measure()
         metrics = measure(tflite, inputs, workdir, threads)
         if any(t.kind in ("prune", "prune24") for t in recipe.transforms):
             tflite, metrics = _prefer_sparse_encoding(model, recipe, inputs, workdir, threads, tflite, metrics, step)
@@ -366,7 +384,8 @@ def compress_for_profile(
     reference, _ = float_reference(inputs)
     reports = []
     total = len(recipes)
-    with tempfile.TemporaryDirectory(prefix="edgefleet-variants-") as tmp:
+    with (tempfile.TemporaryDirectory(prefix="edgefleet-variants-") as tmp,
+          closing(ConversionAhead(inputs, enabled=can_overlap(goal.threads))) as ahead):
         for index, recipe in enumerate(recipes, start=1):
             name = str(recipe)
 
@@ -376,8 +395,15 @@ def compress_for_profile(
             step(Step.VARIANT, "")
             built = inputs._variants.get((name, goal.threads))
             if built is None:
+                # Only the very next candidate, and only if plain too: its conversion has ended (taken)
+                # before anything else runs in this process, so it never overlaps retraining.
+                following = recipes[index] if index < total else None
+                if following is not None and (following.transforms or (str(following), goal.threads) in inputs._variants):
+                    following = None
+                overlapped = (lambda following=following: ahead.start(following)) if not recipe.transforms else None
                 built = inputs._variants[name, goal.threads] = build_variant(
-                    recipe, inputs, Path(tmp), threads=goal.threads, step=step)
+                    recipe, inputs, Path(tmp), threads=goal.threads, step=step, converted=ahead.take(recipe),
+                    before_measure=overlapped or (lambda: None))
                 outcome = variant_outcome(built)
             else:
                 outcome = f"{variant_outcome(built)} (built for an earlier profile)"
