@@ -36,6 +36,7 @@ from tests.e2e.fleet import QUICK_AGENT_TOML, Fleet, cli, expect_state, wait_for
 pytestmark = pytest.mark.e2e
 
 AGENTS = (("cam-1", "rpi4"), ("cam-2", "x86-64"))
+MIN_TRAFFIC_S = 25.0  # the calls of the rollout test span at least two of the dashboard's 10 s steps
 
 
 @dataclass
@@ -153,6 +154,7 @@ def test_calls_during_a_rollout_never_fail_and_every_call_reaches_the_server(
     model, evalset = digits_inputs
     samples = np.load(evalset)["x"][:32]
     running = {name: loads(endpoint(fleet, name), samples) for name, _ in AGENTS}
+    traffic_started = time.monotonic()
     wait_for(lambda: all(load.ok > 50 for load in running.values()), 60, "traffic on every endpoint")
 
     cli("model", "add", "digits", "--file", str(model), "--eval", str(evalset), "--data-dir", str(fleet.data_dir))
@@ -171,7 +173,8 @@ def test_calls_during_a_rollout_never_fail_and_every_call_reaches_the_server(
     expect_state(fleet.wait_settled(second), "succeeded")
     wait_for(lambda: all(load.versions and load.versions[-1] == 2 for load in running.values()), 60,
              "every endpoint to answer with version 2")
-    time.sleep(1.5)
+    # At least MIN_TRAFFIC_S of calls in all, so the dashboard test below has several chart steps to draw.
+    time.sleep(max(1.5, MIN_TRAFFIC_S - (time.monotonic() - traffic_started)))
     for load in running.values():
         load.finish()
 
@@ -204,6 +207,11 @@ def test_the_dashboard_shows_the_real_fleet_in_a_browser(fleet: Fleet) -> None:
 
         page.goto(f"{fleet.dashboard}/devices/{name}")  # type: ignore[attr-defined]
         wait_updates(page, 1)
+        # The 15-minute range draws 10 s steps: the traffic above lasted MIN_TRAFFIC_S, so at least two.
+        page.get_by_role("button", name="15m", exact=True).click()  # type: ignore[attr-defined]
+        page.wait_for_function(  # type: ignore[attr-defined]
+            """() => window.edgefleet.charts["latency-chart"].data[1].filter(v => v !== null).length >= 2""",
+            timeout=15_000)
         chart = page.evaluate("""() => {
             const u = window.edgefleet.charts["latency-chart"];
             return {drawn: u.data[1].filter(v => v !== null).length, width: u.width,
