@@ -196,7 +196,8 @@ def test_profiles_asking_for_the_same_variant_share_one_build_and_measurement(
 
     built: list[tuple[str, int]] = []
 
-    def fake_build(recipe: Recipe, inputs: Any, workdir: Path, threads: int = 1, step: Any = None) -> VariantReport:
+    def fake_build(recipe: Recipe, inputs: Any, workdir: Path, threads: int = 1, step: Any = None, **_: Any
+                   ) -> VariantReport:
         built.append((str(recipe), threads))
         return variant(str(recipe), size=50_000 if recipe.quantization is Q.INT8 else 170_000, acc=0.98, p95=0.2)
 
