@@ -95,10 +95,11 @@ class Measurer:
     def offer(self, command: Command) -> None:
         assert command.order is not None and command.manifest is not None
         device = self.config.device
+        keys, now = self.keys(), self.clock()
         try:
-            manifest = verify_manifest(command.manifest, self.keys(), now=self.clock(),
-                                       min_release_counter=self.release_counter(), profile=device.profile)
-            order = verify_measure_order(command.order, self.keys(), now=self.clock(), device_id=device.id,
+            manifest = verify_manifest(command.manifest, keys, now=now, min_release_counter=self.release_counter(),
+                                       profile=device.profile)
+            order = verify_measure_order(command.order, keys, now=now, device_id=device.id,
                                          manifest_envelope=command.manifest)
         except TrustError as exc:
             logger.warning("rejected a measure order: %s", exc)

@@ -5,7 +5,7 @@ prints one JSON line: ``{"ok": true, ...}`` or ``{"ok": false, "kind":
 "user_input" | "model" | "missing", "error": "<one line>"}``. Requests:
 
 - ``{"op": "inspect", "program": P}`` -> ``input_shape`` (without the batch
-  dimension), ``num_classes``, ``batch`` (the fixed batch size, or null);
+  dimension) and ``num_classes``;
 - ``{"op": "predict", "program": P, "x": X.npy, "out": Y.npy}``: top-1 classes
   of the PyTorch model itself on the samples in ``X``;
 - ``{"op": "convert", "program": P, "out": F.tflite}``: the float32 flatbuffer,
@@ -117,8 +117,7 @@ def inspect(request: dict[str, Any]) -> dict[str, Any]:
             f"expected a classifier whose output is (batch, classes) with 2 or more classes, got {tuple(out.shape)}",
             kind="user_input",
         )
-    return {"input_shape": [int(d) for d in sample.shape[1:]], "num_classes": int(out.shape[1]),
-            "batch": _fixed_batch(program)}
+    return {"input_shape": [int(d) for d in sample.shape[1:]], "num_classes": int(out.shape[1])}
 
 
 def _fixed_batch(program: Any) -> int | None:

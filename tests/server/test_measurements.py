@@ -137,8 +137,8 @@ def test_the_files_of_an_open_measurement_are_served_until_it_ends(workspace: Wo
     assert sha not in released  # int8 ships to rpi4 but no release was ever signed for it here
     with workspace.db.session() as session:
         assert queries.servable_blob(session, sha)
-    for measurement_id in ids:
-        report(workspace, fleet["pi-1"], measurement_id, reason="not today", seq=hash(measurement_id) % 1000 + 1)
+    for seq, measurement_id in enumerate(ids, start=1):  # distinct numbers: a repeated one is a duplicate
+        report(workspace, fleet["pi-1"], measurement_id, reason="not today", seq=seq)
     with workspace.db.session() as session:
         assert not queries.servable_blob(session, sha)
 
