@@ -96,6 +96,7 @@ def request(
     """Sign and store one pending measurement per (candidate that built, device); their ids."""
     assert keys.release is not None, "the caller checks that the release key is online"
     now = int(time.time())
+    created = datetime.fromtimestamp(now, timezone.utc)
     expires = now + int(timeout_s) + 60
     ids = []
     with db.session() as session:
@@ -128,7 +129,8 @@ def request(
                     id=measurement_id, device_id=device_id, model_version_id=version.id, profile_name=profile.name,
                     recipe=variant.recipe, model_sha256=sha256, eval_sha256=version.eval_sha256,
                     command=encode_versioned(command), state=OPEN,
-                    expires_at=datetime.fromtimestamp(expires, timezone.utc),
+                    expires_at=datetime.fromtimestamp(expires, timezone.utc), created_at=created,
+                    position=len(ids),
                 ))
                 ids.append(measurement_id)
     return ids
@@ -144,7 +146,7 @@ def send_due(session: Session, publish: Callable[[str, bytes], None], now: datet
     sent = 0
     seen: set[str] = set()
     rows = session.scalars(select(Measurement).where(Measurement.state == OPEN)
-                           .order_by(Measurement.created_at, Measurement.id)).all()
+                           .order_by(Measurement.created_at, Measurement.position)).all()
     for row in rows:
         if _aware(row.expires_at) <= now:
             row.state, row.reason, row.updated_at = EXPIRED, "the device did not report before the order expired", now

@@ -512,6 +512,7 @@ class Measurement(Base):
     threads: Mapped[int | None] = mapped_column(Integer, default=None)
     reason: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    position: Mapped[int] = mapped_column(Integer, default=0)  # order within its build: rows of one flush share a time
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     device: Mapped[Device] = relationship()

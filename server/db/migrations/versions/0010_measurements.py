@@ -38,6 +38,7 @@ def upgrade() -> None:
         sa.Column("threads", sa.Integer(), nullable=True),
         sa.Column("reason", sa.Text(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("position", sa.Integer(), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(["device_id"], ["devices.id"]),
         sa.ForeignKeyConstraint(["model_version_id"], ["model_versions.id"]),
