@@ -231,7 +231,7 @@ def unpublished_deployments(session: Session) -> Sequence[Deployment]:
         .options(undefer(Deployment.directive))  # each is signed or re-sent: loaded with the row, not one by one
         .join(Device, Deployment.device_id == Device.id)
         .where(Deployment.published_at.is_(None), _LIVE)
-        .order_by(Deployment.created_at)
+        .order_by(Deployment.created_at, Deployment.seq)
     ).all()
 
 
@@ -305,7 +305,7 @@ def rollout_state_counts(session: Session) -> dict[str, int]:
 
 
 def recent_rollouts(session: Session, limit: int = 20) -> Sequence[Rollout]:
-    return session.scalars(select(Rollout).order_by(Rollout.created_at.desc()).limit(limit)).all()
+    return session.scalars(select(Rollout).order_by(Rollout.created_at.desc(), Rollout.id.desc()).limit(limit)).all()
 
 
 def recent_trials(session: Session, device_id: str, limit: int = 20) -> Sequence[TelemetryRecord]:
