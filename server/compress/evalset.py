@@ -22,7 +22,7 @@ from typing import IO
 
 import numpy as np
 
-from shared.errors import StorageError, UserInputError
+from shared.errors import StorageError, UserInputError, one_line
 
 DEFAULT_SLICE_SAMPLES = 200
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # fixed member timestamps: same evaluation set, same bytes
@@ -92,7 +92,7 @@ def load_eval_file(path: str | os.PathLike[str]) -> EvalSet:
         raise
     except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as exc:
         # ValueError: object (pickled) arrays or a damaged .npy header; the rest: a damaged zip member.
-        raise UserInputError(f"{name} is not a readable .npz archive: {_one_line(exc)}") from exc
+        raise UserInputError(f"{name} is not a readable .npz archive: {one_line(exc)}") from exc
     return _checked(x, y, name)
 
 
@@ -170,6 +170,12 @@ def write_eval_file(evalset: EvalSet, path: str | os.PathLike[str]) -> Path:
 # -- helpers -----------------------------------------------------------------
 
 
+def are_probabilities(scores: np.ndarray) -> bool:
+    """Whether a model's outputs are class probabilities (it ends in a softmax): every row non-negative and
+    summing to 1. Otherwise they are logits, and a loss must be told so."""
+    return bool(np.all(scores >= 0)) and bool(np.allclose(scores.sum(axis=-1), 1.0, atol=1e-3))
+
+
 def _checked(x: np.ndarray, y: np.ndarray, name: str) -> EvalSet:
     if x.ndim < 2:
         raise UserInputError(f"{name}: 'x' must hold one sample per row, got shape {_shape(x.shape)}")
@@ -229,8 +235,3 @@ def _write_npz(evalset: EvalSet, handle: IO[bytes]) -> None:
 
 def _shape(shape: tuple[int, ...]) -> str:
     return "(" + ", ".join(str(d) for d in shape) + ")"
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__

@@ -23,7 +23,7 @@ import numpy as np
 
 from server.compress.convert import import_keras, model_signature
 from server.compress.distill import rebuildable_kind
-from server.compress.evalset import EvalSet, check_against_model
+from server.compress.evalset import EvalSet, are_probabilities, check_against_model
 from server.compress.rebuild import copy_weights, rebuilt
 from shared.errors import UserInputError
 
@@ -143,7 +143,8 @@ def fine_tune(
 ) -> Any:
     """Train ``model`` (in place) on ``train`` with Adam and sparse categorical cross-entropy; returns it.
 
-    The model must output class probabilities (a softmax), as the digits CNN does.
+    The loss is told whether the model outputs class probabilities (a softmax, as the digits CNN does) or
+    logits, from what it outputs for a few training samples.
     """
     keras = import_keras()
     if epochs < 1 or batch_size < 1:
@@ -151,12 +152,14 @@ def fine_tune(
     if not learning_rate > 0:
         raise UserInputError(f"the learning rate must be positive, got {learning_rate}")
     check_against_model(train, *model_signature(model))
+    from_logits = not are_probabilities(np.asarray(model(train.x[:64], training=False)))
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
-        loss="sparse_categorical_crossentropy",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits),
         metrics=["accuracy"],
     )
     keras.utils.set_random_seed(seed)
     history = model.fit(train.x, train.y, epochs=epochs, batch_size=batch_size, shuffle=True, verbose=0)
-    logger.info("fine-tuned %s for %d epochs: loss %.4f", model.name, epochs, history.history["loss"][-1])
+    logger.info("fine-tuned %s for %d epochs (from_logits=%s): loss %.4f", model.name, epochs, from_logits,
+                history.history["loss"][-1])
     return model

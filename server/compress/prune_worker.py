@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from server.compress.evalset import are_probabilities
 from server.compress.pruning import PRUNABLE_KERNELS
 from shared.errors import one_line
 from shared.startup_noise import set_environment
@@ -173,7 +174,7 @@ def prune(request: dict[str, Any]) -> dict[str, Any]:
                     f"2:4 structured pruning needs 2-D or 4-D kernels; layer {layer.name!r} "
                     f"({type(layer).__name__}) has a {len(_kernel(layer).shape)}-D kernel"
                 )
-    stripped = fine_tune(model, x, y, request, from_logits=not _are_probabilities(expected))
+    stripped = fine_tune(model, x, y, request, from_logits=not are_probabilities(expected))
 
     # tfmot wraps and strips the layer objects it was given, so they hold the pruned weights.
     for source_layer, layer in pairs:
@@ -449,11 +450,6 @@ def _load_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
             return archive["x"].astype(np.float32), archive["y"].astype(np.int64)
     except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
         raise PruneFailure(f"cannot read {os.path.basename(path)}: {one_line(exc)}", "user_input") from exc
-
-
-def _are_probabilities(scores: np.ndarray) -> bool:
-    """Whether the model ends in a softmax: every row non-negative and summing to 1."""
-    return bool(np.all(scores >= 0)) and bool(np.allclose(scores.sum(axis=-1), 1.0, atol=1e-3))
 
 
 def _check_same_outputs(expected: np.ndarray, actual: np.ndarray, what: str) -> None:
