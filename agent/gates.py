@@ -13,7 +13,9 @@ of 0.86 against a replaced 0.87 with a max regression of 0.01 passes, although
 ``0.87 - 0.86`` is 0.010000000000000009 in binary floating point. A check
 whose threshold is None is skipped; so are both comparisons when there is no
 replaced model, or when its numbers cannot be compared (a p95 of zero, which
-gives no ratio, or a value that is not finite).
+gives no ratio, or a value that is not finite). The latency ratio fails only
+a p95 more than ``latency_slack_ms`` above the replaced model's: between two
+timings of a few microseconds the ratio is noise.
 """
 
 from __future__ import annotations
@@ -64,12 +66,14 @@ def gate_failures(gates: Gates, accuracy: float, p95_ms: float, previous: Previo
         and previous is not None
         and math.isfinite(previous.p95_ms)
         and previous.p95_ms > 0  # a zero p95 (a clock too coarse to time it) gives no ratio
+        and _above(p95_ms - previous.p95_ms, gates.latency_slack_ms or 0.0)
     ):
         ratio = p95_ms / previous.p95_ms
         if _above(ratio, gates.max_latency_ratio):
             shown_ratio, limit = _pair(ratio, gates.max_latency_ratio, 2)
+            slack = f", beyond {gates.latency_slack_ms:g} ms of slack" if gates.latency_slack_ms else ""
             problems.append(
                 f"p95 latency {p95_ms:.3f} ms is {shown_ratio}x the replaced model's {previous.p95_ms:.3f} ms "
-                f"(max {limit}x)"
+                f"(max {limit}x{slack})"
             )
     return problems

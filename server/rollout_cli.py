@@ -10,6 +10,7 @@ import click
 
 from server.cli_options import DATA_DIR, JSON, given_db_url
 from server.render import cell, human_bytes, table
+from server.rollouts.policy import DEFAULT_LATENCY_SLACK_MS
 from server.rollouts.read_model import AuditEntry, RolloutStatus, RolloutSummary
 
 WAVES_HELP = ("Cumulative wave sizes, each a count or a share of the selection; the last wave always reaches "
@@ -41,6 +42,9 @@ def rollout_group() -> None:
 @click.option("--max-p95-ms", type=float, default=None, help="On-device p95 latency ceiling in milliseconds.")
 @click.option("--max-latency-ratio", type=float, default=1.5, show_default=True,
               help="Allowed on-device p95 ÷ the replaced model's p95 (same device, same trial).")
+@click.option("--latency-slack-ms", type=float, default=DEFAULT_LATENCY_SLACK_MS, show_default=True,
+              help="A p95 at most this many ms above the replaced model's passes whatever its ratio "
+                   "(the ratio of microsecond timings is noise).")
 @click.option("--report-timeout", "report_timeout", type=float, default=1800.0, show_default=True,
               help="Seconds a device has to report after it was sent the rollout; then it counts as failed.")
 @click.option("--on-failure", type=click.Choice(["rollback", "pause"]), default="rollback", show_default=True,
@@ -50,8 +54,8 @@ def rollout_group() -> None:
 def rollout_start(
     model_ref: str, data_dir: Path, profiles: tuple[str, ...], tags: tuple[str, ...], devices: tuple[str, ...],
     waves: str, min_reports: str | None, max_failure_ratio: float, min_accuracy: float, max_accuracy_drop: float,
-    max_regression: float, max_p95_ms: float | None, max_latency_ratio: float, report_timeout: float,
-    on_failure: str, ignore_load_errors: bool,
+    max_regression: float, max_p95_ms: float | None, max_latency_ratio: float, latency_slack_ms: float,
+    report_timeout: float, on_failure: str, ignore_load_errors: bool,
 ) -> None:
     """Roll NAME[:VERSION] out to the selected devices; prints the rollout id.
 
@@ -68,7 +72,7 @@ def rollout_start(
         waves=parse_waves(waves), min_reports=parse_size(min_reports, "--min-reports") if min_reports else None,
         max_failure_ratio=max_failure_ratio, min_accuracy=min_accuracy, max_accuracy_drop=max_accuracy_drop,
         max_regression=max_regression, max_p95_ms=max_p95_ms, max_latency_ratio=max_latency_ratio,
-        report_timeout_s=report_timeout, on_failure=OnFailure(on_failure),
+        latency_slack_ms=latency_slack_ms, report_timeout_s=report_timeout, on_failure=OnFailure(on_failure),
     )
     selection = Selection(profiles=tuple(profiles), tags=tuple(sorted(parse_tag(t) for t in tags)),
                           devices=tuple(devices))

@@ -12,4 +12,5 @@ PROTOCOL_VERSION = 1  # the major version: peers of another major refuse each ot
 # 1: Manifest.threads, serving telemetry (Telemetry.serving).
 # 2: benchmark-only trials: the "measure" command (Command.order, Command.manifest), "measurement" telemetry
 #    and Telemetry.reason.
-PROTOCOL_MINOR = 2
+# 3: Gates.latency_slack_ms.
+PROTOCOL_MINOR = 3

@@ -170,6 +170,13 @@ class Gates:
     max_p95_ms: float | None = None
     max_regression: float | None = None  # accuracy may fall at most this far below the replaced model's
     max_latency_ratio: float | None = None  # p95 at most this many times the replaced model's p95
+    # a p95 at most this many ms above the replaced model's passes whatever its ratio: the ratio of two
+    # microsecond timings is noise (minor 3; an older agent ignores it and checks the ratio alone)
+    latency_slack_ms: float | None = field(default=None, metadata=since(3))
+
+    def __post_init__(self) -> None:
+        if self.latency_slack_ms is not None and not 0 <= self.latency_slack_ms < math.inf:
+            raise ValueError(f"latency_slack_ms must be a non-negative number, got {self.latency_slack_ms}")
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ def directive_gates(deployment: Deployment) -> Gates:
         max_p95_ms=policy.max_p95_ms,
         max_regression=policy.max_regression,
         max_latency_ratio=policy.max_latency_ratio,
+        latency_slack_ms=policy.latency_slack_ms or None,  # none: the directive older agents have always read
     )
 
 

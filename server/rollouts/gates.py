@@ -117,10 +117,18 @@ def p95_gate(reports: Sequence[DeviceReport], policy: RolloutPolicy) -> GateResu
 
 
 def latency_ratio_gate(reports: Sequence[DeviceReport], policy: RolloutPolicy) -> GateResult:
-    ratios = [r.p95_ms / r.previous_p95_ms for r in reports
-              if r.p95_ms is not None and r.previous_p95_ms is not None and r.previous_p95_ms > 0]
+    """The highest p95 ÷ replaced p95 among devices whose p95 rose beyond the slack: within it the ratio of
+    two microsecond timings is noise, and the device's own gate let it pass too."""
+    compared = [(r.p95_ms, r.previous_p95_ms) for r in reports
+                if r.p95_ms is not None and r.previous_p95_ms is not None and r.previous_p95_ms > 0]
+    ratios = [new / old for new, old in compared if not _at_most(new - old, policy.latency_slack_ms)]
     worst = round(max(ratios), 6) if ratios else None
-    detail = "highest p95 ÷ replaced model's p95" if ratios else "no device had a model to compare with"
+    if ratios:
+        detail = "highest p95 ÷ replaced model's p95"
+    elif compared:
+        detail = f"every p95 within {policy.latency_slack_ms:g} ms of the replaced model's"
+    else:
+        detail = "no device had a model to compare with"
     return GateResult("latency_ratio", worst, policy.max_latency_ratio,
                       worst is None or _at_most(worst, policy.max_latency_ratio), detail)
 

@@ -64,6 +64,36 @@ def test_max_latency_ratio_boundary(p95: float, fails: bool) -> None:
         assert problems == ["p95 latency 3.000 ms is 1.500001x the replaced model's 2.000 ms (max 1.500000x)"]
 
 
+@pytest.mark.parametrize(
+    ("p95", "fails"),
+    [
+        (0.003 + 0.05, False),  # 17.7x the replaced model's 3 µs, but only the slack above it: timing noise
+        (0.003 + 0.05 + STEP, True),
+        (0.003 + 0.05 - STEP, False),
+    ],
+)
+def test_latency_slack_boundary(p95: float, fails: bool) -> None:
+    gates = Gates(min_accuracy=0.0, max_latency_ratio=1.5, latency_slack_ms=0.05)
+    problems = gate_failures(gates, 1.0, p95, previous(p95_ms=0.003))
+    assert bool(problems) is fails
+    if fails:
+        expected = "p95 latency 0.053 ms is 17.67x the replaced model's 0.003 ms (max 1.50x, beyond 0.05 ms of slack)"
+        assert problems == [expected]
+
+
+def test_slack_never_excuses_a_slow_model_within_its_ratio_or_above_its_slack() -> None:
+    gates = Gates(min_accuracy=0.0, max_latency_ratio=1.5, latency_slack_ms=0.05)
+    assert gate_failures(gates, 1.0, 2.9, previous(p95_ms=2.0)) == []  # within the ratio
+    assert gate_failures(gates, 1.0, 3.1, previous(p95_ms=2.0))  # 1.55x and 1.1 ms above: slack does not matter
+    assert gate_failures(Gates(min_accuracy=0.0, max_p95_ms=0.01, latency_slack_ms=1.0), 1.0, 0.02, None)
+
+
+@pytest.mark.parametrize("slack", [-0.001, math.inf, math.nan])
+def test_a_slack_that_is_not_a_non_negative_number_is_refused(slack: float) -> None:
+    with pytest.raises(ValueError, match="latency_slack_ms must be a non-negative number"):
+        Gates(min_accuracy=0.0, latency_slack_ms=slack)
+
+
 def test_a_ratio_at_its_limit_passes_despite_float_rounding() -> None:
     assert 3.3 / 2.2 != 1.5  # 1.4999999999999998
     assert gate_failures(Gates(min_accuracy=0.0, max_latency_ratio=1.5), 1.0, 3.3, previous(p95_ms=2.2)) == []

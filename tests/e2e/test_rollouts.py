@@ -195,10 +195,11 @@ def lab(tmp_path_factory: pytest.TempPathFactory, fleet_init_args: tuple[str, ..
 
 @pytest.mark.both_backends  # also on PostgreSQL
 def test_a_good_version_passes_every_wave_and_every_device_commits(lab: Lab) -> None:
+    """With the default gates: the latency slack absorbs the noise of timing a 3 µs model on a busy host."""
     before = lab.active_versions()
     ref = lab.models.good()
 
-    rollout_id = lab.start(ref, "--profile", "boxa", "--profile", "boxb", "--waves", "1,50%,100%", *NOISY_LATENCY)
+    rollout_id = lab.start(ref, "--profile", "boxa", "--profile", "boxb", "--waves", "1,50%,100%")
     status = lab.wait_state(rollout_id, "succeeded", "rolled_back", "paused")
 
     assert status["state"] == "succeeded", status

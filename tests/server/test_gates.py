@@ -27,7 +27,15 @@ from server.rollouts.gates import (
     regression_gate,
     reports_gate,
 )
-from server.rollouts.policy import MAX_WAVES, OnFailure, RolloutPolicy, parse_size, parse_waves, size_of
+from server.rollouts.policy import (
+    DEFAULT_LATENCY_SLACK_MS,
+    MAX_WAVES,
+    OnFailure,
+    RolloutPolicy,
+    parse_size,
+    parse_waves,
+    size_of,
+)
 from shared.errors import UserInputError
 
 FLOOR = 0.9  # the accuracy floor the wave tests pass to evaluate_wave
@@ -337,6 +345,28 @@ def test_the_highest_latency_ratio_against_the_replaced_model(p95_ms: float, pas
     assert gate.passed is passes
 
 
+@pytest.mark.parametrize(("p95_ms", "passes"), [(0.049, True), (0.05, True), (0.0501, False)])
+def test_a_rise_within_the_slack_is_noise_whatever_its_ratio(p95_ms: float, passes: bool) -> None:
+    """Replaced p95 0 ms... almost: 1 µs, so any real p95 is a huge ratio; the slack 0.049 ms above it."""
+    reports = named(ok(p95_ms=0.0011, previous_p95_ms=0.001), ok(p95_ms=p95_ms + 0.001, previous_p95_ms=0.001))
+
+    gate = latency_ratio_gate(reports, policy(max_latency_ratio=1.5, latency_slack_ms=0.05))
+
+    assert gate.passed is passes
+    if passes:
+        assert (gate.measured, gate.detail) == (None, "every p95 within 0.05 ms of the replaced model's")
+    else:
+        assert gate.measured == pytest.approx(51.1)
+
+
+def test_a_device_beyond_the_slack_is_judged_by_its_ratio_even_if_another_rose_more_within_it() -> None:
+    reports = named(ok(p95_ms=0.04, previous_p95_ms=0.001), ok(p95_ms=16.0, previous_p95_ms=10.0))
+
+    gate = latency_ratio_gate(reports, policy(max_latency_ratio=1.5, latency_slack_ms=0.05))
+
+    assert (gate.measured, gate.passed) == (1.6, False)  # not the 40x of the device within the slack
+
+
 def test_latency_ratio_is_skipped_without_a_previous_p95() -> None:
     gate = latency_ratio_gate(named(ok(p95_ms=1e6)), policy(max_latency_ratio=1.0))
 
@@ -637,6 +667,18 @@ def test_a_limit_that_is_not_a_number_is_refused(name: str, flag: str) -> None:
     """NaN compares false with everything: accepted, it would fail every gate (or never time out)."""
     with pytest.raises(UserInputError, match=f"^{flag} must be positive"):
         policy(**{name: math.nan})
+
+
+@pytest.mark.parametrize("value", [-0.001, math.inf, math.nan])
+def test_a_latency_slack_that_is_not_zero_or_positive_is_refused(value: float) -> None:
+    with pytest.raises(UserInputError, match="^--latency-slack-ms must be zero or positive"):
+        policy(latency_slack_ms=value)
+
+
+def test_a_policy_stored_before_the_slack_existed_reads_with_the_default() -> None:
+    stored = {k: v for k, v in policy(latency_slack_ms=0.2).to_json().items() if k != "latency_slack_ms"}
+    assert RolloutPolicy.from_json(stored).latency_slack_ms == DEFAULT_LATENCY_SLACK_MS
+
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,16 @@ import pytest
 from shared import PROTOCOL_MINOR, PROTOCOL_VERSION
 from shared.errors import ProtocolError
 from shared.histogram import LatencyHistogram
-from shared.messages import Availability, DeviceState, ServingReport, Telemetry, decode_payload, encode_payload
+from shared.messages import (
+    Availability,
+    DeviceState,
+    Directive,
+    Gates,
+    ServingReport,
+    Telemetry,
+    decode_payload,
+    encode_payload,
+)
 from shared.protocol import MINOR_KEY, decode_versioned, encode_versioned, minor_of
 from shared.topics import TopicKind
 from tests.shared.factories import make_manifest as manifest
@@ -44,6 +53,18 @@ def test_a_message_that_sets_a_newer_field_says_its_minor() -> None:
     assert json.loads(encode_payload(serving_telemetry()))[MINOR_KEY] == 1
     assert encode_versioned(dataclasses.replace(manifest(), threads=4))[MINOR_KEY] == 1
     assert decode_payload(TopicKind.TELEMETRY, encode_payload(serving_telemetry())) == serving_telemetry()
+
+
+def test_a_directive_says_minor_3_only_when_its_gates_set_a_latency_slack() -> None:
+    def directive(slack: float | None) -> Directive:
+        gates = Gates(min_accuracy=0.9, max_latency_ratio=1.5, latency_slack_ms=slack)
+        return Directive(v=PROTOCOL_VERSION, device_id="cam-1", deployment_id="dep", rollout_id="r", seq=1,
+                         manifest_sha256="a" * 64, gates=gates, issued=1, expires=2)
+
+    assert MINOR_KEY not in encode_versioned(directive(None))
+    encoded = encode_versioned(directive(0.05))
+    assert (encoded[MINOR_KEY], encoded["gates"]["latency_slack_ms"]) == (3, 0.05)
+    assert decode_versioned(Directive, encoded) == directive(0.05)
 
 
 def test_a_newer_minors_unknown_keys_are_skipped_at_every_level() -> None:
