@@ -207,7 +207,11 @@ def outbox_reports(agent_dir: Path) -> set[tuple[str, int]]:
     """(boot_id, seq) of every report still in the agent's outbox: not acknowledged yet."""
     found = set()
     for path in (agent_dir / "outbox").glob("*.msg"):
-        body = json.loads(json.loads(path.read_text())["payload"])
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            continue  # acknowledged and deleted by the running agent since the listing: no longer waiting
+        body = json.loads(json.loads(text)["payload"])
         found.add((body["boot_id"], body["seq"]))
     return found
 
