@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 
-from shared.messages import GATE_EPSILON, Gates, PreviousModel
+from shared.messages import GATE_EPSILON, Gates, PreviousModel, within_latency_slack
 
 EPSILON = GATE_EPSILON  # how close to a threshold still counts as at it (see the module docstring)
 MAX_DIGITS = 9  # a value beyond EPSILON of its threshold prints distinct from it with this many decimals
@@ -66,7 +66,7 @@ def gate_failures(gates: Gates, accuracy: float, p95_ms: float, previous: Previo
         and previous is not None
         and math.isfinite(previous.p95_ms)
         and previous.p95_ms > 0  # a zero p95 (a clock too coarse to time it) gives no ratio
-        and _above(p95_ms - previous.p95_ms, gates.latency_slack_ms or 0.0)
+        and not within_latency_slack(p95_ms, previous.p95_ms, gates.latency_slack_ms)
     ):
         ratio = p95_ms / previous.p95_ms
         if _above(ratio, gates.max_latency_ratio):

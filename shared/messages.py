@@ -160,6 +160,12 @@ class Manifest:
 GATE_EPSILON = 1e-9
 
 
+def within_latency_slack(p95_ms: float, previous_p95_ms: float, slack_ms: float | None) -> bool:
+    """Whether a p95 rose at most ``slack_ms`` above the replaced model's: the ratio of two microsecond
+    timings is noise, so the device's gate and the server's wave gate both leave the ratio unjudged then."""
+    return p95_ms - previous_p95_ms <= (slack_ms or 0.0) + GATE_EPSILON
+
+
 @dataclass(frozen=True)
 class Gates:
     """What the device checks before it commits (see ``agent/gates.py``). The comparisons with the model

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from server.rollouts.policy import RolloutPolicy
-from shared.messages import GATE_EPSILON
+from shared.messages import GATE_EPSILON, within_latency_slack
 
 EPSILON = GATE_EPSILON  # the device's own gates use the same tolerance
 
@@ -121,7 +121,7 @@ def latency_ratio_gate(reports: Sequence[DeviceReport], policy: RolloutPolicy) -
     two microsecond timings is noise, and the device's own gate let it pass too."""
     compared = [(r.p95_ms, r.previous_p95_ms) for r in reports
                 if r.p95_ms is not None and r.previous_p95_ms is not None and r.previous_p95_ms > 0]
-    ratios = [new / old for new, old in compared if not _at_most(new - old, policy.latency_slack_ms)]
+    ratios = [new / old for new, old in compared if not within_latency_slack(new, old, policy.latency_slack_ms)]
     worst = round(max(ratios), 6) if ratios else None
     if ratios:
         detail = "highest p95 ÷ replaced model's p95"
